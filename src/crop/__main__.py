@@ -1,0 +1,5 @@
+import sys
+
+from crop.cli import main
+
+sys.exit(main())

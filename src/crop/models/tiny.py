@@ -1,0 +1,291 @@
+"""Seeded random VLMs of the four supported architectures, built from configs in code.
+
+They have the real classes (``LlavaForConditionalGeneration`` and friends) and real geometry
+(LLaVA-1.5: 336 px / 14 px patches = 24x24 = 576 visual tokens) but tiny widths, so tests and
+smoke runs are fast and need no download. Their answers are gibberish by construction.
+The same builders, with larger sizes, define the embedded models' architectures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crop.models.tokenizers import (
+    LLAVA_CHAT_TEMPLATE,
+    QWEN_CHAT_TEMPLATE,
+    llama_byte_tokenizer,
+    qwen_byte_tokenizer,
+)
+
+TINY_MODEL_NAMES = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl")
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    """Sizes of a LLaVA-1.5-shaped model (CLIP vision tower + 2-layer projector + Llama LM)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    max_positions: int = 4096
+
+
+def _clip_config(shape: LlavaShape):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        hidden_size=shape.vision_hidden,
+        intermediate_size=2 * shape.vision_hidden,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        projection_dim=shape.vision_hidden,
+    )
+
+
+def _llama_config(shape: LlavaShape, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.text_hidden,
+        intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads,
+        max_position_embeddings=shape.max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=vocab_size - 2,
+    )
+
+
+def llava_processor(shape: LlavaShape = LlavaShape()):
+    """A ``LlavaProcessor`` (PIL image backend, byte tokenizer, minimal chat template) for ``shape``."""
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = llama_byte_tokenizer()
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": shape.image_size},
+        crop_size={"height": shape.image_size, "width": shape.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def llava_config(shape: LlavaShape = LlavaShape(), vocab_size: int | None = None, image_token_id: int | None = None):
+    """A ``LlavaConfig`` for ``shape`` sized to the byte tokenizer unless told otherwise."""
+    from transformers import LlavaConfig
+
+    if vocab_size is None or image_token_id is None:
+        tok = llama_byte_tokenizer()
+        vocab_size, image_token_id = len(tok), tok.convert_tokens_to_ids("<image>")
+    grid = shape.image_size // shape.patch_size
+    return LlavaConfig(
+        vision_config=_clip_config(shape),
+        text_config=_llama_config(shape, vocab_size),
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=grid * grid,
+    )
+
+
+def build_tiny_llava(seed: int = 0, shape: LlavaShape = LlavaShape(), attn_implementation: str = "sdpa"):
+    """A seeded random ``LlavaForConditionalGeneration`` and its processor.
+
+    Args:
+        seed: torch seed for the weights.
+        shape: the sizes; the default is LLaVA-1.5 geometry (576 visual tokens) at tiny width.
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    processor = llava_processor(shape)
+    tok = processor.tokenizer
+    config = llava_config(shape, len(tok), tok.convert_tokens_to_ids("<image>"))
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, processor
+
+
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A seeded random ``LlavaNextForConditionalGeneration`` (AnyRes, pinpoints up to 672x672)."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    shape = LlavaShape()
+    tok = llama_byte_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=_clip_config(shape),
+        text_config=_llama_config(shape, len(tok)),
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def _qwen_image_only_processor_class(base):
+    """A subclass of a Qwen processor that needs no video processor (which would need torchvision)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnly(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"{base.__name__}ImageOnly"
+    return ImageOnly
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """Sizes of a Qwen2-VL-shaped model; the merged token grid follows the image size."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    min_pixels: int = 56 * 56
+    max_pixels: int = 336 * 336
+
+
+def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
+    """An image-only Qwen2-VL / Qwen2.5-VL processor with the byte tokenizer."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    base = Qwen2VLProcessor if version == "qwen2_vl" else Qwen2_5_VLProcessor
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=shape.min_pixels, max_pixels=shape.max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    return _qwen_image_only_processor_class(base)(
+        image_processor=image_processor, tokenizer=qwen_byte_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE
+    )
+
+
+def qwen_config(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
+    """A ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` sized to the byte tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    tok = qwen_byte_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    head_dim = shape.text_hidden // shape.text_heads
+    half = head_dim // 2  # mrope_section must sum to head_dim / 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=shape.text_hidden,
+        intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers,
+        num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+    )
+    common = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if version == "qwen2_vl":
+        vision = dict(
+            depth=shape.vision_layers, embed_dim=shape.vision_hidden, hidden_size=shape.text_hidden,
+            num_heads=shape.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3,
+        )
+        return Qwen2VLConfig(vision_config=vision, text_config=text, **common)
+    vision = dict(
+        depth=shape.vision_layers, hidden_size=shape.vision_hidden, out_hidden_size=shape.text_hidden,
+        intermediate_size=2 * shape.vision_hidden, num_heads=shape.vision_heads, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+        fullatt_block_indexes=[shape.vision_layers - 1],
+    )
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
+
+
+def build_tiny_qwen(
+    version: str = "qwen2_vl", seed: int = 0, shape: QwenShape = QwenShape(), attn_implementation: str = "sdpa"
+):
+    """A seeded random Qwen2-VL (``version="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) and its processor."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    if version not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"unknown Qwen version {version!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
+    config = qwen_config(version, shape)
+    cls = Qwen2VLForConditionalGeneration if version == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model, qwen_processor(version, shape)
+
+
+def build_tiny_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    """Build one of :data:`TINY_MODEL_NAMES` by name.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name == "tiny-random-llava":
+        return build_tiny_llava(seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-llava-next":
+        return build_tiny_llava_next(seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-qwen2-vl":
+        return build_tiny_qwen("qwen2_vl", seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-qwen2.5-vl":
+        return build_tiny_qwen("qwen2_5_vl", seed, attn_implementation=attn_implementation)
+    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODEL_NAMES)}")
