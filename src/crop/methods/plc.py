@@ -1,0 +1,79 @@
+"""Pre-LLM compression (PLC, CROP paper section 3), training-free variant.
+
+Before the LLM, each image's visual tokens inside the region stay at full resolution and the
+rest are average-pooled in ``pool x pool`` blocks (global context at low cost). The prompt's
+placeholders are rebuilt to the new count; the adapter rebuilds positions where the model
+needs them. With ``keep_tokens`` the *total* reaching the LLM (region + pooled) equals the
+budget: the region share is grown or trimmed (see :mod:`crop.ops.selection`) until it fits.
+The paper's trained PLC (learnable queries) is not implemented here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
+from crop.ops.pooling import count_pooled, pool_outside
+from crop.regions import GridBox
+
+
+def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int | None, pool: int) -> torch.Tensor:
+    """Full-resolution token indices for one image so that kept + pooled == ``budget``.
+
+    Args:
+        adapter: the model's adapter (its ``select`` maps region + budget to tokens).
+        span: the image's token span.
+        box: the region.
+        budget: total tokens that may reach the LLM, or ``None`` for the region alone + pooling.
+        pool: pooling block side.
+
+    Returns:
+        Sorted ``(k,)`` indices within the span.
+
+    Raises:
+        ValueError: if the budget is smaller than the pooled context alone can be.
+    """
+    if budget is None:
+        return adapter.select(span, box, None)
+    n = span.rows * span.cols
+    if budget >= n:
+        return torch.arange(n)
+    # Kept sets grow monotonically with their size and pooled counts only shrink, so raising
+    # the region share by the remaining deficit never overshoots; it stops at the budget.
+    share = max(budget - count_pooled(span.rows, span.cols, torch.empty(0, dtype=torch.long), pool), 0)
+    while True:
+        keep = adapter.select(span, box, share) if share > 0 else torch.empty(0, dtype=torch.long)
+        total = keep.numel() + count_pooled(span.rows, span.cols, keep, pool)
+        if total >= budget:
+            break
+        share += budget - total
+    if total != budget:
+        raise ValueError(f"PLC cannot meet keep_tokens={budget} with {pool}x{pool} pooling on a "
+                         f"{span.rows}x{span.cols} token grid (the pooled context alone needs more); "
+                         "raise keep_tokens or the pool size")
+    return keep
+
+
+def compress(adapter: VLMAdapter, inputs: Mapping[str, Any], boxes: Sequence[GridBox], budget: int | None,
+             pool: int) -> tuple[dict[str, Any], list[ImageSpan], list[CompressedImage], list[int]]:
+    """Encode the images, compress each around its region, and rebuild the model inputs.
+
+    Returns:
+        ``(model_inputs, spans, images, region_tokens)``: inputs for ``forward``/``generate``,
+        the original spans, the compressed images, and per image how many of its tokens are
+        full-resolution region tokens.
+    """
+    spans = adapter.image_spans(inputs)
+    if len(boxes) != len(spans):
+        raise ValueError(f"got {len(boxes)} boxes for {len(spans)} images")
+    features = adapter.encode_images(inputs)
+    images, region_tokens = [], []
+    for span, box, feats in zip(spans, boxes, features, strict=True):
+        keep = region_share(adapter, span, box, budget, pool)
+        tokens, source = pool_outside(feats, span.rows, span.cols, keep.to(feats.device), pool)
+        images.append(CompressedImage(tokens, source))
+        region_tokens.append(int(keep.numel()))
+    return adapter.compressed_inputs(inputs, spans, images), spans, images, region_tokens

@@ -1,0 +1,82 @@
+"""Choosing which visual tokens of one image to keep, given a region and a budget.
+
+Pure tensor code on one image's token grid (``rows x cols``, row-major), shared by CROP's
+ILP and PLC stages. The policy (DESIGN.md section 3):
+
+* ``budget=None``: exactly the tokens the region overlaps (the paper's pure variant);
+* region larger than the budget: keep the ``budget`` best-scoring tokens inside the region;
+* region smaller: grow the box one cell per side at a time (CROP's thesis is contiguity),
+  keep every token of the last box that fits, and fill the rest from the next ring by score.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crop.regions import GridBox
+
+SCORES = ("center",)
+
+
+def center_scores(box: GridBox, rows: int, cols: int) -> torch.Tensor:
+    """Score = minus the distance of each token's centre to the box's centre (in image fractions).
+
+    Trimming by this score keeps a compact blob around the centre of the region, and filling
+    by it grows the kept set outwards evenly; ties break by token index.
+
+    Returns:
+        ``(rows * cols,)`` float scores, higher is better.
+    """
+    left, top, right, bottom = box.fractions()
+    cy = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows  # (rows,)
+    cx = (torch.arange(cols, dtype=torch.float64) + 0.5) / cols  # (cols,)
+    dy = (cy - (top + bottom) / 2)[:, None]  # (rows, 1)
+    dx = (cx - (left + right) / 2)[None, :]  # (1, cols)
+    return -(dy.square() + dx.square()).sqrt().flatten()  # (rows*cols,)
+
+
+def _top(indices: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` entries of ``indices`` with the highest ``scores[indices]``; stable, ties by index."""
+    order = torch.argsort(-scores[indices], stable=True)
+    return indices[order[:k]]
+
+
+def select_tokens(box: GridBox, rows: int, cols: int, budget: int | None,
+                  scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Token indices to keep for one image.
+
+    Args:
+        box: the region on the coarse grid.
+        rows, cols: the image's token grid.
+        budget: tokens to keep, or ``None`` for exactly the region's tokens.
+        scores: ``(rows * cols,)`` token scores for trimming/filling (higher kept first);
+            defaults to :func:`center_scores`.
+
+    Returns:
+        Sorted ``(k,)`` long tensor of row-major token indices, ``k = min(budget, rows*cols)``
+        (or the region's size when ``budget`` is ``None``).
+    """
+    n = rows * cols
+    if budget is not None and budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if scores is None:
+        scores = center_scores(box, rows, cols)
+    if scores.shape != (n,):
+        raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
+    region = box.token_indices(rows, cols)  # (r,)
+    if budget is None:
+        return region
+    if budget >= n:
+        return torch.arange(n)
+    if region.numel() >= budget:
+        return _top(region, scores, budget).sort().values
+    inner, current = region, box
+    while True:
+        grown = current.grow(1)
+        outer = grown.token_indices(rows, cols)
+        if outer.numel() >= budget or grown == current:
+            break
+        inner, current = outer, grown
+    ring = outer[~torch.isin(outer, inner)]  # tokens added by the last growth step
+    fill = _top(ring, scores, budget - inner.numel())
+    return torch.cat([inner, fill]).sort().values
