@@ -1,0 +1,34 @@
+"""Localizers: where in the image is the question about? (full image, fixed box, generative VLM)."""
+
+from __future__ import annotations
+
+from crop.errors import CropInputError
+from crop.localizers.base import FixedBoxLocalizer, FullImageLocalizer, Localization, Localizer
+from crop.localizers.vlm import VLMLocalizer
+from crop.regions import parse_box_argument
+
+__all__ = ["FixedBoxLocalizer", "FullImageLocalizer", "Localization", "Localizer", "VLMLocalizer", "make_localizer"]
+
+
+def make_localizer(spec: str, grid: int = 8) -> Localizer:
+    """A localizer from a short spec, as the CLI takes it.
+
+    Args:
+        spec: ``"full"``; ``"box:x0,y0,x1,y1"`` (grid coordinates); ``"embedded"`` (the shipped
+            toy localizer); or a local path / hub id of a generative localizer VLM.
+        grid: the region grid side.
+
+    Raises:
+        CropInputError: for a malformed box or a localizer model that cannot be loaded.
+    """
+    if spec == "full":
+        return FullImageLocalizer(grid)
+    if spec.startswith("box:"):
+        try:
+            return FixedBoxLocalizer(parse_box_argument(spec[4:], grid))
+        except ValueError as exc:
+            raise CropInputError(f"bad --localizer box: {exc}") from None
+    from crop.models.loading import load_model
+
+    model, processor = load_model(spec, role="localizer")
+    return VLMLocalizer(model, processor, grid=grid)

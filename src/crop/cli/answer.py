@@ -1,0 +1,118 @@
+"""``crop answer IMAGE QUESTION``: answer one visual question with CROP and show what it cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from crop.errors import CropInputError
+
+DESCRIPTION = """\
+Answer a question about an image with a fraction of the visual tokens.
+
+The localizer finds the region of the image the question is about (on a GRID x GRID grid);
+then the visual tokens outside it are dropped after decoder layer K (--method ilp), or
+pooled before the LLM (--method plc). --method none runs the unpruned model.
+The report shows the answer, the region, visual tokens in and kept per stage, the KV cache
+after prefill, and timings (the localizer's time is always included).
+"""
+
+EPILOG = """\
+examples:
+  crop answer photo.jpg "What color is the star?"
+  crop answer photo.jpg "What number is on the card?" --method plc --keep-tokens 64
+  crop answer img.png "What is this?" --model tiny-random-llava --localizer box:2,2,5,5 --json
+  crop answer img.png "What is this?" --model llava-hf/llava-1.5-7b-hf --localizer ./my-qwen2vl-localizer
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``answer`` subcommand."""
+    p = subparsers.add_parser("answer", help="answer a question about an image with CROP", description=DESCRIPTION,
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="path to the image file")
+    p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--model", default="embedded",
+                   help="answering VLM: 'embedded' (default, the shipped toy LLaVA), 'tiny-random-llava' "
+                        "(random weights, smoke tests only), a local checkpoint path, or a hub id")
+    p.add_argument("--localizer", default=None,
+                   help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'embedded' (the "
+                        "shipped toy localizer), or a path / hub id of a generative localizer VLM "
+                        "(default: 'embedded' with the embedded model, else 'full')")
+    p.add_argument("--method", default="ilp", help="ilp (default), plc, or none")
+    p.add_argument("--keep-tokens", type=int, default=None, metavar="N",
+                   help="visual tokens per image kept (ILP: after layer K; PLC: reaching the LLM, region + pooled); "
+                        "default: exactly the region's tokens")
+    p.add_argument("--layer", type=int, default=2, metavar="K", help="ILP pruning layer K (default 2)")
+    p.add_argument("--grid", type=int, default=8, metavar="G", help="region grid side (default 8)")
+    p.add_argument("--pool", type=int, default=4, metavar="P", help="PLC pooling block outside the region (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=16, metavar="T", help="answer length limit (default 16)")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from crop.config import CropConfig
+
+    if args.keep_tokens is not None and args.keep_tokens <= 0:
+        raise CropInputError(f"--keep-tokens must be a positive integer, got {args.keep_tokens}")
+    try:
+        return CropConfig(method=args.method, keep_tokens=args.keep_tokens, layer=args.layer, grid=args.grid,
+                          pool=args.pool)
+    except ValueError as exc:
+        raise CropInputError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``crop answer``; returns the exit code."""
+    from crop.io import check_question, load_image
+    from crop.localizers import make_localizer
+    from crop.models.loading import load_model
+    from crop.models.tiny import TINY_MODEL_NAMES
+    from crop.pipeline import CropPipeline
+
+    config = _config(args)
+    image = load_image(args.image)  # fail fast on bad input, before loading any model
+    question = check_question(args.question)
+    if args.max_new_tokens < 1:
+        raise CropInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, processor = load_model(args.model, attn_implementation=args.attn)
+    localizer = make_localizer(args.localizer or ("embedded" if args.model == "embedded" else "full"), args.grid)
+    try:
+        pipeline = CropPipeline(model, processor, localizer, config)
+    except ValueError as exc:
+        raise CropInputError(str(exc)) from None
+    result = pipeline(image, question, max_new_tokens=args.max_new_tokens)
+    note = None
+    if args.model in TINY_MODEL_NAMES:
+        note = f"{args.model} has random weights: its answer is gibberish by design (use it for smoke tests)"
+    if args.json:
+        payload = result.to_dict()
+        if note:
+            payload["note"] = note
+        print(json.dumps(payload))
+        return 0
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    print(_report(result))
+    return 0
+
+
+def _report(result) -> str:
+    """A short human-readable report of one answer."""
+    kept = ", ".join(f"{stage}: {n}" for stage, n in result.visual_tokens_kept.items())
+    t = result.timings
+    lines = [
+        f"answer: {result.answer}",
+        f"region: {result.box} on a {result.grid}x{result.grid} grid"
+        + ("  (localizer output unusable: full image used)" if result.localizer_fallback else ""),
+        f"method: {result.method}" + (f" (layer {result.layer})" if result.layer is not None else "")
+        + (f", keep_tokens {result.keep_tokens}" if result.keep_tokens is not None else ""),
+        f"visual tokens: {result.visual_tokens_in} in; kept {kept}",
+        f"KV cache after prefill: {result.kv_cache_bytes / 1024:.1f} KiB, lengths per layer {result.kv_cache_lengths}",
+        f"time: localizer {t['localizer_s'] * 1000:.0f} ms + prefill {t['prefill_s'] * 1000:.0f} ms "
+        f"+ decode {t['decode_s'] * 1000:.0f} ms = {t['total_s'] * 1000:.0f} ms",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""localize -> prune -> generate, with token accounting and timings (localizer always included)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from crop.api import CropHandle
+from crop.config import CropConfig
+from crop.errors import CropInputError
+from crop.io import check_question, load_image
+from crop.localizers.base import Localizer
+
+
+@dataclass
+class CropResult:
+    """The answer to one question and what it cost.
+
+    Attributes:
+        answer: the generated text.
+        box: the region used, ``[x0, y0, x1, y1]`` on the grid.
+        grid: the grid side.
+        method, layer, keep_tokens: the CROP settings used.
+        visual_tokens_in: visual tokens the vision tower produced for the image.
+        visual_tokens_kept: per stage (``llm_input``, ``after_layer_K``), visual tokens kept.
+        kv_cache_lengths: per decoder layer, cached positions after prefill.
+        kv_cache_bytes: bytes of keys + values in the cache after prefill (read off the cache).
+        timings: ``localizer_s`` (this question's share of the localizer batch), ``prefill_s``
+            (inputs to first token: encoding, compression, LLM prefill), ``decode_s``, ``total_s``.
+        localizer_fallback: True if the localizer's output was unusable (full image used).
+        localizer_output: the localizer's raw text, if any.
+    """
+
+    answer: str
+    box: list[int]
+    grid: int
+    method: str
+    layer: int | None
+    keep_tokens: int | None
+    visual_tokens_in: int
+    visual_tokens_kept: dict[str, int]
+    kv_cache_lengths: list[int]
+    kv_cache_bytes: int
+    timings: dict[str, float]
+    localizer_fallback: bool = False
+    localizer_output: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+class _FirstTokenClock(LogitsProcessor):
+    """Notes the time the first token's scores are ready (the end of prefill); changes nothing."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def _cache_after_prefill(cache: Any, decode_steps: int) -> tuple[list[int], int]:
+    """Per-layer lengths and total bytes of a cache as it was right after prefill.
+
+    ``generate`` feeds every generated token but the last back through the model, so each
+    layer grew by ``decode_steps = new_tokens - 1`` positions after prefill.
+    """
+    lengths, total = [], 0
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values  # (B, H, L, d) each
+        length = keys.shape[-2] - decode_steps
+        lengths.append(int(length))
+        total += keys[..., :length, :].numel() * keys.element_size()
+        total += values[..., :length, :].numel() * values.element_size()
+    return lengths, total
+
+
+class CropPipeline:
+    """Answer visual questions with CROP on one model.
+
+    Args:
+        model: the answering VLM (any supported ``*ForConditionalGeneration``).
+        processor: its processor (with a chat template).
+        localizer: finds the region for each question (its cost is part of every timing).
+        config: the pruning configuration; ``method="none"`` runs the unpruned model.
+    """
+
+    def __init__(self, model: nn.Module, processor, localizer: Localizer, config: CropConfig | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.localizer = localizer
+        self.config = config or CropConfig()
+        if localizer.grid != self.config.grid:
+            raise ValueError(f"localizer answers on a {localizer.grid}x{localizer.grid} grid but the config says "
+                             f"{self.config.grid}")
+        # validate the config against this model once (e.g. ILP layer within depth)
+        CropHandle(model, self.config).remove()
+
+    def prompt(self, question: str) -> str:
+        """The chat-formatted prompt for one image + question."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def __call__(self, image: str | Image.Image, question: str, max_new_tokens: int = 16) -> CropResult:
+        """Answer one question about one image (a path or a PIL image)."""
+        return self.answer_batch([image], [question], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def answer_batch(self, images: Sequence[str | Image.Image], questions: Sequence[str],
+                     max_new_tokens: int = 16) -> list[CropResult]:
+        """Answer a batch of (image, question) pairs in one localizer call and one generate call.
+
+        Raises:
+            CropInputError: for a missing/corrupt image, an empty question, or mismatched lengths.
+        """
+        if len(images) != len(questions):
+            raise CropInputError(f"{len(images)} images but {len(questions)} questions")
+        if not images:
+            raise CropInputError("nothing to answer: no images given")
+        if max_new_tokens < 1:
+            raise CropInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        pil_images = [load_image(im) for im in images]
+        texts = [check_question(q) for q in questions]
+
+        start = time.perf_counter()
+        localizations = self.localizer.localize(pil_images, texts)
+        localizer_s = time.perf_counter() - start
+
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = self.processor(images=pil_images, text=[self.prompt(t) for t in texts], padding=True,
+                                    return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+
+        clock = _FirstTokenClock()
+        with CropHandle(self.model, self.config) as handle:
+            t0 = time.perf_counter()
+            run_inputs = handle.prepare(inputs, [loc.box for loc in localizations])
+            out = self.model.generate(**run_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+                                      pad_token_id=tokenizer.pad_token_id)
+            t_end = time.perf_counter()
+            stats = handle.stats
+        prompt_len = run_inputs["input_ids"].shape[1]
+        new_tokens = out.sequences[:, prompt_len:]  # (B, T)
+        answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        kv_lengths, kv_bytes = _cache_after_prefill(out.past_key_values, new_tokens.shape[1] - 1)
+        first = clock.first if clock.first is not None else t_end
+        batch = len(texts)
+        timings = {
+            "localizer_s": localizer_s / batch,
+            "prefill_s": (first - t0) / batch,
+            "decode_s": (t_end - first) / batch,
+        }
+        timings["total_s"] = timings["localizer_s"] + timings["prefill_s"] + timings["decode_s"]
+        results = []
+        for i, (answer, loc) in enumerate(zip(answers, localizations, strict=True)):
+            results.append(CropResult(
+                answer=answer.strip(),
+                box=loc.box.as_list(),
+                grid=loc.box.grid,
+                method=self.config.method,
+                layer=self.config.layer if self.config.method == "ilp" else None,
+                keep_tokens=self.config.keep_tokens,
+                visual_tokens_in=stats.visual_tokens_in[i],
+                visual_tokens_kept={stage: counts[i] for stage, counts in stats.visual_tokens_kept.items()},
+                kv_cache_lengths=kv_lengths,
+                kv_cache_bytes=kv_bytes // batch if batch > 1 else kv_bytes,
+                timings=dict(timings),
+                localizer_fallback=loc.fallback,
+                localizer_output=loc.raw,
+                extra={"batch_size": batch},
+            ))
+        return results

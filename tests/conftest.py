@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models built from configs (no downloads) and synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crop.models.tiny import build_tiny_model
+
+
+def random_image(seed: int, size: tuple[int, int] = (400, 300)) -> Image.Image:
+    """A seeded noise image (width, height)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8"))
+
+
+def chat_inputs(processor, images, questions):
+    """Processor inputs for a batch of (image, question) pairs, left-padded for generation."""
+    texts = []
+    for q in questions:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
+    processor.tokenizer.padding_side = "left"
+    return processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+
+
+_CACHE: dict[tuple[str, str], tuple] = {}
+
+
+def tiny(name: str, attn: str = "sdpa"):
+    """A cached tiny random model (built once per session; tests must not mutate its weights)."""
+    key = (name, attn)
+    if key not in _CACHE:
+        _CACHE[key] = build_tiny_model(name, seed=0, attn_implementation=attn)
+    return _CACHE[key]
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def llava(request):
+    return tiny("tiny-random-llava", request.param)
+
+
+@pytest.fixture
+def llava_sdpa():
+    return tiny("tiny-random-llava", "sdpa")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
