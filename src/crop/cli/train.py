@@ -1,0 +1,128 @@
+"""``crop train``: train the embedded answerer or localizer, or measure the localizer's cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
+    p.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0, help="weights seed")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic train split")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--eval-split", choices=("val", "test"), default="test")
+    p.add_argument("--eval-n", type=int, default=800, help="held-out samples evaluated at the end")
+    p.add_argument("--val-every", type=int, default=250, help="steps between quick validations (0 = never)")
+    p.add_argument("--val-n", type=int, default=128, help="samples per quick validation")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget over all resumed runs; stops cleanly, then evaluates and saves")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-token probe losses (0 = off)")
+    p.add_argument("--curriculum-fraction", type=float, default=0.1, help="share of steps on sparse scenes")
+    p.add_argument("--shape", type=json.loads, default={}, metavar="JSON",
+                   help="model size overrides, e.g. '{\"text_layers\": 2}'")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the CPU is shared)")
+    p.add_argument("--workers", type=int, default=1, help="data-generating worker processes")
+    p.add_argument("--run-dir", default=f"runs/train-{kind}", help="checkpoints and metrics (default %(default)s)")
+    p.add_argument("--out", default=None, help="where to export the model (default: the package's embedded weights)")
+    p.add_argument("--no-export", action="store_true", help="do not export the trained model")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the exported model at --out and print metrics")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run, kind=kind)
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` subcommand (``answerer``, ``localizer``, ``cost``) to ``subparsers``."""
+    p = subparsers.add_parser("train", help="train the embedded models", description=(
+        "Train the embedded models from scratch on the synthetic benchmark (seeded, resumable, time-boxed), "
+        "evaluate them on the held-out split, and export safetensors weights + configs + model card."))
+    sub = p.add_subparsers(dest="train_command", metavar="MODEL", required=True)
+    a = sub.add_parser("answerer", help="the LLaVA-architecture answerer")
+    _add_common(a, "answerer", {"steps": 3000, "lr": 1.5e-3})
+    loc = sub.add_parser("localizer", help="the Qwen2-VL-architecture localizer")
+    _add_common(loc, "localizer", {"steps": 3000, "lr": 1.5e-3})
+    c = sub.add_parser("cost", help="time the localizer against the answerer's prefill and record it in its card")
+    c.add_argument("--weights-dir", default=None, help="folder holding answerer/ and localizer/ (default: the package's)")
+    c.add_argument("--n", type=int, default=20)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--no-write", action="store_true", help="print only; do not update the localizer's card")
+    c.set_defaults(func=run_cost)
+
+
+def _config(args: argparse.Namespace):
+    from crop.train.common import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+        data_seed=args.data_seed, eval_seed=args.eval_seed, eval_split=args.eval_split, eval_n=args.eval_n,
+        val_every=args.val_every, val_n=args.val_n, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
+        aux_weight=args.aux_weight, curriculum_fraction=args.curriculum_fraction, threads=args.threads,
+        workers=args.workers, shape=args.shape,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or only evaluate) the model named by ``args.kind``; print the metrics as JSON."""
+    import torch
+
+    from crop.embedded import embedded_dir, load_embedded_from
+    from crop.errors import CropInputError
+    from crop.train.common import train
+
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        raise CropInputError(str(exc)) from exc
+    out = args.out or str(embedded_dir(args.kind))
+    if args.kind == "answerer":
+        from crop.train.answerer import AnswererTask as Task
+        from crop.train.answerer import evaluate_answerer as evaluate
+    else:
+        from crop.train.localizer import LocalizerTask as Task
+        from crop.train.localizer import evaluate_localizer as evaluate
+    if args.eval_only:
+        torch.set_num_threads(args.threads)
+        try:
+            model, processor = load_embedded_from(out)
+        except FileNotFoundError as exc:
+            raise CropInputError(str(exc)) from exc
+        metrics = evaluate(model, processor, args.eval_split, args.eval_n, args.eval_seed)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    try:
+        task = Task(config)
+    except (TypeError, ValueError) as exc:
+        raise CropInputError(f"bad --shape: {exc}") from exc
+    summary = train(task, config, args.run_dir, None if args.no_export else out, resume=args.resume,
+                    progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("kind", "steps_run", "train_wall_minutes", "metrics")}, indent=2))
+    return 0
+
+
+def run_cost(args: argparse.Namespace) -> int:
+    """Measure the localizer's cost against the answerer's prefill; record it in the localizer's card."""
+    from crop.embedded import embedded_dir, load_embedded_answerer, load_embedded_localizer, load_embedded_metadata
+    from crop.errors import CropInputError
+    from crop.train.cards import localizer_card
+    from crop.train.localizer import measure_cost
+
+    try:
+        loc = load_embedded_localizer(args.weights_dir)
+        ans = load_embedded_answerer(args.weights_dir)
+    except FileNotFoundError as exc:
+        raise CropInputError(str(exc)) from exc
+    cost = measure_cost(loc, ans, n=args.n, threads=args.threads)
+    print(json.dumps(cost, indent=2))
+    if not args.no_write:
+        folder = embedded_dir("localizer", args.weights_dir)
+        meta = load_embedded_metadata("localizer", args.weights_dir)
+        meta["cost"] = cost
+        (folder / "crop_embedded.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        summary = {**meta["training"], "cost": cost}
+        (folder / "MODEL_CARD.md").write_text(localizer_card(summary, meta["shape"]), encoding="utf-8")
+    return 0

@@ -1,0 +1,85 @@
+"""Model cards of the embedded models, rendered from a training summary."""
+
+from __future__ import annotations
+
+import json
+
+
+def _common(summary: dict, shape: dict) -> str:
+    cfg = summary["config"]
+    env = summary.get("environment", {})
+    stop = " (stopped by the wall-clock budget)" if summary.get("stopped_by_time_budget") else ""
+    return (
+        f"## Training\n\n"
+        f"- Data: the synthetic localized-VQA benchmark (`crop.data.synth`), train split, seed {cfg['data_seed']}, "
+        f"generated on the fly; first {cfg['curriculum_fraction']:.0%} of steps on sparse scenes (3-8 objects).\n"
+        f"- Steps: {summary['steps_run']} of {summary['steps_planned']} planned{stop}, batch {cfg['batch_size']} "
+        f"({summary['samples_seen']} samples).\n"
+        f"- Optimizer: AdamW (betas 0.9/0.98, weight decay {cfg['weight_decay']}), peak LR {cfg['lr']}, "
+        f"{cfg['warmup_steps']} warmup steps, cosine to {cfg['min_lr_ratio']} x peak"
+        f"{' (progress = max(step, wall-time) fraction)' if cfg.get('time_aware_schedule') and cfg.get('max_minutes') else ''}, "
+        f"grad clip {cfg['grad_clip']}, seed {cfg['seed']}.\n"
+        f"- Auxiliary per-visual-token probe losses (weight {cfg['aux_weight']}), training only; the probes are "
+        f"not part of the shipped weights.\n"
+        f"- Wall time: {summary['train_wall_minutes']} min training + {summary['eval_wall_minutes']} min evaluation, "
+        f"{cfg['threads']} torch thread(s) on a shared 2-core CPU "
+        f"(torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}).\n"
+        f"- Parameters: {summary['parameters']:,}. Sizes: `{json.dumps(shape)}`.\n"
+    )
+
+
+def answerer_card(summary: dict, shape: dict) -> str:
+    """``MODEL_CARD.md`` of the answerer."""
+    m = summary["metrics"]
+    fam = "\n".join(f"| {f} | {v:.1%} |" for f, v in m["per_family"].items())
+    grid = shape["image_size"] // shape["patch_size"]
+    return (
+        "# crop embedded answerer\n\n"
+        f"A `LlavaForConditionalGeneration` (CLIP vision tower, 2-layer projector, Llama LM) trained from scratch "
+        f"on this repository's synthetic benchmark. {shape['image_size']} px input, {shape['patch_size']} px patches: "
+        f"{grid}x{grid} = {grid * grid} visual tokens (2x2 per cell of the 8x8 region grid). Byte-level tokenizer "
+        "and chat template built in code (`crop.models.tiny.llava_processor`).\n\n"
+        "A toy model for demonstrating and measuring token pruning offline; it knows only this benchmark's "
+        "shapes, colours, digits and counts.\n\n"
+        + _common(summary, shape)
+        + f"\n## Evaluation ({m['split']} split, seed {m['seed']}, {m['n']} samples, all visual tokens, greedy)\n\n"
+        f"Overall accuracy (normalized exact match): **{m['accuracy']:.1%}**\n\n"
+        f"| family | accuracy |\n|---|---|\n{fam}\n\n"
+        "Reproduce: `crop train answerer` (see `crop train answerer --help`); evaluate only: "
+        "`crop train answerer --eval-only`.\n"
+    )
+
+
+def localizer_card(summary: dict, shape: dict) -> str:
+    """``MODEL_CARD.md`` of the localizer."""
+    m = summary["metrics"]
+    rows = "\n".join(
+        f"| {f} | {v['mean_iou']:.3f} | {v['contains_rate']:.1%} | {v['exact_rate']:.1%} | {v['fallback_rate']:.1%} |"
+        for f, v in m["per_family"].items()
+    )
+    cost = summary.get("cost")
+    cost_txt = ""
+    if cost:
+        cost_txt = (
+            "\n## Cost vs the answerer (batch 1, median of {n}, {threads} thread(s))\n\n"
+            "| localizer end to end (preprocess + prefill + box decode) | answerer prefill, all tokens | ratio |\n"
+            "|---|---|---|\n| {localizer_ms} ms | {answerer_prefill_ms} ms | {ratio_to_answerer_prefill} |\n\n"
+            "Localizer: {localizer_input_tokens} input tokens, {localizer_new_tokens:.1f} generated; answerer: "
+            "{answerer_input_tokens} input tokens (answerer preprocessing, not in the ratio: {answerer_preprocess_ms} ms).\n"
+        ).format(**cost)
+    return (
+        "# crop embedded localizer\n\n"
+        "A `Qwen2VLForConditionalGeneration` trained from scratch to answer "
+        "`crop.localizers.prompt.localizer_prompt(question, 8)` with the region as `[x0, y0, x1, y1]` on the 8x8 "
+        "grid (`format_box`) followed by `<|im_end|>` (the CROP paper's localizer recipe, at toy scale). Images are "
+        "resized to 224x224: 16x16 patches of 14 px, 8x8 merged tokens, one per grid cell. Global questions answer "
+        "`[0, 0, 7, 7]`. Serve it with `crop.localizers.vlm.VLMLocalizer(model, processor, grid=8)`.\n\n"
+        + _common(summary, shape)
+        + f"\n## Evaluation ({m['split']} split, seed {m['seed']}, {m['n']} samples, greedy, via `VLMLocalizer`)\n\n"
+        f"Mean IoU with the ground-truth grid box: **{m['mean_iou']:.3f}**; ground truth inside the prediction: "
+        f"**{m['contains_rate']:.1%}**; exact box: {m['exact_rate']:.1%}; unparsable (full-image fallback): "
+        f"{m['fallback_rate']:.1%}; mean predicted area: {m['mean_area']:.1%} of the image.\n\n"
+        "| family | mean IoU | GT inside | exact | fallback |\n|---|---|---|---|---|\n"
+        f"{rows}\n" + cost_txt
+        + "\nReproduce: `crop train localizer` (see `crop train localizer --help`); cost: `crop train cost`.\n"
+    )

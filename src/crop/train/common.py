@@ -1,0 +1,417 @@
+"""The training loop shared by the embedded-model recipes: seeded, resumable, time-boxed.
+
+A recipe (:mod:`crop.train.answerer`, :mod:`crop.train.localizer`) supplies a :class:`Task`:
+how to build the model, how to turn sample indices into a batch, the loss, and the final
+evaluation. This module owns everything else: AdamW with linear warmup and cosine decay,
+gradient clipping, checkpoints (model + optimizer + auxiliary heads + step + elapsed time)
+every ``checkpoint_every`` steps and at the end, ``resume``, a wall-clock budget
+(``max_minutes``) that stops cleanly and still evaluates and saves, and the export of the
+trained model into the package (:func:`crop.embedded.save_embedded`).
+
+Training data are generated on the fly: sample ``i`` of the train split is a pure function of
+``(data_seed, i)`` (see :mod:`crop.data.synth`), and step ``s`` uses samples
+``s * batch_size .. (s + 1) * batch_size - 1``, so a resumed run sees exactly the data an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from crop.data.synth import COLOR_NAMES, DIGITS, SHAPES, SceneObject
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (recorded in the checkpoint and the model card).
+
+    Args:
+        steps: optimizer steps planned (the LR schedule spans them).
+        batch_size: samples per step.
+        lr: peak learning rate (AdamW).
+        min_lr_ratio: final LR as a fraction of ``lr`` (cosine floor).
+        warmup_steps: linear warmup length.
+        weight_decay: AdamW weight decay (not applied to norms, biases, embeddings).
+        grad_clip: max global gradient norm.
+        seed: torch/numpy seed for the weights and the auxiliary heads.
+        data_seed: seed of the synthetic train split.
+        eval_seed: seed of the held-out split the final evaluation uses.
+        eval_split: ``"test"`` (shifted knobs) or ``"val"``.
+        eval_n: samples in the final evaluation.
+        val_every: steps between quick teacher-forced validations (0 = never).
+        val_n: samples per quick validation.
+        checkpoint_every: steps between checkpoints.
+        max_minutes: wall-clock budget over all (resumed) runs; when it binds the run stops,
+            evaluates and saves. ``None`` = no budget.
+        time_aware_schedule: if True, the schedule's progress is ``max(step / steps,
+            elapsed / max_minutes)`` so a run cut short by the budget still anneals its LR.
+        aux_weight: weight of the auxiliary per-visual-token losses (0 disables them).
+        curriculum_fraction: fraction of the steps trained on sparse scenes (3-8 objects)
+            before the default scene mix.
+        threads: ``torch.set_num_threads`` (the CPU is shared).
+        workers: data-loader worker processes generating samples (0 = in the main process).
+        shape: the model sizes (fields of ``LlavaShape`` / ``QwenShape``).
+    """
+
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 150
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    data_seed: int = 0
+    eval_seed: int = 0
+    eval_split: str = "test"
+    eval_n: int = 800
+    val_every: int = 250
+    val_n: int = 128
+    checkpoint_every: int = 200
+    max_minutes: float | None = None
+    time_aware_schedule: bool = True
+    aux_weight: float = 0.5
+    curriculum_fraction: float = 0.1
+    threads: int = 1
+    workers: int = 1
+    shape: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        if not 0 <= self.curriculum_fraction < 1:
+            raise ValueError("curriculum_fraction must be in [0, 1)")
+
+
+class Task(Protocol):
+    """What a recipe provides to :func:`train`."""
+
+    kind: str  # "answerer" or "localizer"
+
+    def build(self, config: TrainConfig) -> tuple[nn.Module, Any]:
+        """A freshly initialized ``(model, processor)``."""
+
+    def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
+        """Auxiliary heads trained alongside (not exported)."""
+
+    def collate(self, items: list[tuple[str, int]]) -> dict:
+        """A batch from ``(split, index)`` pairs."""
+
+    def loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict]:
+        """Training loss and scalar logs."""
+
+    def quick_val(self, model: nn.Module, batch: dict) -> dict:
+        """Teacher-forced metrics on one validation batch."""
+
+    def evaluate(self, model: nn.Module, processor: Any, config: TrainConfig) -> dict:
+        """Final held-out metrics."""
+
+    def export(self, model: nn.Module, processor: Any, out_dir: Path, meta: dict) -> None:
+        """Write the shipped files."""
+
+
+# --------------------------------------------------------------------------------------------
+# auxiliary per-token labels (dense supervision of the visual features during training only)
+
+SHAPE_CLASSES = ("none", *SHAPES, "card")
+COLOR_CLASSES = ("none", *COLOR_NAMES)
+DIGIT_CLASSES = ("none", *DIGITS)
+
+
+def token_labels(objects: list[SceneObject], image_size: int, rows: int, cols: int, min_cover: float = 0.25) -> np.ndarray:
+    """Per-token labels of what object covers each cell of a ``rows`` x ``cols`` token grid.
+
+    A cell takes the object overlapping it most, if that object covers at least
+    ``min_cover`` of the cell or of itself; otherwise it is background (class 0).
+
+    Args:
+        objects: the scene's objects (``SynthSample.objects``).
+        image_size: image side in pixels.
+        rows, cols: the token grid.
+        min_cover: minimum covered fraction.
+
+    Returns:
+        ``int64`` array ``(3, rows * cols)``: shape, colour and digit class per token
+        (indices into :data:`SHAPE_CLASSES`, :data:`COLOR_CLASSES`, :data:`DIGIT_CLASSES`).
+    """
+    labels = np.zeros((3, rows * cols), dtype=np.int64)
+    if not objects:
+        return labels
+    ch, cw = image_size / rows, image_size / cols
+    ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    cells = np.stack([xs * cw, ys * ch, (xs + 1) * cw, (ys + 1) * ch], -1).reshape(-1, 4)  # (N, 4)
+    boxes = np.asarray([o.bbox for o in objects], dtype=np.float64)  # (K, 4)
+    iw = np.clip(np.minimum(cells[:, None, 2], boxes[None, :, 2]) - np.maximum(cells[:, None, 0], boxes[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(cells[:, None, 3], boxes[None, :, 3]) - np.maximum(cells[:, None, 1], boxes[None, :, 1]), 0, None)
+    inter = iw * ih  # (N, K)
+    obj_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (K,)
+    best = inter.argmax(1)  # (N,)
+    best_inter = inter[np.arange(len(cells)), best]
+    ok = (best_inter >= min_cover * ch * cw) | (best_inter >= min_cover * obj_area[best])
+    for n in np.nonzero(ok)[0]:
+        o = objects[best[n]]
+        labels[0, n] = SHAPE_CLASSES.index(o.shape)
+        labels[1, n] = COLOR_CLASSES.index(o.color)
+        labels[2, n] = DIGIT_CLASSES.index(o.digit) if o.digit is not None else 0
+    return labels
+
+
+def make_aux_heads(dim: int, extra: dict[str, int] | None = None) -> nn.ModuleDict:
+    """Linear probes on visual features: shape, colour, digit (+ ``extra`` name -> classes)."""
+    heads = {
+        "shape": nn.Linear(dim, len(SHAPE_CLASSES)),
+        "color": nn.Linear(dim, len(COLOR_CLASSES)),
+        "digit": nn.Linear(dim, len(DIGIT_CLASSES)),
+    }
+    for name, n in (extra or {}).items():
+        heads[name] = nn.Linear(dim, n)
+    return nn.ModuleDict(heads)
+
+
+class Capture:
+    """Keeps the output of one module during a forward pass (an instance-level hook).
+
+    Args:
+        module: the module whose output to keep.
+        select: maps the raw output to the tensor to keep (default: the output itself, or
+            its first element when it is a tuple).
+    """
+
+    def __init__(self, module: nn.Module, select: Callable[[Any], torch.Tensor] | None = None):
+        self.value: torch.Tensor | None = None
+        self._select = select or (lambda out: out[0] if isinstance(out, tuple) else out)
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.value = self._select(output)
+
+    def pop(self) -> torch.Tensor:
+        """The captured tensor (cleared after reading)."""
+        if self.value is None:
+            raise RuntimeError("nothing captured: the hooked module did not run")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        self._handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def lr_factor(step: int, config: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Warmup then cosine decay to ``min_lr_ratio``; progress may follow the time budget.
+
+    Args:
+        step: the optimizer step about to run (0-based).
+        config: the run's config.
+        elapsed_s: wall time spent so far (used if ``time_aware_schedule`` and a budget).
+
+    Returns:
+        The multiplier of ``config.lr``.
+    """
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.time_aware_schedule and config.max_minutes:
+        progress = max(progress, elapsed_s / (config.max_minutes * 60))
+    progress = min(1.0, progress)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    """Batches of ``(split, index)`` pairs; each item is one collated batch."""
+
+    def __init__(self, task: Task, batches: list[list[tuple[str, int]]]):
+        self.task, self.batches = task, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.task.collate(self.batches[i])
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _param_groups(model: nn.Module, heads: nn.ModuleDict, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for module in (model, heads):
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | Path | None, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train ``task``'s model, evaluate it on the held-out split, and export it.
+
+    Args:
+        task: the recipe.
+        config: hyper-parameters.
+        run_dir: where checkpoints (``checkpoint.pt``) and ``metrics.json`` go.
+        out_dir: where the shipped files go (``None`` = do not export).
+        resume: continue from ``run_dir/checkpoint.pt`` if it exists (its config wins for
+            everything but ``max_minutes``, ``eval_n``, ``threads`` and ``workers``).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The metrics dict (also written to ``run_dir/metrics.json``).
+    """
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    torch.set_num_threads(config.threads)
+
+    state = None
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = TrainConfig(**state["config"])
+        for name in ("max_minutes", "eval_n", "threads", "workers"):
+            setattr(saved, name, getattr(config, name))
+        config = saved
+        logger.info("resuming from %s at step %d", ckpt_path, state["step"])
+    elif resume:
+        logger.info("no checkpoint at %s; starting fresh", ckpt_path)
+
+    _seed_everything(config.seed)
+    model, processor = task.build(config)
+    heads = task.aux_heads(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, heads, config.weight_decay), lr=config.lr, betas=(0.9, 0.98))
+    step, elapsed_before, history = 0, 0.0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed_before, history = state["step"], state["elapsed_s"], state.get("history", [])
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "elapsed_s": elapsed(), "config": asdict(config), "history": history}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    start_time = time.time()
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - start_time
+
+    n_curriculum = int(config.curriculum_fraction * config.steps)
+    batches = [
+        [("train-easy" if s < n_curriculum else "train", s * config.batch_size + i) for i in range(config.batch_size)]
+        for s in range(step, config.steps)
+    ]
+    loader = torch.utils.data.DataLoader(
+        _IndexDataset(task, batches), batch_size=None, shuffle=False, num_workers=config.workers,
+        worker_init_fn=_worker_init if config.workers else None, prefetch_factor=4 if config.workers else None,
+        persistent_workers=False,
+    )
+    val_batch = task.collate([("val", i) for i in range(config.val_n)]) if config.val_every else None
+
+    model.train()
+    heads.train()
+    stopped_by_time = False
+    bar = tqdm(total=config.steps, initial=step, desc=f"train {task.kind}", unit="step", disable=not progress,
+               mininterval=5.0)
+    running: dict[str, float] = {}
+    for batch in loader:
+        if config.max_minutes is not None and elapsed() > config.max_minutes * 60:
+            stopped_by_time = True
+            logger.info("time budget of %.1f min reached at step %d", config.max_minutes, step)
+            break
+        factor = lr_factor(step, config, elapsed())
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        loss, logs = task.loss(model, heads, batch, config.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   config.grad_clip)
+        optimizer.step()
+        step += 1
+        for k, v in logs.items():
+            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items() if k in ("loss", "ans", "aux")}, refresh=False)
+        if step % 50 == 0:
+            logger.info("step %d lr %.2e gnorm %.2f %s", step, config.lr * factor, float(grad_norm),
+                        " ".join(f"{k} {v:.4f}" for k, v in running.items()))
+        if val_batch is not None and step % config.val_every == 0:
+            model.eval()
+            with torch.no_grad():
+                val = task.quick_val(model, val_batch)
+            model.train()
+            history.append({"step": step, "elapsed_s": round(elapsed(), 1), **{k: round(v, 4) for k, v in running.items()},
+                            **{f"val_{k}": round(v, 4) for k, v in val.items()}})
+            logger.info("val @ %d: %s", step, val)
+            bar.write(f"[{task.kind}] step {step} {elapsed() / 60:.1f} min: " + json.dumps(history[-1]))
+        if step % config.checkpoint_every == 0:
+            save_checkpoint()
+    bar.close()
+    save_checkpoint()
+    train_s = elapsed()
+
+    model.eval()
+    t0 = time.time()
+    metrics = task.evaluate(model, processor, config)
+    eval_s = time.time() - t0
+    summary = {
+        "kind": task.kind,
+        "steps_run": step,
+        "steps_planned": config.steps,
+        "samples_seen": step * config.batch_size,
+        "stopped_by_time_budget": stopped_by_time,
+        "train_wall_minutes": round(train_s / 60, 2),
+        "eval_wall_minutes": round(eval_s / 60, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": asdict(config),
+        "metrics": metrics,
+        "history": history,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "cpu_count": os.cpu_count()},
+    }
+    try:
+        import transformers
+
+        summary["environment"]["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if out_dir is not None:
+        task.export(model, processor, Path(out_dir), summary)
+        logger.info("exported %s to %s", task.kind, out_dir)
+    return summary

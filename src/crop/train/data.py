@@ -1,0 +1,36 @@
+"""Sample streams for the recipes: the synthetic benchmark's splits, plus an easy curriculum split."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+
+from crop.data.synth import SynthConfig, SynthSample, default_config, generate_sample
+
+EASY_OBJECTS = (3, 8)
+
+
+@lru_cache(maxsize=None)
+def stream_config(stream: str, image_size: int = 336) -> SynthConfig:
+    """The generator knobs of a stream: ``train``, ``train-easy`` (sparse scenes), ``val`` or ``test``."""
+    if stream == "train-easy":
+        return replace(default_config("train", image_size=image_size), n_objects=EASY_OBJECTS)
+    return default_config(stream, image_size=image_size)
+
+
+def stream_sample(stream: str, index: int, data_seed: int, eval_seed: int, image_size: int = 336) -> SynthSample:
+    """Sample ``index`` of ``stream``; train streams use ``data_seed``, val/test ``eval_seed``.
+
+    Args:
+        stream: ``"train"``, ``"train-easy"``, ``"val"`` or ``"test"``.
+        index: sample index.
+        data_seed: seed of the training streams.
+        eval_seed: seed of the held-out streams.
+        image_size: image side in pixels.
+
+    Returns:
+        The sample.
+    """
+    split = "train" if stream.startswith("train") else stream
+    seed = data_seed if split == "train" else eval_seed
+    return generate_sample(index, seed, split, stream_config(stream, image_size))

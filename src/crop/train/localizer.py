@@ -1,0 +1,312 @@
+"""Recipe: the embedded localizer, a Qwen2-VL-architecture VLM that emits the 8x8 grid box.
+
+The CROP paper's localizer recipe at toy scale: a real ``Qwen2VLForConditionalGeneration``
+(built by :mod:`crop.models.tiny`) is trained from scratch to answer
+``localizer_prompt(question, 8)`` with ``format_box(box_grid)`` followed by ``<|im_end|>``.
+Its processor resizes every image to 224x224 (``min_pixels = max_pixels = 224 * 224``), so the
+vision tower sees 16x16 patches of 14 px and the LLM 8x8 merged tokens: exactly one token per
+cell of the region grid. Global questions are trained to answer the full box ``[0, 0, 7, 7]``.
+
+Auxiliary losses (training only, not exported): probes on the merged visual tokens predict the
+shape/colour of the object in each cell, and probes on the image-token hidden states after the
+LLM's second layer predict each token's row and column. Qwen2-VL's vision tower has no absolute
+position embedding (2-D RoPE only) and the LLM sees positions only through M-RoPE, so a
+from-scratch model must first learn where its image tokens are before it can write a
+coordinate; the position probes teach that directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crop.data.synth import FAMILIES
+from crop.localizers.prompt import format_box, localizer_prompt
+from crop.train.common import Capture, TrainConfig, make_aux_heads, token_labels
+from crop.train.data import stream_sample
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+GRID = 8
+LOCALIZER_IMAGE_SIZE = 224
+LOCALIZER_SHAPE = dict(
+    vision_hidden=64, vision_layers=3, vision_heads=4, text_hidden=96, text_layers=4, text_heads=4,
+    text_kv_heads=2, text_intermediate=192, min_pixels=LOCALIZER_IMAGE_SIZE ** 2, max_pixels=LOCALIZER_IMAGE_SIZE ** 2,
+)
+
+
+def localizer_chat(processor, question: str) -> str:
+    """The chat-template prompt the localizer is trained and served with (as in ``VLMLocalizer``)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": localizer_prompt(question, GRID)}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class LocalizerTask:
+    """The localizer recipe for :func:`crop.train.common.train`.
+
+    Args:
+        config: the run's config; ``config.shape`` overrides :data:`LOCALIZER_SHAPE`.
+    """
+
+    kind = "localizer"
+    architecture = "qwen2_vl"
+
+    def __init__(self, config: TrainConfig):
+        from crop.models.tiny import QwenShape, qwen_processor
+
+        self.shape = QwenShape(**{**LOCALIZER_SHAPE, **config.shape})
+        self.config = config
+        self.processor = qwen_processor("qwen2_vl", self.shape)
+        tok = self.processor.tokenizer
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id
+        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.pos_layer = 1 if self.shape.text_layers > 2 else 0
+
+    def build(self, config: TrainConfig):
+        """A fresh seeded model and its processor."""
+        from crop.embedded import build_from_shape
+
+        torch.manual_seed(config.seed)
+        return build_from_shape(self.architecture, asdict(self.shape))
+
+    def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
+        """Content probes on merged visual tokens; row/column probes on LLM image tokens."""
+        dim = model.config.text_config.hidden_size
+        heads = make_aux_heads(dim, {"row": GRID, "col": GRID})
+        return heads
+
+    def collate(self, items: list[tuple[str, int]]) -> dict:
+        """Generate the samples and build inputs, box-only labels and token labels.
+
+        Returns:
+            ``input_ids``/``attention_mask``/``mm_token_type_ids``/``labels`` (B, L)
+            right-padded, ``pixel_values`` (B * 256, 1176), ``image_grid_thw`` (B, 3),
+            ``aux`` (B, 3, 64) token labels, ``families``, ``boxes`` (B, 4).
+        """
+        cfg = self.config
+        samples = [stream_sample(s, i, cfg.data_seed, cfg.eval_seed) for s, i in items]
+        tok = self.processor.tokenizer
+        seqs, labels, types, pixels, thw = [], [], [], [], []
+        for s in samples:
+            enc = self.processor(images=[s.image], text=[localizer_chat(self.processor, s.question)], return_tensors="pt")
+            p = enc["input_ids"][0].tolist()
+            a = tok(format_box(s.box_grid), add_special_tokens=False)["input_ids"] + [self.eos_id]
+            seqs.append(p + a)
+            labels.append([IGNORE] * len(p) + a)
+            types.append(enc["mm_token_type_ids"][0].tolist() + [0] * len(a))
+            pixels.append(enc["pixel_values"])
+            thw.append(enc["image_grid_thw"])
+        length = max(len(x) for x in seqs)
+        bsz = len(seqs)
+        input_ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)  # (B, L)
+        label_t = torch.full((bsz, length), IGNORE, dtype=torch.long)  # (B, L)
+        type_t = torch.zeros((bsz, length), dtype=torch.long)  # (B, L)
+        mask = torch.zeros((bsz, length), dtype=torch.long)  # (B, L)
+        for b, (x, y, t) in enumerate(zip(seqs, labels, types)):
+            input_ids[b, : len(x)] = torch.tensor(x)
+            label_t[b, : len(y)] = torch.tensor(y)
+            type_t[b, : len(t)] = torch.tensor(t)
+            mask[b, : len(x)] = 1
+        aux = torch.from_numpy(np.stack([token_labels(s.objects, s.image.size[0], GRID, GRID) for s in samples]))
+        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": type_t, "labels": label_t,
+                "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(thw), "aux": aux,
+                "families": [s.family for s in samples], "boxes": torch.tensor([s.box_grid for s in samples])}
+
+    def _forward(self, model: nn.Module, batch: dict, capture: bool):
+        caps = {}
+        if capture:
+            caps["vis"] = Capture(model.model.visual.merger)
+            caps["pos"] = Capture(model.model.language_model.layers[self.pos_layer])
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                        image_grid_thw=batch["image_grid_thw"])
+            feats = {k: c.pop() for k, c in caps.items()}
+        finally:
+            for c in caps.values():
+                c.remove()
+        return out.logits, feats  # (B, L, V)
+
+    def loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict, aux_weight: float):
+        """Box-token cross-entropy plus ``aux_weight`` x the probe losses."""
+        logits, feats = self._forward(model, batch, capture=aux_weight > 0)
+        labels = batch["labels"][:, 1:]  # (B, L-1)
+        ans = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+        logs = {"ans": float(ans.detach())}
+        total = ans
+        if aux_weight > 0:
+            bsz = batch["aux"].shape[0]
+            vis = feats["vis"].reshape(bsz, GRID * GRID, -1)  # (B, 64, D)
+            aux = sum(F.cross_entropy(heads[name](vis).flatten(0, 1), batch["aux"][:, k].reshape(-1))
+                      for k, name in enumerate(("shape", "color")))
+            hidden = feats["pos"]  # (B, L, D)
+            img = hidden[batch["input_ids"] == self.image_token_id].reshape(bsz, GRID * GRID, -1)  # (B, 64, D)
+            cells = torch.arange(GRID * GRID)
+            rows = (cells // GRID).repeat(bsz)  # (B * 64,)
+            cols = (cells % GRID).repeat(bsz)
+            aux = aux + F.cross_entropy(heads["row"](img).flatten(0, 1), rows) \
+                + F.cross_entropy(heads["col"](img).flatten(0, 1), cols)
+            logs["aux"] = float(aux.detach())
+            total = total + aux_weight * aux
+        logs["loss"] = float(total.detach())
+        return total, logs
+
+    def quick_val(self, model: nn.Module, batch: dict) -> dict:
+        """Teacher-forced exact box match, per family."""
+        logits, _ = self._forward(model, batch, capture=False)
+        labels = batch["labels"][:, 1:]
+        pred = logits[:, :-1].argmax(-1)  # (B, L-1)
+        ok = ((pred == labels) | (labels == IGNORE)).all(1)  # (B,)
+        out = {"exact": float(ok.float().mean())}
+        for fam in FAMILIES:
+            idx = [i for i, f in enumerate(batch["families"]) if f == fam]
+            if idx:
+                out[fam] = float(ok[idx].float().mean())
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, processor: Any, config: TrainConfig) -> dict:
+        """IoU / containment of greedy boxes on ``config.eval_n`` held-out samples."""
+        return evaluate_localizer(model, processor, config.eval_split, config.eval_n, config.eval_seed)
+
+    def export(self, model: nn.Module, processor: Any, out_dir: Path, summary: dict) -> None:
+        """Save the weights, configs and model card into ``out_dir``."""
+        from crop.embedded import save_embedded
+        from crop.train.cards import localizer_card
+
+        meta = {"kind": self.kind, "prompt": "crop.localizers.prompt.localizer_prompt(question, 8)", "grid": GRID,
+                "image_size": LOCALIZER_IMAGE_SIZE, "training": {k: v for k, v in summary.items() if k != "history"}}
+        save_embedded(model, self.architecture, asdict(self.shape), out_dir, meta, localizer_card(summary, asdict(self.shape)))
+
+
+@torch.no_grad()
+def evaluate_localizer(model: nn.Module, processor: Any, split: str = "test", n: int = 800, seed: int = 0,
+                       batch_size: int = 16) -> dict:
+    """Localization quality on ``n`` benchmark samples, through the serving code path.
+
+    Boxes are decoded by :class:`crop.localizers.vlm.VLMLocalizer` (greedy, left-padded
+    batches, unparsable output -> full image).
+
+    Args:
+        model: a Qwen2-VL-style localizer.
+        processor: its processor.
+        split: benchmark split.
+        n: number of samples.
+        seed: benchmark seed.
+        batch_size: images per ``generate`` call.
+
+    Returns:
+        Mean IoU with the ground-truth grid box, share of samples whose ground-truth box lies
+        inside the predicted one, exact-match rate, fallback rate, all overall and per family.
+    """
+    from crop.data.synth import generate
+    from crop.localizers.vlm import VLMLocalizer
+    from crop.regions import GridBox
+
+    model.eval()
+    localizer = VLMLocalizer(model, processor, grid=GRID, batch_size=batch_size)
+    samples = list(generate(n, seed, split))
+    stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    examples = []
+    for start in range(0, n, batch_size):
+        chunk = samples[start:start + batch_size]
+        results = localizer.localize([s.image for s in chunk], [s.question for s in chunk])
+        for s, r in zip(chunk, results):
+            gt = GridBox(*s.box_grid, grid=GRID)
+            for key in (s.family, "all"):
+                stats[key]["iou"].append(r.box.iou(gt))
+                stats[key]["contains"].append(float(r.box.contains(gt)))
+                stats[key]["exact"].append(float(r.box == gt))
+                stats[key]["fallback"].append(float(r.fallback))
+                stats[key]["area"].append(r.box.area / GRID ** 2)
+            if len(examples) < 12:
+                examples.append({"id": s.id, "question": s.question, "box": s.box_grid, "predicted": r.box.as_list(),
+                                 "raw": r.raw})
+    def summarize(d):
+        return {f"mean_{k}" if k in ("iou", "area") else f"{k}_rate": round(float(np.mean(v)), 4) for k, v in d.items()}
+    out = {"split": split, "seed": seed, "n": n, **summarize(stats["all"])}
+    out["per_family"] = {f: summarize(stats[f]) for f in FAMILIES if f in stats}
+    out["examples"] = examples
+    return out
+
+
+@torch.no_grad()
+def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, Any], n: int = 20, threads: int = 1,
+                 seed: int = 0) -> dict:
+    """Wall time of the localizer (processor + prefill + box decode) vs the answerer's prefill.
+
+    Both run at batch 1 on the same test images, in this process, with ``threads`` torch
+    threads; each timing is the median over ``n`` images after one warm-up.
+
+    Args:
+        localizer: ``(model, processor)`` of the localizer.
+        answerer: ``(model, processor)`` of the answerer.
+        n: images to time.
+        threads: torch threads during the measurement.
+        seed: benchmark seed of the test images.
+
+    Returns:
+        Medians in milliseconds: ``localizer_ms`` (end to end through ``VLMLocalizer``),
+        ``localizer_generate_ms`` (prefill + decode only), ``answerer_prefill_ms`` (one
+        forward over all visual tokens, preprocessing excluded), ``answerer_preprocess_ms``,
+        and the ratios ``localizer_ms / answerer_prefill_ms`` and
+        ``localizer_ms / (answerer_preprocess_ms + answerer_prefill_ms)``.
+    """
+    from crop.data.synth import generate
+    from crop.localizers.vlm import VLMLocalizer
+    from crop.train.answerer import answerer_prompt
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lm, lp = localizer
+        am, ap = answerer
+        lm.eval()
+        am.eval()
+        loc = VLMLocalizer(lm, lp, grid=GRID, batch_size=1)
+        samples = list(generate(n + 1, seed, "test"))
+        t_loc, t_gen, t_pre, t_fwd, new_tokens = [], [], [], [], []
+        for i, s in enumerate(samples):
+            t0 = time.perf_counter()
+            loc.localize([s.image], [s.question])
+            t1 = time.perf_counter()
+            inputs = lp(images=[s.image], text=[localizer_chat(lp, s.question)], return_tensors="pt")
+            t2 = time.perf_counter()
+            out = lm.generate(**inputs, max_new_tokens=loc.max_new_tokens, do_sample=False)
+            t3 = time.perf_counter()
+            a_in = ap(images=[s.image], text=[answerer_prompt(ap, s.question)], return_tensors="pt")
+            t4 = time.perf_counter()
+            am(**a_in)
+            t5 = time.perf_counter()
+            if i == 0:
+                continue  # warm-up
+            t_loc.append(t1 - t0)
+            t_gen.append(t3 - t2)
+            t_pre.append(t4 - t3)
+            t_fwd.append(t5 - t4)
+            new_tokens.append(out.shape[1] - inputs["input_ids"].shape[1])
+        med = lambda v: float(np.median(v)) * 1000  # noqa: E731
+        loc_ms, fwd_ms, pre_ms = med(t_loc), med(t_fwd), med(t_pre)
+        return {
+            "n": n, "threads": threads,
+            "localizer_ms": round(loc_ms, 2), "localizer_generate_ms": round(med(t_gen), 2),
+            "localizer_new_tokens": float(np.mean(new_tokens)),
+            "localizer_input_tokens": int(inputs["input_ids"].shape[1]),
+            "answerer_prefill_ms": round(fwd_ms, 2), "answerer_preprocess_ms": round(pre_ms, 2),
+            "answerer_input_tokens": int(a_in["input_ids"].shape[1]),
+            "ratio_to_answerer_prefill": round(loc_ms / fwd_ms, 3),
+            "ratio_to_answerer_preprocess_and_prefill": round(loc_ms / (fwd_ms + pre_ms), 3),
+        }
+    finally:
+        torch.set_num_threads(prev)
