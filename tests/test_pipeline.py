@@ -1,0 +1,50 @@
+"""The localize -> prune -> generate pipeline: stats, timings, batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from crop.config import CropConfig
+from crop.errors import CropInputError
+from crop.localizers import FixedBoxLocalizer, FullImageLocalizer
+from crop.pipeline import CropPipeline
+from crop.regions import GridBox
+from tests.conftest import random_image
+
+
+def test_pipeline_reports_tokens_kv_and_timings(llava_sdpa):
+    model, proc = llava_sdpa
+    pipe = CropPipeline(model, proc, FixedBoxLocalizer(GridBox(2, 2, 5, 5)), CropConfig(method="ilp", keep_tokens=64))
+    result = pipe(random_image(31), "What is this?", max_new_tokens=4)
+    assert result.box == [2, 2, 5, 5] and result.visual_tokens_in == 576
+    assert result.visual_tokens_kept == {"llm_input": 576, "after_layer_2": 64}
+    full = result.kv_cache_lengths[0]
+    assert result.kv_cache_lengths == [full, full, full - 512, full - 512]
+    assert result.kv_cache_bytes == sum(result.kv_cache_lengths) * 2 * 2 * 16 * 4
+    assert result.timings["total_s"] == pytest.approx(sum(result.timings[k] for k in
+                                                          ["localizer_s", "prefill_s", "decode_s"]))
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_pipeline_batch_equals_single_answers(llava_sdpa):
+    model, proc = llava_sdpa
+    pipe = CropPipeline(model, proc, FullImageLocalizer(), CropConfig(method="plc", keep_tokens=100))
+    images = [random_image(32), random_image(33, (300, 500))]
+    questions = ["What color is the star?", "How many circles?"]
+    batch = pipe.answer_batch(images, questions, max_new_tokens=6)
+    singles = [pipe(im, q, max_new_tokens=6) for im, q in zip(images, questions, strict=True)]
+    assert [r.answer for r in batch] == [r.answer for r in singles]
+    assert [r.visual_tokens_kept for r in batch] == [{"llm_input": 100}] * 2
+
+
+def test_pipeline_bad_inputs(llava_sdpa, tmp_path):
+    model, proc = llava_sdpa
+    pipe = CropPipeline(model, proc, FullImageLocalizer(), CropConfig(method="none"))
+    with pytest.raises(CropInputError, match="empty"):
+        pipe(random_image(1), "")
+    with pytest.raises(CropInputError, match="not found"):
+        pipe(str(tmp_path / "x.png"), "q?")
+    with pytest.raises(CropInputError, match="2 images but 1 questions"):
+        pipe.answer_batch([random_image(1), random_image(2)], ["q?"])
+    with pytest.raises(ValueError, match="grid"):
+        CropPipeline(model, proc, FullImageLocalizer(grid=4), CropConfig())
