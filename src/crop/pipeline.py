@@ -16,7 +16,7 @@ from crop.api import CropHandle
 from crop.config import CropConfig
 from crop.errors import CropInputError
 from crop.io import check_question, load_image
-from crop.localizers.base import Localizer
+from crop.localizers.base import Localization, Localizer
 
 
 @dataclass
@@ -31,7 +31,8 @@ class CropResult:
         visual_tokens_in: visual tokens the vision tower produced for the image.
         visual_tokens_kept: per stage (``llm_input``, ``after_layer_K``), visual tokens kept.
         kv_cache_lengths: per decoder layer, cached positions after prefill.
-        kv_cache_bytes: bytes of keys + values in the cache after prefill (read off the cache).
+        kv_cache_bytes: bytes of keys + values in the cache after prefill (read off the cache;
+            for a batch, the batch's total divided by its size).
         timings: ``localizer_s`` (this question's share of the localizer batch), ``prefill_s``
             (inputs to first token: encoding, compression, LLM prefill), ``decode_s``, ``total_s``.
         localizer_fallback: True if the localizer's output was unusable (full image used).
@@ -56,6 +57,12 @@ class CropResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The chat-formatted prompt for one image followed by ``question``, ready for generation."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 class _FirstTokenClock(LogitsProcessor):
@@ -109,8 +116,7 @@ class CropPipeline:
 
     def prompt(self, question: str) -> str:
         """The chat-formatted prompt for one image + question."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return chat_prompt(self.processor, question)
 
     def __call__(self, image: str | Image.Image, question: str, max_new_tokens: int = 16) -> CropResult:
         """Answer one question about one image (a path or a PIL image)."""
@@ -118,8 +124,18 @@ class CropPipeline:
 
     @torch.no_grad()
     def answer_batch(self, images: Sequence[str | Image.Image], questions: Sequence[str],
-                     max_new_tokens: int = 16) -> list[CropResult]:
+                     max_new_tokens: int = 16, localizations: Sequence[Localization] | None = None,
+                     localizer_s: float | None = None) -> list[CropResult]:
         """Answer a batch of (image, question) pairs in one localizer call and one generate call.
+
+        Args:
+            images: paths or PIL images.
+            questions: one per image.
+            max_new_tokens: answer length limit.
+            localizations: regions found earlier for these pairs (e.g. one localizer pass shared
+                by several methods in an evaluation); the localizer is then not called again.
+            localizer_s: the time those localizations took for the whole batch, reported as
+                this call's localizer time (so the localizer's cost is never dropped).
 
         Raises:
             CropInputError: for a missing/corrupt image, an empty question, or mismatched lengths.
@@ -133,9 +149,12 @@ class CropPipeline:
         pil_images = [load_image(im) for im in images]
         texts = [check_question(q) for q in questions]
 
-        start = time.perf_counter()
-        localizations = self.localizer.localize(pil_images, texts)
-        localizer_s = time.perf_counter() - start
+        if localizations is None:
+            start = time.perf_counter()
+            localizations = self.localizer.localize(pil_images, texts)
+            localizer_s = time.perf_counter() - start
+        elif len(localizations) != len(texts) or localizer_s is None:
+            raise ValueError("precomputed localizations need one entry per question and their localizer_s")
 
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -178,7 +197,7 @@ class CropPipeline:
                 visual_tokens_in=stats.visual_tokens_in[i],
                 visual_tokens_kept={stage: counts[i] for stage, counts in stats.visual_tokens_kept.items()},
                 kv_cache_lengths=kv_lengths,
-                kv_cache_bytes=kv_bytes // batch if batch > 1 else kv_bytes,
+                kv_cache_bytes=kv_bytes // batch,
                 timings=dict(timings),
                 localizer_fallback=loc.fallback,
                 localizer_output=loc.raw,
