@@ -39,12 +39,17 @@ class PruneStats:
             the LLM) and, for ILP, ``"after_layer_K"`` (survived layer K).
         region_tokens: tokens the region (after budget trimming/growth) covers at full resolution.
         boxes: the region used for each image.
+        token_grids: ``(rows, cols)`` of each image's token grid.
+        full_resolution: per image, row-major indices of the tokens kept at full resolution
+            (ILP: the survivors of layer K; PLC: the region share, the rest is pooled).
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
     visual_tokens_kept: dict[str, list[int]] = field(default_factory=dict)
     region_tokens: list[int] = field(default_factory=list)
     boxes: list[GridBox] = field(default_factory=list)
+    token_grids: list[tuple[int, int]] = field(default_factory=list)
+    full_resolution: list[list[int]] = field(default_factory=list)
 
 
 class CropHandle:
@@ -90,12 +95,15 @@ class CropHandle:
         for box in regions:
             if box.grid != self.config.grid:
                 raise ValueError(f"box {box} is on a {box.grid}x{box.grid} grid but the config says {self.config.grid}")
-        stats = PruneStats(visual_tokens_in=[s.length for s in spans], boxes=regions)
+        stats = PruneStats(visual_tokens_in=[s.length for s in spans], boxes=regions,
+                           token_grids=[(s.rows, s.cols) for s in spans],
+                           full_resolution=[list(range(s.length)) for s in spans])
         budget = self.config.keep_tokens
         if self.config.method == "plc":
-            out, spans, images, region_tokens = plc.compress(self.adapter, inputs, regions, budget, self.config.pool)
+            out, spans, images, region_keep = plc.compress(self.adapter, inputs, regions, budget, self.config.pool)
             stats.visual_tokens_kept["llm_input"] = [int(im.tokens.shape[0]) for im in images]
-            stats.region_tokens = region_tokens
+            stats.full_resolution = [k.tolist() for k in region_keep]
+            stats.region_tokens = [len(k) for k in stats.full_resolution]
             self.stats = stats
             return out
         out = dict(inputs)
@@ -116,11 +124,13 @@ class CropHandle:
         ids = inputs["input_ids"]  # (B, L)
         keep_mask = torch.ones_like(ids, dtype=torch.bool)  # (B, L)
         kept_counts = []
+        stats.full_resolution = []
         for span, box in zip(spans, regions, strict=True):
             chosen = self.adapter.select(span, box, budget)  # indices within the span
             keep_mask[span.sample, span.start:span.start + span.length] = False
             keep_mask[span.sample, span.start + chosen] = True
             kept_counts.append(int(chosen.numel()))
+            stats.full_resolution.append(chosen.tolist())
         stats.visual_tokens_kept[f"after_layer_{self.config.layer}"] = kept_counts
         stats.region_tokens = kept_counts
         return [row.nonzero().squeeze(1) for row in keep_mask]

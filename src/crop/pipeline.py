@@ -37,6 +37,9 @@ class CropResult:
             (inputs to first token: encoding, compression, LLM prefill), ``decode_s``, ``total_s``.
         localizer_fallback: True if the localizer's output was unusable (full image used).
         localizer_output: the localizer's raw text, if any.
+        token_grid: ``[rows, cols]`` of the image's visual-token grid.
+        full_resolution_tokens: row-major indices of the tokens kept at full resolution (left out
+            of :meth:`to_dict`; used to draw overlays).
     """
 
     answer: str
@@ -52,11 +55,15 @@ class CropResult:
     timings: dict[str, float]
     localizer_fallback: bool = False
     localizer_output: str | None = None
+    token_grid: list[int] = field(default_factory=list)
+    full_resolution_tokens: list[int] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
+        """A JSON-ready dict (without the per-token index list)."""
+        out = asdict(self)
+        del out["full_resolution_tokens"]
+        return out
 
 
 def chat_prompt(processor, question: str) -> str:
@@ -201,6 +208,8 @@ class CropPipeline:
                 timings=dict(timings),
                 localizer_fallback=loc.fallback,
                 localizer_output=loc.raw,
+                token_grid=list(stats.token_grids[i]),
+                full_resolution_tokens=stats.full_resolution[i],
                 extra={"batch_size": batch},
             ))
         return results

@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int, default=4, metavar="P", help="PLC pooling block outside the region (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="T", help="answer length limit (default 16)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--overlay", default=None, metavar="PNG",
+                   help="write a PNG with the region (red) and the tokens kept at full resolution (the rest dimmed)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     result = pipeline(image, question, max_new_tokens=args.max_new_tokens)
+    if args.overlay:
+        _write_overlay(args.overlay, image, result, args.grid)
     note = None
     if args.model in TINY_MODEL_NAMES:
         note = f"{args.model} has random weights: its answer is gibberish by design (use it for smoke tests)"
@@ -98,6 +102,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(_report(result))
     return 0
+
+
+def _write_overlay(path: str, image, result, grid: int) -> None:
+    """Save the region + kept-token drawing for ``result``."""
+    from crop.regions import GridBox
+    from crop.viz import draw_overlay
+
+    picture = draw_overlay(image, GridBox(*result.box, grid=grid), tuple(result.token_grid),
+                           result.full_resolution_tokens)
+    try:
+        picture.save(path)
+    except (OSError, ValueError) as exc:
+        raise CropInputError(f"cannot write --overlay {path}: {exc}") from None
 
 
 def _report(result) -> str:

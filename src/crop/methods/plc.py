@@ -58,22 +58,22 @@ def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int
 
 
 def compress(adapter: VLMAdapter, inputs: Mapping[str, Any], boxes: Sequence[GridBox], budget: int | None,
-             pool: int) -> tuple[dict[str, Any], list[ImageSpan], list[CompressedImage], list[int]]:
+             pool: int) -> tuple[dict[str, Any], list[ImageSpan], list[CompressedImage], list[torch.Tensor]]:
     """Encode the images, compress each around its region, and rebuild the model inputs.
 
     Returns:
-        ``(model_inputs, spans, images, region_tokens)``: inputs for ``forward``/``generate``,
-        the original spans, the compressed images, and per image how many of its tokens are
-        full-resolution region tokens.
+        ``(model_inputs, spans, images, region_keep)``: inputs for ``forward``/``generate``,
+        the original spans, the compressed images, and per image the indices of the tokens kept
+        at full resolution.
     """
     spans = adapter.image_spans(inputs)
     if len(boxes) != len(spans):
         raise ValueError(f"got {len(boxes)} boxes for {len(spans)} images")
     features = adapter.encode_images(inputs)
-    images, region_tokens = [], []
+    images, region_keep = [], []
     for span, box, feats in zip(spans, boxes, features, strict=True):
         keep = region_share(adapter, span, box, budget, pool)
         tokens, source = pool_outside(feats, span.rows, span.cols, keep.to(feats.device), pool)
         images.append(CompressedImage(tokens, source))
-        region_tokens.append(int(keep.numel()))
-    return adapter.compressed_inputs(inputs, spans, images), spans, images, region_tokens
+        region_keep.append(keep)
+    return adapter.compressed_inputs(inputs, spans, images), spans, images, region_keep

@@ -1,0 +1,61 @@
+"""A short ``crop eval`` run on a tiny random LLaVA (accuracy is meaningless; the accounting is not)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crop.cli import main
+from crop.eval.runner import scale_budget
+
+
+def test_scale_budget():
+    assert scale_budget(64, 576) == 64
+    assert [scale_budget(k, 256) for k in (64, 128, 192)] == [28, 57, 85]
+
+
+def test_eval_smoke_writes_results_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", "tiny-random-llava", "--localizer", "oracle", "--n", "4", "--batch-size", "2",
+                 "--keep-tokens", "64,192", "--methods", "full,crop-ilp,crop-plc", "--max-new-tokens", "2",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().startswith("| method |")
+    assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
+    assert results["versions"]["transformers"] and results["benchmark"]["n"] == 4
+    assert results["localization"]["all"]["mean_iou"] == 1.0  # the oracle is the ground truth
+    runs = {(r["method"], r["keep_tokens"]): r for r in results["runs"]}
+    assert set(runs) == {("full", None), ("crop-ilp", 64), ("crop-ilp", 192), ("crop-plc", 64), ("crop-plc", 192)}
+    assert runs[("crop-ilp", 64)]["visual_tokens_kept"] == {"after_layer_2": 64, "llm_input": 576}
+    assert runs[("crop-plc", 192)]["visual_tokens_kept"] == {"llm_input": 192}
+    for run in results["runs"]:
+        preds = run["predictions"]
+        assert len(preds) == 4
+        assert run["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / 4)
+        assert set(run["accuracy_per_family"]) == {p["family"] for p in preds}
+        assert run["prefill_speedup"] > 0
+
+
+def test_eval_rejects_unknown_method(tmp_path, capsys):
+    assert main(["eval", "--model", "tiny-random-llava", "--methods", "full,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_answer_overlay_png(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.conftest import random_image
+
+    img = tmp_path / "in.png"
+    random_image(3).save(img)
+    png = tmp_path / "overlay.png"
+    assert main(["answer", str(img), "What is it?", "--model", "tiny-random-llava", "--localizer", "box:0,0,1,1",
+                 "--keep-tokens", "36", "--overlay", str(png)]) == 0
+    picture = Image.open(png).convert("RGB")
+    assert picture.size == (448, 448)
+    # the 6x6 kept tokens (top-left 2x2 cells) stay bright, the rest is dimmed
+    inside = sum(picture.getpixel((x, y))[0] for x in range(20, 90, 7) for y in range(20, 90, 7))
+    outside = sum(picture.getpixel((x, y))[0] for x in range(300, 370, 7) for y in range(300, 370, 7))
+    assert inside > 1.5 * outside
