@@ -106,7 +106,12 @@ def run(args: argparse.Namespace) -> int:
 
 def run_cost(args: argparse.Namespace) -> int:
     """Measure the localizer's cost against the answerer's prefill; record it in the localizer's card."""
-    from crop.embedded import embedded_dir, load_embedded_answerer, load_embedded_localizer, load_embedded_metadata
+    from crop.embedded import (
+        embedded_dir,
+        load_embedded_answerer,
+        load_embedded_localizer,
+        load_embedded_metadata,
+    )
     from crop.errors import CropInputError
     from crop.train.cards import localizer_card
     from crop.train.localizer import measure_cost

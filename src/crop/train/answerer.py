@@ -109,7 +109,7 @@ class AnswererTask:
         input_ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)  # (B, L)
         label_t = torch.full((len(seqs), length), IGNORE, dtype=torch.long)  # (B, L)
         mask = torch.zeros((len(seqs), length), dtype=torch.long)  # (B, L)
-        for b, (x, y) in enumerate(zip(seqs, labels)):
+        for b, (x, y) in enumerate(zip(seqs, labels, strict=True)):
             input_ids[b, : len(x)] = torch.tensor(x)
             label_t[b, : len(y)] = torch.tensor(y)
             mask[b, : len(x)] = 1
@@ -214,7 +214,7 @@ def evaluate_answerer(model: nn.Module, processor: Any, split: str = "test", n: 
             tok.padding_side = side
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         preds = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for s, p in zip(chunk, preds):
+        for s, p in zip(chunk, preds, strict=True):
             ok = answers_match(p, s.answer)
             correct[s.family].append(ok)
             if len(examples) < 12:

@@ -356,9 +356,10 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
         factor = lr_factor(step, config, elapsed())
         for group in optimizer.param_groups:
             group["lr"] = config.lr * factor
-        loss, logs = task.loss(model, heads, batch, config.aux_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # also when the caller runs under no_grad (e.g. a test fixture)
+            loss, logs = task.loss(model, heads, batch, config.aux_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                    config.grad_clip)
         optimizer.step()

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 from crop.data.synth import SynthConfig, SynthSample, default_config, generate_sample
 
 EASY_OBJECTS = (3, 8)
 
 
-@lru_cache(maxsize=None)
+@cache
 def stream_config(stream: str, image_size: int = 336) -> SynthConfig:
     """The generator knobs of a stream: ``train``, ``train-easy`` (sparse scenes), ``val`` or ``test``."""
     if stream == "train-easy":

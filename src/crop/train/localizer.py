@@ -113,7 +113,7 @@ class LocalizerTask:
         label_t = torch.full((bsz, length), IGNORE, dtype=torch.long)  # (B, L)
         type_t = torch.zeros((bsz, length), dtype=torch.long)  # (B, L)
         mask = torch.zeros((bsz, length), dtype=torch.long)  # (B, L)
-        for b, (x, y, t) in enumerate(zip(seqs, labels, types)):
+        for b, (x, y, t) in enumerate(zip(seqs, labels, types, strict=True)):
             input_ids[b, : len(x)] = torch.tensor(x)
             label_t[b, : len(y)] = torch.tensor(y)
             type_t[b, : len(t)] = torch.tensor(t)
@@ -222,7 +222,7 @@ def evaluate_localizer(model: nn.Module, processor: Any, split: str = "test", n:
     for start in range(0, n, batch_size):
         chunk = samples[start:start + batch_size]
         results = localizer.localize([s.image for s in chunk], [s.question for s in chunk])
-        for s, r in zip(chunk, results):
+        for s, r in zip(chunk, results, strict=True):
             gt = GridBox(*s.box_grid, grid=GRID)
             for key in (s.family, "all"):
                 stats[key]["iou"].append(r.box.iou(gt))

@@ -1,0 +1,80 @@
+"""Smoke tests of the training recipes: a few steps of tiny models, checkpoint, resume, export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from crop.data.synth import generate_sample
+from crop.train.common import SHAPE_CLASSES, TrainConfig, lr_factor, token_labels, train
+
+TINY_ANSWERER = dict(image_size=112, patch_size=14, vision_hidden=32, vision_layers=2, text_hidden=32,
+                     text_intermediate=64, text_layers=2)
+TINY_LOCALIZER = dict(vision_hidden=32, vision_layers=1, text_hidden=32, text_heads=2, text_kv_heads=1,
+                      text_intermediate=64, text_layers=3)
+
+
+def _config(shape, **kw) -> TrainConfig:
+    base = dict(steps=2, batch_size=2, warmup_steps=100, eval_n=4, val_every=2, val_n=4, checkpoint_every=1,
+                workers=0, curriculum_fraction=0.5, shape=shape)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_answerer_trains_checkpoints_resumes_and_exports(tmp_path):
+    from crop.embedded import load_embedded_from
+    from crop.train.answerer import AnswererTask
+
+    # an uninterrupted 4-step run ...
+    cfg4 = _config(TINY_ANSWERER, steps=4, curriculum_fraction=0.0)
+    full = train(AnswererTask(cfg4), cfg4, tmp_path / "full", tmp_path / "out", progress=False)
+    assert full["steps_run"] == 4 and set(full["metrics"]["per_family"]) <= {"attribute", "text", "relation", "global"}
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["steps_run"] == 4
+    # ... equals a 2-step run resumed to 4 steps (the warmup-only LR does not depend on the plan)
+    cfg2 = _config(TINY_ANSWERER, steps=2, curriculum_fraction=0.0)
+    train(AnswererTask(cfg2), cfg2, tmp_path / "split", None, progress=False)
+    ckpt = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2
+    ckpt["config"]["steps"] = 4
+    torch.save(ckpt, tmp_path / "split" / "checkpoint.pt")
+    resumed = train(AnswererTask(cfg2), cfg2, tmp_path / "split", None, resume=True, progress=False)
+    assert resumed["steps_run"] == 4
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    model, _ = load_embedded_from(tmp_path / "out")
+    assert "accuracy" in (tmp_path / "out" / "MODEL_CARD.md").read_text().lower()
+    assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
+
+
+def test_localizer_trains_and_exports(tmp_path):
+    from crop.train.localizer import LocalizerTask
+
+    cfg = _config(TINY_LOCALIZER)
+    summary = train(LocalizerTask(cfg), cfg, tmp_path / "run", tmp_path / "out", progress=False)
+    m = summary["metrics"]
+    assert summary["steps_run"] == 2 and 0.0 <= m["mean_iou"] <= 1.0 and 0.0 <= m["contains_rate"] <= 1.0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "mean IoU" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, min_lr_ratio=0.1, max_minutes=10)
+    assert lr_factor(0, cfg) == 0.01 and lr_factor(99, cfg) == 1.0
+    assert abs(lr_factor(1000, cfg) - 0.1) < 1e-9
+    assert lr_factor(500, cfg) > lr_factor(800, cfg)
+    # a run cut short by the time budget anneals anyway
+    assert abs(lr_factor(200, cfg, elapsed_s=600) - 0.1) < 1e-9
+
+
+def test_token_labels_mark_objects():
+    s = generate_sample(0, seed=0, split="train")  # an attribute question
+    labels = token_labels(s.objects, 336, 16, 16)  # (3, 256)
+    assert labels.shape == (3, 256)
+    target = next(o for o in s.objects if o.bbox == s.box_px)
+    cx, cy = int(target.cx // 21), int(target.cy // 21)
+    assert SHAPE_CLASSES[labels[0, cy * 16 + cx]] == target.shape
+    assert (labels[0] == 0).sum() > 0 and np.all((labels[2] > 0) <= (labels[0] == SHAPE_CLASSES.index("card")))
