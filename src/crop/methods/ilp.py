@@ -1,4 +1,6 @@
-"""Inner-LLM pruning (ILP, CROP paper section 3): drop prompt tokens at the input of decoder layer K.
+"""The inner-LLM pruning mechanism: drop prompt tokens at the input of decoder layer K.
+
+Used by CROP's ILP (section 3 of the paper) and by every baseline that prunes inside the LLM.
 
 Layers ``0..K-1`` run on the whole prompt; from layer K on only the kept positions (all text
 and the selected visual tokens) are computed and cached. Kept tokens keep their original
@@ -14,7 +16,7 @@ are left-padded to the longest, and the padding is masked out as keys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,19 +24,27 @@ import torch
 from torch import nn
 
 
+Selector = Callable[[torch.Tensor, dict], Sequence[torch.Tensor]]
+
+
 @dataclass
 class PruneContext:
-    """Per-prompt state of one ILP run, armed before the forward/generate call.
+    """Per-prompt state of one pruning point, armed before the forward/generate call.
 
     Attributes:
-        keep: per sample, sorted prompt positions to keep after layer K (text + kept visual).
-        prompt_len: length of the prompt the positions refer to.
+        keep: per sample, sorted positions (in the sequence this layer receives) to keep; when
+            ``None``, ``selector`` decides them at the first prefill.
+        prompt_len: length of the prompt the positions refer to (``None`` until known).
         batch: batch size of that prompt.
+        selector: ``(hidden (B, L, D), layer_kwargs) -> per-sample positions``, for methods whose
+            choice depends on what the model computed (attention, hidden states). It runs once
+            per prompt; later no-cache forwards of the same prompt reuse its choice.
     """
 
-    keep: list[torch.Tensor]
-    prompt_len: int
+    keep: list[torch.Tensor] | None
+    prompt_len: int | None
     batch: int
+    selector: Selector | None = None
     # filled at layer K during prefill, used by later layers and by decode steps
     index: torch.Tensor | None = None  # (B, Lk) prefill positions kept, left-padded
     valid: torch.Tensor | None = None  # (B, Lk) False on padding slots; None when no sample is padded
@@ -102,6 +112,9 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 class InnerLLMPruner:
     """Hooks that prune the prompt at the input of decoder layer ``layer``.
 
+    Several pruners may sit on one model at increasing layers (multi-stage methods): each one
+    sees the sequence, positions and mask as the previous one left them.
+
     Args:
         layers: the language model's decoder layers.
         layer: K, the first pruned layer (``1 <= K < len(layers)``).
@@ -133,9 +146,25 @@ class InnerLLMPruner:
         self._handles.clear()
         self.context = None
 
-    def arm(self, keep: Sequence[torch.Tensor], prompt_len: int) -> PruneContext:
-        """Set the positions to keep for the next prompt (one sorted tensor per sample)."""
-        self.context = PruneContext(keep=[k.sort().values for k in keep], prompt_len=prompt_len, batch=len(keep))
+    def arm(self, keep: Sequence[torch.Tensor] | None = None, prompt_len: int | None = None,
+            selector: Selector | None = None, batch: int | None = None) -> PruneContext:
+        """Set what to keep for the next prompt.
+
+        Args:
+            keep: per sample, the positions to keep (known before the forward), with ``prompt_len``.
+            selector: or a function choosing them at this layer during prefill (see
+                :class:`PruneContext`), with ``batch``.
+        """
+        if (keep is None) == (selector is None):
+            raise ValueError("arm() takes either keep positions or a selector")
+        if keep is not None:
+            if prompt_len is None:
+                raise ValueError("keep positions need the prompt_len they refer to")
+            self.context = PruneContext(keep=[k.sort().values for k in keep], prompt_len=prompt_len, batch=len(keep))
+        else:
+            if batch is None:
+                raise ValueError("a selector needs the batch size")
+            self.context = PruneContext(keep=None, prompt_len=None, batch=batch, selector=selector)
         return self.context
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -168,6 +197,11 @@ class InnerLLMPruner:
 
     def _prefill(self, ctx: PruneContext, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         batch, seq_len, _ = hidden.shape
+        if ctx.keep is None:  # chosen here, from what the model computed
+            if batch != ctx.batch:
+                raise RuntimeError(f"the model got a batch of {batch} but pruning was prepared for {ctx.batch}")
+            ctx.prompt_len = seq_len
+            ctx.keep = [k.to(hidden.device).sort().values for k in ctx.selector(hidden, kwargs)]
         if batch != ctx.batch or seq_len < ctx.prompt_len:
             raise RuntimeError(f"the model got a prompt of shape ({batch}, {seq_len}) but ILP was prepared for "
                                f"({ctx.batch}, {ctx.prompt_len}); prepare each prompt before running it")
