@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from crop.errors import CropInputError
-from crop.models.tiny import TINY_MODEL_NAMES, build_tiny_model
+from crop.models.tiny import SHAPE_MODEL_NAMES, TINY_MODEL_NAMES, build_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -18,14 +18,15 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
 
     Args:
         spec: ``"embedded"`` (the shipped toy model for ``role``), one of
-            :data:`crop.models.tiny.TINY_MODEL_NAMES`, a local path, or a hub id.
+            :data:`crop.models.tiny.TINY_MODEL_NAMES` or ``SHAPE_MODEL_NAMES`` (random weights),
+            a local path, or a hub id.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         role: ``"answerer"`` or ``"localizer"`` (which embedded model ``"embedded"`` means).
 
     Raises:
         CropInputError: if the model cannot be found or loaded.
     """
-    if spec in TINY_MODEL_NAMES:
+    if spec in TINY_MODEL_NAMES or spec in SHAPE_MODEL_NAMES:
         return build_tiny_model(spec, attn_implementation=attn_implementation)
     if spec == EMBEDDED:
         from crop import embedded

@@ -37,6 +37,17 @@ class LlavaShape:
     text_kv_heads: int = 2
     text_intermediate: int = 128
     max_positions: int = 4096
+    vision_intermediate: int = 0  # 0: twice vision_hidden
+    vocab_size: int = 0  # 0: the byte tokenizer's size; larger pads the embedding (realistic LM-head cost)
+
+
+# CLIP ViT-L/14-336-shaped tower, LLaVA-1.5 projector, a ~0.5B-parameter Llama LM (576 visual tokens):
+# random weights with realistic proportions, for speed measurements on a CPU.
+LLAVA_SHAPE_05B = LlavaShape(
+    vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+    text_hidden=1024, text_layers=16, text_heads=16, text_kv_heads=16, text_intermediate=7168, vocab_size=32000,
+)
+SHAPE_MODEL_NAMES = ("llava-shape-0.5b",)
 
 
 def _clip_config(shape: LlavaShape):
@@ -46,7 +57,7 @@ def _clip_config(shape: LlavaShape):
         image_size=shape.image_size,
         patch_size=shape.patch_size,
         hidden_size=shape.vision_hidden,
-        intermediate_size=2 * shape.vision_hidden,
+        intermediate_size=shape.vision_intermediate or 2 * shape.vision_hidden,
         num_hidden_layers=shape.vision_layers,
         num_attention_heads=shape.vision_heads,
         projection_dim=shape.vision_hidden,
@@ -124,7 +135,7 @@ def build_tiny_llava(seed: int = 0, shape: LlavaShape = LlavaShape(), attn_imple
 
     processor = llava_processor(shape)
     tok = processor.tokenizer
-    config = llava_config(shape, len(tok), tok.convert_tokens_to_ids("<image>"))
+    config = llava_config(shape, max(len(tok), shape.vocab_size), tok.convert_tokens_to_ids("<image>"))
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
@@ -275,7 +286,7 @@ def build_tiny_qwen(
 
 
 def build_tiny_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
-    """Build one of :data:`TINY_MODEL_NAMES` by name.
+    """Build one of :data:`TINY_MODEL_NAMES` or :data:`SHAPE_MODEL_NAMES` (random weights) by name.
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
@@ -288,4 +299,6 @@ def build_tiny_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"
         return build_tiny_qwen("qwen2_vl", seed, attn_implementation=attn_implementation)
     if name == "tiny-random-qwen2.5-vl":
         return build_tiny_qwen("qwen2_5_vl", seed, attn_implementation=attn_implementation)
-    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODEL_NAMES)}")
+    if name == "llava-shape-0.5b":
+        return build_tiny_llava(seed, shape=LLAVA_SHAPE_05B, attn_implementation=attn_implementation)
+    raise ValueError(f"unknown random model {name!r}; known: {', '.join(TINY_MODEL_NAMES + SHAPE_MODEL_NAMES)}")

@@ -1,0 +1,307 @@
+"""Efficiency measurements: vision, localizer, LLM prefill, decode, KV cache, FLOPs, vs the ideal.
+
+Everything runs in one process. Each repeat measures every case once, interleaved (full,
+then each method x budget, then each budget's ideal), so slow drifts of the machine hit all
+cases alike; medians and min/max over repeats are reported after a warm-up round.
+
+Cases, for one batch of synthetic images and questions:
+
+- ``full``: the unpruned model;
+- ``crop-ilp@N``: all tokens for layers < K, then text + N visual tokens;
+- ``crop-plc@N``: N visual tokens (region + pooled context) from layer 0;
+- ``ideal@N``: the ILP's N kept visual tokens fed from layer 0 (what a perfect pre-LLM selection
+  would cost; ILP cannot reach it by construction, its first K layers see every token).
+
+The LLM prefill is timed on precomputed image features (the vision tower is timed on its own,
+once per repeat, and shared by every case); the localizer (prefill + box decode) is timed once
+per repeat and charged to every CROP case's end-to-end time.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+from crop.api import CropHandle
+from crop.config import CropConfig
+from crop.data.synth import generate
+from crop.eval.flops import DecoderDims, decode_flops, kv_cache_bytes, prefill_flops, vit_flops
+from crop.eval.runner import _git_hash, _versions, scale_budget
+from crop.localizers.base import Localizer
+from crop.localizers.vlm import VLMLocalizer
+from crop.models.base import CompressedImage, get_adapter
+from crop.pipeline import _cache_after_prefill, _FirstTokenClock, chat_prompt
+from crop.regions import GridBox
+
+logger = logging.getLogger(__name__)
+
+BENCH_METHODS = ("full", "crop-ilp", "crop-plc")
+
+
+@dataclass
+class BenchSpec:
+    """What to measure.
+
+    Args:
+        methods: among :data:`BENCH_METHODS` (``full`` always runs, as the reference).
+        keep_tokens: budgets as LLaVA-1.5 counts (of 576), scaled to the model's visual tokens.
+        batches: batch sizes.
+        repeats: measured rounds (after one warm-up round).
+        new_tokens: tokens generated per answer (decode is timed over them).
+        layer: ILP's K.
+        pool: PLC's pooling block.
+        seed: benchmark seed of the images/questions.
+    """
+
+    methods: list[str]
+    keep_tokens: list[int]
+    batches: list[int]
+    repeats: int = 3
+    new_tokens: int = 32
+    layer: int = 2
+    pool: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in BENCH_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(BENCH_METHODS)}")
+        if self.repeats < 1 or self.new_tokens < 2 or any(b < 1 for b in self.batches):
+            raise ValueError("repeats >= 1, new_tokens >= 2 and batch sizes >= 1 are required")
+        if any(k <= 0 for k in self.keep_tokens):
+            raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the seconds it took."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+class _Bench:
+    """Measurements for one batch: builds each case's inputs and times generate on them."""
+
+    def __init__(self, model, processor, localizer: Localizer | None, spec: BenchSpec, batch: int):
+        self.model, self.processor, self.localizer, self.spec = model, processor, localizer, spec
+        self.adapter = get_adapter(model)
+        samples = list(generate(batch, spec.seed, "test"))
+        self.images = [s.image for s in samples]
+        self.questions = [s.question for s in samples]
+        self.gt_boxes = [GridBox(*s.box_grid) for s in samples]
+        tokenizer = processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            self.inputs = processor(images=self.images, text=[chat_prompt(processor, q) for q in self.questions],
+                                    padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        self.spans = self.adapter.image_spans(self.inputs)
+        self.visual = self.spans[0].length
+        self.pad_id = tokenizer.pad_token_id
+        self.boxes = self.gt_boxes
+
+    def localize(self) -> float:
+        if self.localizer is None:
+            return 0.0
+        locs, seconds = _timed(self.localizer.localize, self.images, self.questions)
+        self.boxes = [loc.box for loc in locs]
+        return seconds
+
+    def encode(self) -> tuple[list[torch.Tensor], float]:
+        return _timed(self.adapter.encode_images, self.inputs)
+
+    def feature_inputs(self, feats: list[torch.Tensor], keep: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Inputs that feed precomputed features (all of them, or only ``keep`` per image)."""
+        images = []
+        for i, f in enumerate(feats):
+            idx = torch.arange(f.shape[0]) if keep is None else keep[i]
+            images.append(CompressedImage(f[idx], idx))
+        return self.adapter.compressed_inputs(self.inputs, self.spans, images)
+
+    def generate(self, run: dict[str, Any]) -> dict[str, Any]:
+        """Time one greedy generate: prefill (to the first token's scores) and decode per token."""
+        clock = _FirstTokenClock()
+        n = self.spec.new_tokens
+        start = time.perf_counter()
+        out = self.model.generate(**run, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+                                  pad_token_id=self.pad_id)
+        end = time.perf_counter()
+        lengths, kv_bytes = _cache_after_prefill(out.past_key_values, out.sequences.shape[1] -
+                                                 run["input_ids"].shape[1] - 1)
+        return {"prefill_s": clock.first - start, "decode_s_per_token": (end - clock.first) / (n - 1),
+                "kv_cache_lengths": lengths, "kv_cache_bytes": kv_bytes}
+
+
+def _text_tokens(inputs, visual_in: list[int]) -> list[int]:
+    mask = inputs.get("attention_mask")
+    lengths = mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(visual_in)
+    return [int(n) - v for n, v in zip(lengths, visual_in, strict=True)]
+
+
+def _vision_flops(model, visual: int) -> int:
+    vc = model.config.vision_config
+    hidden = int(getattr(vc, "hidden_size", 0) or vc.embed_dim)
+    inter = int(getattr(vc, "intermediate_size", 0) or hidden * getattr(vc, "mlp_ratio", 4))
+    patch = int(vc.patch_size)
+    tokens = visual + 1  # CLS
+    text_hidden = int(model.config.get_text_config().hidden_size)
+    projector = 2 * visual * (hidden * text_hidden + text_hidden * text_hidden)
+    return vit_flops(tokens, hidden, inter, int(vc.num_hidden_layers), 3 * patch * patch) + projector
+
+
+def _localizer_flops(localizer: Localizer | None, question: str, image) -> int:
+    """Analytic FLOPs of one localization (vision + prefill + ~12 decoded box tokens), for VLM localizers."""
+    if not isinstance(localizer, VLMLocalizer):
+        return 0
+    inputs = localizer._inputs([image], [question])
+    model = localizer.model
+    dims = DecoderDims.from_config(model.config.get_text_config())
+    prompt = int(inputs["input_ids"].shape[1])
+    flops = prefill_flops(dims, [prompt] * dims.layers)
+    flops += sum(decode_flops(dims, [prompt + i] * dims.layers) for i in range(12))
+    vc = model.config.vision_config
+    hidden = int(getattr(vc, "embed_dim", 0) or vc.hidden_size)
+    inter = int(getattr(vc, "intermediate_size", 0) or hidden * getattr(vc, "mlp_ratio", 4))
+    patches = int(inputs["pixel_values"].shape[0])
+    flops += vit_flops(patches, hidden, inter, int(vc.depth), int(inputs["pixel_values"].shape[1]))
+    return flops
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, model_name: str, localizer_name: str,
+              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Measure every case for every batch size; returns the results document (JSON-ready)."""
+    dims = DecoderDims.from_config(model.config.get_text_config())
+    out_batches = []
+    for batch in spec.batches:
+        bench = _Bench(model, processor, localizer, spec, batch)
+        budgets = [(k, scale_budget(k, bench.visual)) for k in spec.keep_tokens]
+        cases = [("full", None)] + [(m, b) for m in spec.methods if m != "full" for b in budgets] + \
+                [("ideal", b) for b in budgets]
+        samples: dict[str, dict[str, list]] = {}
+        kv_info: dict[str, dict[str, Any]] = {}
+        kept_info: dict[str, Any] = {}
+        for rep in range(spec.repeats + 1):  # round 0 is the warm-up
+            localizer_s = bench.localize()
+            feats, vision_s = bench.encode()
+            full_run = bench.feature_inputs(feats)
+            ilp_keep: dict[int, list[torch.Tensor]] = {}
+            for method, budget in cases:
+                name = method if budget is None else f"{method}@{budget[0]}"
+                prepare_s, handle = 0.0, None
+                if method == "full":
+                    run = full_run
+                elif method == "crop-ilp":
+                    handle = CropHandle(model, CropConfig(method="ilp", keep_tokens=budget[1], layer=spec.layer))
+                    _, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
+                    run = full_run
+                    ilp_keep[budget[0]] = [torch.tensor(k) for k in handle.stats.full_resolution]
+                elif method == "crop-plc":
+                    handle = CropHandle(model, CropConfig(method="plc", keep_tokens=budget[1], pool=spec.pool))
+                    run, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
+                    prepare_s = max(prepare_s - vision_s, 0.0)  # PLC's prepare re-encodes; charge only compression
+                else:  # ideal: ILP's kept tokens from layer 0
+                    keep = ilp_keep.get(budget[0]) or [GridBox.full().token_indices(s.rows, s.cols)[:budget[1]]
+                                                       for s in bench.spans]
+                    run = bench.feature_inputs(feats, keep)
+                try:
+                    with torch.no_grad():
+                        measured = bench.generate(run)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                if rep == 0:
+                    stats = handle.stats if handle is not None else None
+                    kept_info[name] = stats.visual_tokens_kept if stats else {"llm_input": [
+                        int(k.numel()) for k in keep] if method == "ideal" else [bench.visual] * batch}
+                    kv_info[name] = {"kv_cache_lengths": measured["kv_cache_lengths"],
+                                     "kv_cache_bytes": measured["kv_cache_bytes"]}
+                    continue
+                crop_case = method.startswith("crop-")
+                row = samples.setdefault(name, {k: [] for k in ("vision_s", "localizer_s", "prepare_s", "prefill_s",
+                                                                 "decode_s_per_token", "end_to_end_s")})
+                row["vision_s"].append(vision_s)
+                row["localizer_s"].append(localizer_s if crop_case else 0.0)
+                row["prepare_s"].append(prepare_s)
+                row["prefill_s"].append(measured["prefill_s"])
+                row["decode_s_per_token"].append(measured["decode_s_per_token"])
+                row["end_to_end_s"].append(vision_s + (localizer_s if crop_case else 0.0) + prepare_s +
+                                           measured["prefill_s"] + measured["decode_s_per_token"] * (spec.new_tokens - 1))
+            if progress is not None:
+                progress(1)
+        out_batches.append(_batch_report(model, localizer, bench, dims, spec, batch, cases, samples, kv_info,
+                                         kept_info))
+    return {
+        "model": model_name, "localizer": localizer_name, "spec": dict(spec.__dict__),
+        "versions": _versions(), "git": _git_hash(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "batches": out_batches,
+    }
+
+
+def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: BenchSpec, batch: int, cases,
+                  samples, kv_info, kept_info) -> dict[str, Any]:
+    """Medians, ratios and analytic numbers of one batch size."""
+    visual_in = [s.length for s in bench.spans]
+    text = _text_tokens(bench.inputs, visual_in)
+    full_len = [t + v for t, v in zip(text, visual_in, strict=True)]
+    loc_flops = _localizer_flops(localizer, bench.questions[0], bench.images[0])
+    rows = {}
+    for method, budget in cases:
+        name = method if budget is None else f"{method}@{budget[0]}"
+        kept = kept_info[name]
+        last_stage = kept["llm_input"]
+        if method == "crop-ilp":
+            last_stage = kept[f"after_layer_{spec.layer}"]
+            per_layer = [[f] * spec.layer + [t + k] * (dims.layers - spec.layer)
+                         for f, t, k in zip(full_len, text, last_stage, strict=True)]
+        else:
+            per_layer = [[t + k] * dims.layers for t, k in zip(text, last_stage, strict=True)]
+        prefill = sum(prefill_flops(dims, layers) for layers in per_layer)
+        half = spec.new_tokens // 2
+        decode = sum(decode_flops(dims, [n + half for n in layers]) for layers in per_layer)
+        analytic_kv = sum(kv_cache_bytes(dims, layers) for layers in per_layer)
+        med = {k: _summary(v) for k, v in samples[name].items()}
+        rows[name] = {
+            "method": method, "keep_tokens_576": None if budget is None else budget[0],
+            "keep_tokens": None if budget is None else budget[1],
+            "visual_tokens_kept": kept, "timings": med,
+            "flops": {"vision": _vision_flops(model, bench.visual) * batch,
+                      "localizer": loc_flops * batch if method.startswith("crop-") else 0,
+                      "llm_prefill": prefill, "decode_per_token": decode},
+            "kv_cache_bytes": kv_info[name]["kv_cache_bytes"], "kv_cache_bytes_analytic": analytic_kv,
+            "kv_cache_lengths": kv_info[name]["kv_cache_lengths"],
+            "throughput_per_s": batch / med["end_to_end_s"]["median"],
+        }
+    full = rows["full"]
+    for row in rows.values():
+        t = row["timings"]
+        row["prefill_speedup"] = full["timings"]["prefill_s"]["median"] / t["prefill_s"]["median"]
+        row["prefill_speedup_analytic"] = full["flops"]["llm_prefill"] / row["flops"]["llm_prefill"]
+        row["share_of_analytic"] = row["prefill_speedup"] / row["prefill_speedup_analytic"]
+        row["decode_ratio"] = t["decode_s_per_token"]["median"] / full["timings"]["decode_s_per_token"]["median"]
+        row["end_to_end_speedup"] = full["timings"]["end_to_end_s"]["median"] / t["end_to_end_s"]["median"]
+        row["localizer_share_of_e2e"] = t["localizer_s"]["median"] / t["end_to_end_s"]["median"]
+        row["kv_vs_analytic"] = row["kv_cache_bytes"] / row["kv_cache_bytes_analytic"]
+        if row["keep_tokens_576"] is not None and f"ideal@{row['keep_tokens_576']}" in rows:
+            ideal = rows[f"ideal@{row['keep_tokens_576']}"]
+            row["prefill_share_of_ideal"] = (row["prefill_speedup"] /
+                                             (full["timings"]["prefill_s"]["median"] /
+                                              ideal["timings"]["prefill_s"]["median"]))
+    return {"batch": batch, "visual_tokens_per_image": bench.visual, "text_tokens": text, "cases": rows}
