@@ -95,13 +95,13 @@ class CropHandle:
         for box in regions:
             if box.grid != self.config.grid:
                 raise ValueError(f"box {box} is on a {box.grid}x{box.grid} grid but the config says {self.config.grid}")
-        stats = PruneStats(visual_tokens_in=[s.length for s in spans], boxes=regions,
+        stats = PruneStats(visual_tokens_in=[s.visual_tokens for s in spans], boxes=regions,
                            token_grids=[(s.rows, s.cols) for s in spans],
-                           full_resolution=[list(range(s.length)) for s in spans])
+                           full_resolution=[s.visual_positions().tolist() for s in spans])
         budget = self.config.keep_tokens
         if self.config.method == "plc":
             out, spans, images, region_keep = plc.compress(self.adapter, inputs, regions, budget, self.config.pool)
-            stats.visual_tokens_kept["llm_input"] = [int(im.tokens.shape[0]) for im in images]
+            stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]
             stats.full_resolution = [k.tolist() for k in region_keep]
             stats.region_tokens = [len(k) for k in stats.full_resolution]
             self.stats = stats
@@ -129,6 +129,7 @@ class CropHandle:
             chosen = self.adapter.select(span, box, budget)  # indices within the span
             keep_mask[span.sample, span.start:span.start + span.length] = False
             keep_mask[span.sample, span.start + chosen] = True
+            keep_mask[span.sample, span.start + span.structure_positions(chosen)] = True  # e.g. newlines of kept rows
             kept_counts.append(int(chosen.numel()))
             stats.full_resolution.append(chosen.tolist())
         stats.visual_tokens_kept[f"after_layer_{self.config.layer}"] = kept_counts

@@ -86,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
         pipeline = CropPipeline(model, processor, localizer, config)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
-    result = pipeline(image, question, max_new_tokens=args.max_new_tokens)
+    try:
+        result = pipeline(image, question, max_new_tokens=args.max_new_tokens)
+    except ValueError as exc:  # e.g. a PLC budget below the pooled context of this image's token grid
+        raise CropInputError(str(exc)) from None
     if args.overlay:
         _write_overlay(args.overlay, image, result, args.grid)
     note = None

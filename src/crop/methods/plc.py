@@ -20,6 +20,44 @@ from crop.ops.pooling import count_pooled, pool_outside
 from crop.regions import GridBox
 
 
+def _count_pooled(span: ImageSpan, keep: torch.Tensor, pool: int) -> int:
+    """Pooled tokens :func:`_pool_image` adds for ``keep`` (span positions), over all the span's grids."""
+    if not span.grids:
+        return count_pooled(span.rows, span.cols, keep, pool)
+    return sum(count_pooled(g.rows, g.cols, g.local(keep), pool) for g in span.grids)
+
+
+def _pool_image(span: ImageSpan, features: torch.Tensor, keep: torch.Tensor, pool: int) -> CompressedImage:
+    """One image's kept tokens + pooled rest (each grid pooled on its own) + its structure tokens.
+
+    Args:
+        span: the image's span.
+        features: ``(span.length, D)`` its features as the LLM would receive them.
+        keep: ``(k,)`` span positions kept at full resolution.
+        pool: pooling block side.
+
+    Returns:
+        The compressed image, tokens in span order of their first source token.
+    """
+    device = features.device
+    if not span.grids:
+        tokens, source = pool_outside(features, span.rows, span.cols, keep.to(device), pool)
+        return CompressedImage(tokens, source)
+    tokens, sources = [], []
+    for grid in span.grids:
+        where = grid.positions().to(device)  # (rows*cols,) span positions
+        grid_tokens, grid_source = pool_outside(features[where], grid.rows, grid.cols,
+                                                grid.local(keep.cpu()).to(device), pool)
+        tokens.append(grid_tokens)  # (m_g, D)
+        sources.append(where[grid_source])  # (m_g,)
+    structure = span.structure_positions(torch.cat(sources).cpu()).to(device)  # (s,) e.g. newlines of live rows
+    tokens.append(features[structure])
+    sources.append(structure)
+    source = torch.cat(sources)  # (M,)
+    order = torch.argsort(source)
+    return CompressedImage(torch.cat(tokens)[order], source[order], structure=int(structure.numel()))
+
+
 def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int | None, pool: int) -> torch.Tensor:
     """Full-resolution token indices for one image so that kept + pooled == ``budget``.
 
@@ -38,21 +76,22 @@ def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int
     """
     if budget is None:
         return adapter.select(span, box, None)
-    n = span.rows * span.cols
+    n = span.visual_tokens
     if budget >= n:
-        return torch.arange(n)
+        return span.visual_positions()
     # Kept sets grow monotonically with their size and pooled counts only shrink, so raising
     # the region share by the remaining deficit never overshoots; it stops at the budget.
-    share = max(budget - count_pooled(span.rows, span.cols, torch.empty(0, dtype=torch.long), pool), 0)
+    share = max(budget - _count_pooled(span, torch.empty(0, dtype=torch.long), pool), 0)
     while True:
         keep = adapter.select(span, box, share) if share > 0 else torch.empty(0, dtype=torch.long)
-        total = keep.numel() + count_pooled(span.rows, span.cols, keep, pool)
+        total = keep.numel() + _count_pooled(span, keep, pool)
         if total >= budget:
             break
         share += budget - total
     if total != budget:
         raise ValueError(f"PLC cannot meet keep_tokens={budget} with {pool}x{pool} pooling on a "
-                         f"{span.rows}x{span.cols} token grid (the pooled context alone needs more); "
+                         f"{' + '.join(f'{g.rows}x{g.cols}' for g in span.token_grids)} token grid "
+                         "(the pooled context alone needs more); "
                          "raise keep_tokens or the pool size")
     return keep
 
@@ -73,7 +112,6 @@ def compress(adapter: VLMAdapter, inputs: Mapping[str, Any], boxes: Sequence[Gri
     images, region_keep = [], []
     for span, box, feats in zip(spans, boxes, features, strict=True):
         keep = region_share(adapter, span, box, budget, pool)
-        tokens, source = pool_outside(feats, span.rows, span.cols, keep.to(feats.device), pool)
-        images.append(CompressedImage(tokens, source))
+        images.append(_pool_image(span, feats, keep, pool))
         region_keep.append(keep)
     return adapter.compressed_inputs(inputs, spans, images), spans, images, region_keep

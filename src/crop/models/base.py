@@ -15,9 +15,51 @@ from typing import Any
 import torch
 from torch import nn
 
-from crop.ops.selection import select_tokens
+from crop.ops.selection import select_tokens, select_tokens_multi
 from crop.regions import GridBox
 from crop.registry import Registry
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """One grid of visual tokens inside an image's placeholder run (for multi-grid images).
+
+    Token ``(r, c)`` sits at span position ``offset + r * row_stride + c``. When
+    ``row_stride > cols``, every row is followed by ``row_stride - cols`` *structure* tokens
+    (LLaVA-NeXT's image-newline): they carry no image content and are not visual tokens.
+
+    Attributes:
+        rows, cols: the grid's shape; the grid covers the whole image.
+        offset: span position of token ``(0, 0)``.
+        row_stride: span positions from one row's start to the next's (``>= cols``).
+    """
+
+    rows: int
+    cols: int
+    offset: int = 0
+    row_stride: int = 0
+
+    @property
+    def stride(self) -> int:
+        return self.row_stride or self.cols
+
+    def positions(self) -> torch.Tensor:
+        """``(rows * cols,)`` span positions of the grid's tokens, row-major."""
+        r = torch.arange(self.rows)[:, None]  # (rows, 1)
+        c = torch.arange(self.cols)[None, :]  # (1, cols)
+        return (self.offset + r * self.stride + c).flatten()  # (rows*cols,)
+
+    def local(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row-major grid indices of those ``positions`` (span positions) that are tokens of this grid."""
+        rel = positions - self.offset  # (k,)
+        inside = (rel >= 0) & (rel < self.rows * self.stride) & (rel % self.stride < self.cols)
+        rel = rel[inside]
+        return (rel // self.stride) * self.cols + rel % self.stride  # (k',)
+
+    def row_structure(self, rows: torch.Tensor) -> torch.Tensor:
+        """Span positions of the structure tokens that end the given rows (empty for plain grids)."""
+        extra = torch.arange(self.cols, self.stride)  # (s,)
+        return (self.offset + rows[:, None] * self.stride + extra[None, :]).flatten()  # (len(rows) * s,)
 
 
 @dataclass(frozen=True)
@@ -26,9 +68,13 @@ class ImageSpan:
 
     Attributes:
         sample: batch row holding the image.
-        start: prompt position of its first visual token.
-        length: number of visual tokens (placeholders) in the prompt.
-        rows, cols: the token grid the box is mapped onto (``rows * cols == length``).
+        start: prompt position of its first placeholder.
+        length: number of placeholders the image occupies in the prompt (visual + structure).
+        rows, cols: the token grid the box is mapped onto (``rows * cols == length``) for a
+            single plain grid; for a multi-grid image, the shape of its first grid.
+        grids: for images made of several token grids and/or structure tokens (LLaVA-NeXT:
+            base view + unpadded tiles with a newline per row), where each grid sits in the
+            span. Empty (the default) means one plain ``rows x cols`` grid filling the span.
     """
 
     sample: int
@@ -36,6 +82,41 @@ class ImageSpan:
     length: int
     rows: int
     cols: int
+    grids: tuple[TokenGrid, ...] = ()
+
+    @property
+    def token_grids(self) -> tuple[TokenGrid, ...]:
+        """The image's token grids, in span order (one plain grid unless ``grids`` says otherwise)."""
+        return self.grids or (TokenGrid(self.rows, self.cols),)
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens of the image (structure tokens such as newlines not counted)."""
+        return sum(g.rows * g.cols for g in self.token_grids)
+
+    def visual_positions(self) -> torch.Tensor:
+        """``(visual_tokens,)`` span positions of the visual tokens, grid after grid, each row-major."""
+        return torch.cat([g.positions() for g in self.token_grids])
+
+    def structure_positions(self, kept: torch.Tensor) -> torch.Tensor:
+        """Span positions of the structure tokens that go with the visual tokens ``kept``.
+
+        The rule: a grid row's trailing structure tokens (LLaVA-NeXT's newline) are kept iff
+        the row keeps at least one visual token, so every kept row still ends as the LM expects.
+
+        Args:
+            kept: ``(k,)`` span positions of the visual tokens that go on.
+
+        Returns:
+            Sorted ``(s,)`` span positions (empty for plain grids).
+        """
+        out = [torch.empty(0, dtype=torch.long)]
+        for g in self.grids:
+            if g.stride == g.cols:
+                continue
+            rows = (g.local(kept.cpu()) // g.cols).unique()  # (r,)
+            out.append(g.row_structure(rows))
+        return torch.cat(out).sort().values
 
 
 @dataclass
@@ -44,11 +125,19 @@ class CompressedImage:
 
     Attributes:
         tokens: ``(M, D)`` features that reach the LLM.
-        source: ``(M,)`` for each of them, the row-major index of its first source token.
+        source: ``(M,)`` for each of them, the span position of its first source token (for a
+            plain grid, its row-major index).
+        structure: how many of the ``M`` are structure tokens (newlines), not visual tokens.
     """
 
     tokens: torch.Tensor
     source: torch.Tensor
+    structure: int = 0
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens that reach the LLM (region + pooled), structure tokens not counted."""
+        return int(self.tokens.shape[0]) - self.structure
 
 
 class VLMAdapter(ABC):
@@ -93,8 +182,19 @@ class VLMAdapter(ABC):
         """Every image's visual-token span in the batch, in the order the images were given."""
 
     def select(self, span: ImageSpan, box: GridBox, budget: int | None) -> torch.Tensor:
-        """Indices (within the span) of the visual tokens to keep for ``box`` under ``budget``."""
-        return select_tokens(box, span.rows, span.cols, budget)
+        """Indices (within the span) of the visual tokens to keep for ``box`` under ``budget``.
+
+        For a multi-grid span the box maps onto every grid and ``budget`` counts visual tokens
+        over all of them (see :func:`crop.ops.selection.select_tokens_multi`); structure tokens
+        are never returned (:meth:`ImageSpan.structure_positions` adds them).
+
+        Returns:
+            Sorted ``(k,)`` span-relative positions.
+        """
+        if not span.grids:
+            return select_tokens(box, span.rows, span.cols, budget)
+        chosen = select_tokens_multi(box, [(g.rows, g.cols) for g in span.grids], budget)  # (k,) visual indices
+        return span.visual_positions()[chosen].sort().values  # (k,)
 
     @abstractmethod
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -124,6 +224,8 @@ def get_adapter(model: nn.Module) -> VLMAdapter:
         ValueError: for an unsupported model type, listing the supported ones.
     """
     import crop.models.llava  # noqa: F401  (registers adapters)
+    import crop.models.llava_next  # noqa: F401
+    import crop.models.qwen2_vl  # noqa: F401
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:

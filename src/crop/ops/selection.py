@@ -11,6 +11,8 @@ ILP and PLC stages. The policy (DESIGN.md section 3):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from crop.regions import GridBox
@@ -74,6 +76,59 @@ def select_tokens(box: GridBox, rows: int, cols: int, budget: int | None,
     while True:
         grown = current.grow(1)
         outer = grown.token_indices(rows, cols)
+        if outer.numel() >= budget or grown == current:
+            break
+        inner, current = outer, grown
+    ring = outer[~torch.isin(outer, inner)]  # tokens added by the last growth step
+    fill = _top(ring, scores, budget - inner.numel())
+    return torch.cat([inner, fill]).sort().values
+
+
+def _grid_indices(box: GridBox, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The box's tokens on every grid, as indices into the grids' concatenation."""
+    out, offset = [], 0
+    for rows, cols in grids:
+        out.append(box.token_indices(rows, cols) + offset)  # (r_g,)
+        offset += rows * cols
+    return torch.cat(out)  # (r,)
+
+
+def select_tokens_multi(box: GridBox, grids: Sequence[tuple[int, int]], budget: int | None,
+                        scores: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`select_tokens` for an image seen through several token grids at once.
+
+    Each grid covers the whole image (LLaVA-NeXT: the 24x24 base view and the unpadded tile
+    grid). The box maps onto every grid; trimming, growing and filling act on all grids
+    together, with one budget counted over all of them, so a region keeps its share of every
+    view. Indices address the grids' concatenation (grid 0 row-major, then grid 1, ...).
+
+    Args:
+        box: the region on the coarse grid.
+        grids: ``(rows, cols)`` of each grid, in order.
+        budget: tokens to keep over all grids, or ``None`` for exactly the region's tokens.
+        scores: ``(sum rows*cols,)`` token scores; defaults to :func:`center_scores` per grid.
+
+    Returns:
+        Sorted ``(k,)`` long tensor of indices, ``k = min(budget, total)`` (or the region's size).
+    """
+    n = sum(rows * cols for rows, cols in grids)
+    if budget is not None and budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if scores is None:
+        scores = torch.cat([center_scores(box, rows, cols) for rows, cols in grids])  # (n,)
+    if scores.shape != (n,):
+        raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
+    region = _grid_indices(box, grids)  # (r,)
+    if budget is None:
+        return region
+    if budget >= n:
+        return torch.arange(n)
+    if region.numel() >= budget:
+        return _top(region, scores, budget).sort().values
+    inner, current = region, box
+    while True:
+        grown = current.grow(1)
+        outer = _grid_indices(grown, grids)
         if outer.numel() >= budget or grown == current:
             break
         inner, current = outer, grown

@@ -1,0 +1,148 @@
+"""Adapter for LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes base view + tiles.
+
+An image reaches the LLM as one placeholder run made of two token grids (what the model's
+``pack_image_features`` builds):
+
+1. the **base view**: the whole image squashed to one 336 px square, a plain ``24 x 24``
+   grid (576 tokens);
+2. the **high-resolution grid**: the image resized into the best ``image_grid_pinpoints``
+   resolution, cut into 336 px tiles whose ``24 x 24`` grids are stitched into one
+   ``(24 * tiles_high) x (24 * tiles_wide)`` grid, then *unpadded* back to the image's aspect
+   ratio (``rows' x cols'``); each of its rows is followed by one ``image_newline`` token.
+
+So a run holds ``576 + rows' * (cols' + 1)`` placeholders. Both grids cover the whole image,
+so the region maps onto the base view *and* onto the high-resolution grid (every tile it
+overlaps) through the same :meth:`GridBox.token_mask`.
+
+Decisions (see also :class:`crop.models.base.TokenGrid`):
+
+* **Newline tokens are structure, not visual tokens.** They hold a learned constant, no
+  image content. ``keep_tokens``, ``visual_tokens_in`` and every ``visual_tokens_kept`` count
+  visual tokens only, over base view + high-res grid (576 + rows' * cols', e.g. 2880 for a
+  672x672 image, the number the LLaVA-NeXT paper quotes).
+* **A row's newline goes with its row.** ILP keeps the newline of every high-res row that
+  keeps at least one visual token and drops the others with their row; PLC emits the newline
+  after every row that still contributes a token (full-resolution or the first source token
+  of a pooled block). The LM thus always sees kept rows terminated as in training; with
+  everything kept the prompt is exactly the stock one. The newlines kept are extra prompt
+  tokens on top of ``keep_tokens`` (at most ``rows'``).
+* **One budget over both grids.** ``keep_tokens`` is split between base view and high-res
+  grid by the region itself: trimming, growing and filling act on both grids together
+  (:func:`crop.ops.selection.select_tokens_multi`), so a region keeps its share of each view.
+* **PLC** keeps the region's tokens of both grids at full resolution and average-pools the
+  rest of each grid on its own (blocks never mix the two views), in the original order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, TokenGrid, VLMAdapter
+from crop.ops.sequences import find_runs, resize_runs
+
+
+@ADAPTERS.register("llava_next")
+class LlavaNextAdapter(VLMAdapter):
+    """LLaVA-NeXT (LLaVA-1.6): CLIP tiles -> projector -> packed base view + unpadded tiles + newlines.
+
+    Args:
+        model: a ``LlavaNextForConditionalGeneration``.
+
+    Raises:
+        ValueError: for a ``vision_feature_select_strategy`` other than ``"default"``.
+    """
+
+    model_types = ("llava_next",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ValueError(f"LLaVA-NeXT vision_feature_select_strategy {strategy!r} is not supported; only "
+                             "'default' (CLS token dropped, square 24x24 grids per tile)")
+        vision = self.config.vision_config
+        self.tile_px = int(vision.image_size)
+        self.side = self.tile_px // int(vision.patch_size)  # tokens per tile side (24)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def grids_for(self, image_size: tuple[int, int]) -> tuple[TokenGrid, TokenGrid]:
+        """The base-view and high-res grids of an image of ``(height, width)`` pixels.
+
+        The tile layout and the unpadding are the model's own (``get_anyres_image_grid_shape``
+        and ``unpad_image`` applied to an index grid), so the geometry cannot drift from it.
+
+        Returns:
+            ``(base, high_res)``; ``high_res`` has one newline after each row.
+        """
+        tiles_high, tiles_wide = get_anyres_image_grid_shape(list(image_size), self.config.image_grid_pinpoints,
+                                                             self.tile_px)
+        full = torch.zeros(1, tiles_high * self.side, tiles_wide * self.side)  # (1, H, W) only the shape matters
+        rows, cols = unpad_image(full, torch.as_tensor(image_size)).shape[1:]
+        base = TokenGrid(self.side, self.side, 0, self.side)
+        return base, TokenGrid(int(rows), int(cols), self.side * self.side, int(cols) + 1)
+
+    def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:
+        """Every image's span (base view + high-res grid + newlines), matched to ``image_sizes`` in order.
+
+        Raises:
+            ValueError: if the placeholders do not match the images' packed lengths.
+        """
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT inputs need 'image_sizes' (the processor returns it with the pixels)")
+        layouts = iter([self.grids_for((int(h), int(w))) for h, w in sizes.tolist()])
+        spans = []
+        for b, row in enumerate(inputs["input_ids"]):
+            for start, length in find_runs(row, self.image_token_id):
+                pos = start
+                while pos < start + length:  # adjacent images would share a run
+                    layout = next(layouts, None)
+                    if layout is None:
+                        raise ValueError(f"more image placeholders in sample {b} than images in image_sizes")
+                    base, high = layout
+                    n = base.rows * base.cols + high.rows * high.stride
+                    if pos + n > start + length:
+                        raise ValueError(f"image placeholders in sample {b} do not match the packed length {n} "
+                                         "of its image (base view + unpadded tiles + newlines)")
+                    spans.append(ImageSpan(b, pos, n, base.rows, base.cols, grids=layout))
+                    pos += n
+        if next(layouts, None) is not None:
+            raise ValueError("image_sizes lists more images than the prompts hold")
+        return spans
+
+    def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Vision tower + projector + packing, unchanged: one ``(span.length, D)`` tensor per image."""
+        out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                  image_sizes=inputs["image_sizes"], return_dict=True)
+        return list(out.pooler_output)  # each (576 + rows' * (cols' + 1), D)
+
+    def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
+                          images: list[CompressedImage]) -> dict[str, Any]:
+        """Prompts with each image run resized to its compressed length (newlines included).
+
+        LM positions are 1-D, so rebuilt prompts get compact positions (as with LLaVA-1.5).
+
+        Returns:
+            ``input_ids``, ``attention_mask`` and ``mm_encoder_outputs`` (no pixels).
+        """
+        batch = inputs["input_ids"].shape[0]
+        runs: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+        lengths: list[list[int]] = [[] for _ in range(batch)]
+        for span, image in zip(spans, images, strict=True):
+            runs[span.sample].append((span.start, span.length))
+            lengths[span.sample].append(int(image.tokens.shape[0]))
+        ids, mask, _, _ = resize_runs(inputs["input_ids"], inputs.get("attention_mask"), runs, lengths,
+                                      self.image_token_id, self.pad_token_id())
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[im.tokens for im in images])},
+        }
