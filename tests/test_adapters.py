@@ -218,3 +218,30 @@ def test_llava_next_region_maps_to_base_and_tiles():
     with pytest.raises(ValueError, match="packed length"):
         bad = dict(inputs, image_sizes=torch.tensor([[600, 300], [500, 336]]))
         adapter.image_spans(bad)
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_ilp_kept_tokens_keep_original_mrope_cos_sin(name):
+    model, proc = tiny(name)
+    inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
+    layer = get_adapter(model).decoder_layers()[2]
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append(kwargs["position_embeddings"][0].clone())  # cos, (1, L, d)
+
+    handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    model(**inputs)  # stock: the model's own M-RoPE cos for every prompt position
+    handle.remove()
+    with apply_crop(model, CropConfig(method="ilp", layer=2)) as crop:
+        handle = layer.register_forward_pre_hook(capture, with_kwargs=True)  # runs after CROP's hook
+        try:
+            model(**crop.prepare(inputs, [GridBox(2, 1, 5, 6)]))
+        finally:
+            handle.remove()
+        kept = crop.stats.full_resolution[0]
+    span = get_adapter(model).image_spans(inputs)[0]
+    positions = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    positions[span.start:span.start + span.length] = False
+    positions[span.start + torch.tensor(kept)] = True
+    assert torch.equal(seen[1], seen[0][:, positions])  # gathered, not recomputed for the shorter sequence
