@@ -205,3 +205,13 @@ def test_cli_synth(tmp_path, capsys):
     assert meta["config"]["n_objects"] == [5, 7] and meta["config"]["backgrounds"] == ["grain"]
     assert main(["synth", "--out", str(tmp_path), "--n", "2", "--objects", "9,2", "--no-progress"]) == 2
     assert "n_objects" in capsys.readouterr().err
+
+
+def test_scene_questions_include_the_benchmark_question(samples):
+    from crop.data.synth import scene_questions
+
+    for s in samples["train"] + samples["test"]:
+        qs = scene_questions(s.objects, 336)
+        match = [q for q in qs if q[1] == s.question]
+        assert match and match[0][0] == s.family and match[0][2] == s.answer and match[0][3] == s.box_px
+        assert len({q[1] for q in qs}) == len(qs)

@@ -78,3 +78,25 @@ def test_token_labels_mark_objects():
     cx, cy = int(target.cx // 21), int(target.cy // 21)
     assert SHAPE_CLASSES[labels[0, cy * 16 + cx]] == target.shape
     assert (labels[0] == 0).sum() > 0 and np.all((labels[2] > 0) <= (labels[0] == SHAPE_CLASSES.index("card")))
+
+
+def test_question_targets():
+    from crop.train.common import COLOR_CLASSES, DIRECTION_CLASSES, question_targets
+
+    fam, shape, color, direction = question_targets("What shape is left of the red circle?", "relation")
+    assert (SHAPE_CLASSES[shape], COLOR_CLASSES[color], DIRECTION_CLASSES[direction]) == ("circle", "red", "left")
+    assert SHAPE_CLASSES[question_targets("How many stars are there?", "global")[1]] == "star"
+    assert SHAPE_CLASSES[question_targets("What number is on the blue card?", "text")[1]] == "card"
+
+
+def test_multi_turn_batch():
+    from crop.train.answerer import IGNORE, AnswererTask
+
+    task = AnswererTask(TrainConfig(turns=3, workers=0))
+    batch = task.collate([("train", 0), ("val", 0)])
+    tok = task.processor.tokenizer
+    train_answers = tok.decode(batch["labels"][0][batch["labels"][0] != IGNORE])
+    assert train_answers.count("</s>") == 3
+    val_answers = tok.decode(batch["labels"][1][batch["labels"][1] != IGNORE])
+    assert val_answers.count("</s>") == 1  # evaluation streams stay single-turn
+    assert batch["probe_pos"].shape == (4, 2) and batch["probe_targets"].shape == (4, 4)

@@ -25,6 +25,8 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
     p.add_argument("--curriculum-fraction", type=float, default=0.1, help="share of steps on sparse scenes")
     p.add_argument("--shape", type=json.loads, default={}, metavar="JSON",
                    help="model size overrides, e.g. '{\"text_layers\": 2}'")
+    p.add_argument("--turns", type=int, default=defaults.get("turns", 1),
+                   help="questions per training image as chat turns (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the CPU is shared)")
     p.add_argument("--workers", type=int, default=1, help="data-generating worker processes")
     p.add_argument("--run-dir", default=f"runs/train-{kind}", help="checkpoints and metrics (default %(default)s)")
@@ -43,7 +45,7 @@ def register(subparsers) -> None:
         "evaluate them on the held-out split, and export safetensors weights + configs + model card."))
     sub = p.add_subparsers(dest="train_command", metavar="MODEL", required=True)
     a = sub.add_parser("answerer", help="the LLaVA-architecture answerer")
-    _add_common(a, "answerer", {"steps": 3000, "lr": 1.5e-3})
+    _add_common(a, "answerer", {"steps": 3000, "lr": 1.5e-3, "turns": 4})
     loc = sub.add_parser("localizer", help="the Qwen2-VL-architecture localizer")
     _add_common(loc, "localizer", {"steps": 3000, "lr": 1.5e-3})
     c = sub.add_parser("cost", help="time the localizer against the answerer's prefill and record it in its card")
@@ -62,7 +64,7 @@ def _config(args: argparse.Namespace):
         data_seed=args.data_seed, eval_seed=args.eval_seed, eval_split=args.eval_split, eval_n=args.eval_n,
         val_every=args.val_every, val_n=args.val_n, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         aux_weight=args.aux_weight, curriculum_fraction=args.curriculum_fraction, threads=args.threads,
-        workers=args.workers, shape=args.shape,
+        workers=args.workers, turns=args.turns, shape=args.shape,
     )
 
 

@@ -478,6 +478,57 @@ def _scene_global(placer: _Placer, n_total: int, n_cards: int):
 _SCENES = {"attribute": _scene_attribute, "text": _scene_text, "relation": _scene_relation, "global": _scene_global}
 
 
+def scene_questions(objects: list[SceneObject], image_size: int) -> list[tuple[str, str, str, list[int]]]:
+    """Every well-posed question a scene answers, under the generator's rules.
+
+    Used to get several questions out of one rendered scene (e.g. multi-turn training). A
+    relation question is included only when its answer is unambiguous: the nearest object on
+    that side overlapping the anchor's rows is a shape, within 2.5 object sides, and clearly
+    nearer (by a quarter side) than the next one.
+
+    Args:
+        objects: the scene's objects (``SynthSample.objects``).
+        image_size: the image side in pixels.
+
+    Returns:
+        ``(family, question, answer, box_px)`` tuples in a deterministic order.
+    """
+    out: list[tuple[str, str, str, list[int]]] = []
+    shapes = [o for o in objects if o.kind == "shape"]
+    cards = [o for o in objects if o.kind == "card"]
+    for shape in SHAPES:
+        same = [o for o in shapes if o.shape == shape]
+        if len(same) == 1:
+            out.append(("attribute", f"What color is the {shape}?", same[0].color, list(same[0].bbox)))
+    for color in COLOR_NAMES:
+        same = [o for o in cards if o.color == color]
+        if len(same) == 1:
+            out.append(("text", f"What number is on the {color} card?", same[0].digit or "", list(same[0].bbox)))
+    for a in shapes:
+        if sum((o.shape, o.color) == (a.shape, a.color) for o in shapes) != 1:
+            continue
+        side = a.bbox[2] - a.bbox[0]
+        for direction in ("left", "right"):
+            cands = sorted(
+                (abs(o.cx - a.cx), i)
+                for i, o in enumerate(objects)
+                if o is not a and _v_overlap(o.bbox, a.bbox) and ((o.cx < a.cx) if direction == "left" else (o.cx > a.cx))
+            )
+            if not cands:
+                continue
+            dist, i = cands[0]
+            p = objects[i]
+            if p.kind != "shape" or dist > 2.5 * side or (len(cands) > 1 and cands[1][0] - dist < side / 4):
+                continue
+            out.append(("relation", f"What shape is {direction} of the {a.color} {a.shape}?", p.shape,
+                        _union(a.bbox, p.bbox)))
+    for shape in SHAPES:
+        count = sum(o.shape == shape for o in shapes)
+        if 1 <= count <= MAX_COUNT:
+            out.append(("global", f"How many {_plural(shape)} are there?", str(count), [0, 0, image_size, image_size]))
+    return out
+
+
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The random stream of sample ``index`` of ``split`` under ``seed``."""
     if split not in SPLIT_CODES:

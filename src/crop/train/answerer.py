@@ -26,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crop.data.synth import FAMILIES, answers_match
-from crop.train.common import Capture, TrainConfig, make_aux_heads, token_labels
+from crop.data.synth import FAMILIES, answers_match, scene_questions
+from crop.train.common import (
+    Capture,
+    TrainConfig,
+    make_aux_heads,
+    question_probe_loss,
+    question_targets,
+    token_labels,
+)
 from crop.train.data import stream_sample
 
 logger = logging.getLogger(__name__)
@@ -90,21 +97,49 @@ class AnswererTask:
     def _answer_ids(self, answer: str) -> list[int]:
         return self.processor.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
+    def _turn_ids(self, question: str) -> list[int]:
+        # a later chat turn, as the chat template renders it after an answer: " USER: q ASSISTANT:"
+        return self.processor.tokenizer(" USER: " + question + " ASSISTANT:", add_special_tokens=False)["input_ids"]
+
+    def _extra_questions(self, sample, stream: str, index: int) -> list[tuple[str, str, str]]:
+        if self.config.turns <= 1 or not stream.startswith("train"):
+            return []
+        others = [q for q in scene_questions(sample.objects, self.shape.image_size) if q[1] != sample.question]
+        rng = np.random.default_rng([self.config.data_seed, 7919, index])
+        order = rng.permutation(len(others))[: self.config.turns - 1]
+        return [others[i][:3] for i in order]
+
     def collate(self, items: list[tuple[str, int]]) -> dict:
-        """Generate the samples and build model inputs, answer-only labels and token labels.
+        """Generate the samples and build model inputs, answer-only labels and probe targets.
+
+        Training streams get ``config.turns`` chat turns per image (the benchmark question
+        first); val/test streams are single-turn, exactly as served.
 
         Returns:
             ``input_ids``/``attention_mask``/``labels`` (B, L) right-padded, ``pixel_values``
-            (B, 3, S, S), ``aux`` (B, 3, N) token labels, ``families`` (list of str).
+            (B, 3, S, S), ``aux`` (B, 3, N) visual-token labels, ``probe_pos`` (Q, 2) (row,
+            position) of each answer's first token, ``probe_targets`` (Q, 4) question probes,
+            ``families`` (first-turn family per row).
         """
         cfg = self.config
         samples = [stream_sample(s, i, cfg.data_seed, cfg.eval_seed, self.shape.image_size) for s, i in items]
         pixel_values = self.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
-        seqs, labels = [], []
-        for s in samples:
-            p, a = self._prompt_ids(s.question), self._answer_ids(s.answer)
-            seqs.append(p + a)
-            labels.append([IGNORE] * len(p) + a)
+        seqs, labels, probe_pos, probe_targets = [], [], [], []
+        for b, (s, (stream, index)) in enumerate(zip(samples, items, strict=True)):
+            turns = [(s.family, s.question, s.answer), *self._extra_questions(s, stream, index)]
+            ids: list[int] = []
+            lab: list[int] = []
+            for t, (family, question, answer) in enumerate(turns):
+                p = self._prompt_ids(question) if t == 0 else self._turn_ids(question)
+                a = self._answer_ids(answer)
+                ids += p
+                lab += [IGNORE] * len(p)
+                probe_pos.append((b, len(ids)))
+                probe_targets.append(question_targets(question, family))
+                ids += a
+                lab += a
+            seqs.append(ids)
+            labels.append(lab)
         length = max(len(x) for x in seqs)
         input_ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)  # (B, L)
         label_t = torch.full((len(seqs), length), IGNORE, dtype=torch.long)  # (B, L)
@@ -117,33 +152,41 @@ class AnswererTask:
             np.stack([token_labels(s.objects, self.shape.image_size, self.grid, self.grid) for s in samples])
         )  # (B, 3, N)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values,
-                "aux": aux, "families": [s.family for s in samples]}
+                "aux": aux, "probe_pos": torch.tensor(probe_pos), "probe_targets": torch.tensor(probe_targets),
+                "families": [s.family for s in samples]}
 
     # -- loss ---------------------------------------------------------------------------------
     def _forward(self, model: nn.Module, batch: dict, capture: bool):
-        cap = Capture(model.model.multi_modal_projector) if capture else None
+        caps = {}
+        if capture:
+            caps["vis"] = Capture(model.model.multi_modal_projector)
+            caps["q"] = Capture(model.model.language_model.layers[self.config.question_layer])
         try:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         pixel_values=batch["pixel_values"])
-            feats = cap.pop() if cap else None
+            feats = {k: c.pop() for k, c in caps.items()}
         finally:
-            if cap:
-                cap.remove()
-        return out.logits, feats  # (B, L, V), (B, N, D)
+            for c in caps.values():
+                c.remove()
+        return out.logits, feats  # (B, L, V), {"vis": (B, N, D), "q": (B, L, D)}
 
     def loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict, aux_weight: float):
-        """Answer-token cross-entropy plus ``aux_weight`` x the per-token probe losses."""
+        """Answer-token cross-entropy plus ``aux_weight`` x the visual-token and question probe losses."""
         logits, feats = self._forward(model, batch, capture=aux_weight > 0)
         labels = batch["labels"][:, 1:]  # (B, L-1): token t+1 is predicted at t
         ans = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
         logs = {"ans": float(ans.detach())}
         total = ans
         if aux_weight > 0:
-            feats = feats.reshape(batch["aux"].shape[0], -1, feats.shape[-1])  # (B, N, D)
-            aux = sum(F.cross_entropy(heads[name](feats).flatten(0, 1), batch["aux"][:, k].reshape(-1))
+            vis = feats["vis"].reshape(batch["aux"].shape[0], -1, feats["vis"].shape[-1])  # (B, N, D)
+            aux = sum(F.cross_entropy(heads[name](vis).flatten(0, 1), batch["aux"][:, k].reshape(-1))
                       for k, name in enumerate(("shape", "color", "digit")))
+            pos = batch["probe_pos"]  # (Q, 2)
+            hidden = feats["q"][pos[:, 0], pos[:, 1]]  # (Q, D)
+            qloss = question_probe_loss(heads, hidden, batch["probe_targets"])
             logs["aux"] = float(aux.detach())
-            total = total + aux_weight * aux
+            logs["qaux"] = float(qloss.detach())
+            total = total + aux_weight * (aux + qloss)
         logs["loss"] = float(total.detach())
         return total, logs
 

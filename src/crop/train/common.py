@@ -30,9 +30,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from crop.data.synth import COLOR_NAMES, DIGITS, SHAPES, SceneObject
+from crop.data.synth import COLOR_NAMES, DIGITS, FAMILIES, SHAPES, SceneObject
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ class TrainConfig:
             before the default scene mix.
         threads: ``torch.set_num_threads`` (the CPU is shared).
         workers: data-loader worker processes generating samples (0 = in the main process).
+        turns: questions per training image (answerer): the benchmark question first, then
+            up to ``turns - 1`` other questions the same scene answers
+            (:func:`crop.data.synth.scene_questions`) as further chat turns. The image costs
+            most of a forward pass, so extra turns multiply the answer supervision cheaply.
+            Evaluation is always single-turn.
+        question_layer: LLM layer whose output at each answer's first position feeds the
+            question probes (what the question asks about), when ``aux_weight > 0``.
         shape: the model sizes (fields of ``LlavaShape`` / ``QwenShape``).
     """
 
@@ -90,6 +98,8 @@ class TrainConfig:
     curriculum_fraction: float = 0.1
     threads: int = 1
     workers: int = 1
+    turns: int = 1
+    question_layer: int = 1
     shape: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
         if not 0 <= self.curriculum_fraction < 1:
             raise ValueError("curriculum_fraction must be in [0, 1)")
+        if self.turns < 1:
+            raise ValueError(f"turns must be >= 1, got {self.turns}")
 
 
 class Task(Protocol):
@@ -176,13 +188,54 @@ def token_labels(objects: list[SceneObject], image_size: int, rows: int, cols: i
     return labels
 
 
-def make_aux_heads(dim: int, extra: dict[str, int] | None = None) -> nn.ModuleDict:
-    """Linear probes on visual features: shape, colour, digit (+ ``extra`` name -> classes)."""
+DIRECTION_CLASSES = ("none", "left", "right")
+QUESTION_PROBES = (("qfamily", FAMILIES), ("qshape", SHAPE_CLASSES), ("qcolor", COLOR_CLASSES),
+                   ("qdir", DIRECTION_CLASSES))
+
+
+def question_targets(question: str, family: str) -> list[int]:
+    """What a benchmark question asks about, as class indices for the question probes.
+
+    Args:
+        question: the question text.
+        family: its family.
+
+    Returns:
+        ``[family, shape, colour, direction]`` indices into :data:`FAMILIES`,
+        :data:`SHAPE_CLASSES`, :data:`COLOR_CLASSES` and :data:`DIRECTION_CLASSES` (0 = none).
+    """
+    words = question.lower().rstrip("?").split()
+    shape = next((w for w in words if w in SHAPE_CLASSES[1:]), None)
+    shape = shape or next((w[:-1] for w in words if w[:-1] in SHAPES), "none")
+    color = next((w for w in words if w in COLOR_NAMES), "none")
+    direction = next((w for w in words if w in DIRECTION_CLASSES[1:]), "none")
+    return [FAMILIES.index(family), SHAPE_CLASSES.index(shape), COLOR_CLASSES.index(color),
+            DIRECTION_CLASSES.index(direction)]
+
+
+def question_probe_loss(heads: nn.ModuleDict, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the question probes.
+
+    Args:
+        heads: holds ``qfamily``, ``qshape``, ``qcolor``, ``qdir``.
+        hidden: (N, D) LLM hidden states at each answer's first position.
+        targets: (N, 4) from :func:`question_targets`.
+
+    Returns:
+        The summed loss (scalar).
+    """
+    return sum(F.cross_entropy(heads[name](hidden), targets[:, k]) for k, (name, _) in enumerate(QUESTION_PROBES))
+
+
+def make_aux_heads(dim: int, extra: dict[str, int] | None = None, question: bool = True) -> nn.ModuleDict:
+    """Linear probes: shape, colour, digit of visual tokens; question probes; ``extra`` name -> classes."""
     heads = {
         "shape": nn.Linear(dim, len(SHAPE_CLASSES)),
         "color": nn.Linear(dim, len(COLOR_CLASSES)),
         "digit": nn.Linear(dim, len(DIGIT_CLASSES)),
     }
+    if question:
+        heads.update({name: nn.Linear(dim, len(classes)) for name, classes in QUESTION_PROBES})
     for name, n in (extra or {}).items():
         heads[name] = nn.Linear(dim, n)
     return nn.ModuleDict(heads)

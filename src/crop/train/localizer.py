@@ -31,7 +31,14 @@ from torch import nn
 
 from crop.data.synth import FAMILIES
 from crop.localizers.prompt import format_box, localizer_prompt
-from crop.train.common import Capture, TrainConfig, make_aux_heads, token_labels
+from crop.train.common import (
+    Capture,
+    TrainConfig,
+    make_aux_heads,
+    question_probe_loss,
+    question_targets,
+    token_labels,
+)
 from crop.train.data import stream_sample
 
 logger = logging.getLogger(__name__)
@@ -71,7 +78,7 @@ class LocalizerTask:
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.pos_layer = 1 if self.shape.text_layers > 2 else 0
+        self.pos_layer = min(config.question_layer, self.shape.text_layers - 1)
 
     def build(self, config: TrainConfig):
         """A fresh seeded model and its processor."""
@@ -97,13 +104,15 @@ class LocalizerTask:
         cfg = self.config
         samples = [stream_sample(s, i, cfg.data_seed, cfg.eval_seed) for s, i in items]
         tok = self.processor.tokenizer
-        seqs, labels, types, pixels, thw = [], [], [], [], []
-        for s in samples:
+        seqs, labels, types, pixels, thw, probe_pos, probe_targets = [], [], [], [], [], [], []
+        for b, s in enumerate(samples):
             enc = self.processor(images=[s.image], text=[localizer_chat(self.processor, s.question)], return_tensors="pt")
             p = enc["input_ids"][0].tolist()
             a = tok(format_box(s.box_grid), add_special_tokens=False)["input_ids"] + [self.eos_id]
             seqs.append(p + a)
             labels.append([IGNORE] * len(p) + a)
+            probe_pos.append((b, len(p)))  # the "[" token, where x0 is predicted
+            probe_targets.append(question_targets(s.question, s.family))
             types.append(enc["mm_token_type_ids"][0].tolist() + [0] * len(a))
             pixels.append(enc["pixel_values"])
             thw.append(enc["image_grid_thw"])
@@ -121,7 +130,8 @@ class LocalizerTask:
         aux = torch.from_numpy(np.stack([token_labels(s.objects, s.image.size[0], GRID, GRID) for s in samples]))
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": type_t, "labels": label_t,
                 "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(thw), "aux": aux,
-                "families": [s.family for s in samples], "boxes": torch.tensor([s.box_grid for s in samples])}
+                "families": [s.family for s in samples], "boxes": torch.tensor([s.box_grid for s in samples]),
+                "probe_pos": torch.tensor(probe_pos), "probe_targets": torch.tensor(probe_targets)}
 
     def _forward(self, model: nn.Module, batch: dict, capture: bool):
         caps = {}
@@ -157,8 +167,11 @@ class LocalizerTask:
             cols = (cells % GRID).repeat(bsz)
             aux = aux + F.cross_entropy(heads["row"](img).flatten(0, 1), rows) \
                 + F.cross_entropy(heads["col"](img).flatten(0, 1), cols)
+            pos = batch["probe_pos"]  # (B, 2)
+            qloss = question_probe_loss(heads, hidden[pos[:, 0], pos[:, 1]], batch["probe_targets"])
             logs["aux"] = float(aux.detach())
-            total = total + aux_weight * aux
+            logs["qaux"] = float(qloss.detach())
+            total = total + aux_weight * (aux + qloss)
         logs["loss"] = float(total.detach())
         return total, logs
 
