@@ -245,3 +245,17 @@ def test_qwen_ilp_kept_tokens_keep_original_mrope_cos_sin(name):
     positions[span.start:span.start + span.length] = False
     positions[span.start + torch.tensor(kept)] = True
     assert torch.equal(seen[1], seen[0][:, positions])  # gathered, not recomputed for the shorter sequence
+
+
+def test_qwen_checkpoint_directory_loads_with_an_image_processor(tmp_path):
+    # without torchvision, AutoProcessor gives a Qwen2-VL checkpoint's bare tokenizer; load_model must not
+    from crop.models.loading import load_model
+
+    model, proc = tiny("tiny-random-qwen2-vl")
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded, loaded_proc = load_model(str(tmp_path))
+    assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
+    inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
+    again = chat_inputs(loaded_proc, IMAGES[:1], QUESTIONS[:1])
+    assert all(torch.equal(inputs[k], again[k]) for k in inputs)

@@ -54,7 +54,37 @@ def _from_pretrained(spec: str, attn_implementation: str):
     try:
         processor = AutoProcessor.from_pretrained(spec)
         model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn_implementation)
+        if getattr(processor, "image_processor", None) is None:
+            processor = _image_only_processor(spec, model.config.model_type, processor)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CropInputError(f"could not load model {spec!r}: {first}") from None
     return model.eval(), processor
+
+
+# Processors whose stock class also wants a video processor (which needs torchvision, never
+# installed here): without it AutoProcessor falls back to the bare tokenizer.
+_IMAGE_ONLY_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def _image_only_processor(spec: str, model_type: str, tokenizer):
+    """The checkpoint's image processor (PIL backend) + ``tokenizer`` in an image-only processor.
+
+    Args:
+        spec: the checkpoint path or hub id.
+        model_type: ``config.model_type`` of the loaded model.
+        tokenizer: what ``AutoProcessor`` returned (the tokenizer alone).
+
+    Raises:
+        ValueError: if the model type needs a processor this function does not know how to build.
+    """
+    import transformers
+    from transformers import AutoImageProcessor
+
+    from crop.models.tiny import _qwen_image_only_processor_class
+
+    if model_type not in _IMAGE_ONLY_PROCESSORS:
+        raise ValueError(f"its processor has no image processor (model type {model_type!r})")
+    base = getattr(transformers, _IMAGE_ONLY_PROCESSORS[model_type])
+    return _qwen_image_only_processor_class(base)(image_processor=AutoImageProcessor.from_pretrained(spec),
+                                                  tokenizer=tokenizer, chat_template=tokenizer.chat_template)
