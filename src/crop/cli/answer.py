@@ -34,8 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="path to the image file")
     p.add_argument("question", help="the question, in quotes")
     p.add_argument("--model", default="embedded",
-                   help="answering VLM: 'embedded' (default, the shipped toy LLaVA), 'tiny-random-llava' "
-                        "(random weights, smoke tests only), a local checkpoint path, or a hub id")
+                   help="answering VLM: 'embedded' (default, the shipped toy LLaVA), 'tiny-random-llava', "
+                        "'tiny-random-llava-next', 'tiny-random-qwen2-vl', 'tiny-random-qwen2.5-vl' (random "
+                        "weights, smoke tests only), or a local path / hub id of a LLaVA-1.5, LLaVA-NeXT, "
+                        "Qwen2-VL or Qwen2.5-VL checkpoint")
     p.add_argument("--localizer", default=None,
                    help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'embedded' (the "
                         "shipped toy localizer), or a path / hub id of a generative localizer VLM "
