@@ -259,3 +259,21 @@ def test_qwen_checkpoint_directory_loads_with_an_image_processor(tmp_path):
     inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
     again = chat_inputs(loaded_proc, IMAGES[:1], QUESTIONS[:1])
     assert all(torch.equal(inputs[k], again[k]) for k in inputs)
+
+
+@pytest.mark.parametrize("budget", [None, 1, 40, 200, 700, 1344, 5000])
+def test_select_tokens_multi_one_budget_over_all_grids(budget):
+    from crop.ops.selection import select_tokens, select_tokens_multi
+
+    box = GridBox(3, 3, 4, 5)
+    grids = [(24, 24), (24, 32)]
+    keep = select_tokens_multi(box, grids, budget)
+    region = box.token_indices(24, 24).numel() + box.token_indices(24, 32).numel()
+    assert keep.numel() == (region if budget is None else min(budget, 24 * 24 + 24 * 32))
+    assert torch.equal(keep, keep.unique())
+    if budget is not None and budget <= region:
+        inside = torch.cat([box.token_indices(24, 24), box.token_indices(24, 32) + 576])
+        assert torch.isin(keep, inside).all()  # trimmed inside the region, on both grids
+        assert (keep < 576).any() == (keep >= 576).any() or budget == 1
+    for b in (None, 50, 300):  # one grid: the same as select_tokens
+        assert torch.equal(select_tokens_multi(box, [(24, 24)], b), select_tokens(box, 24, 24, b))
