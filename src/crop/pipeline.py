@@ -12,11 +12,12 @@ from PIL import Image
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from crop.api import CropHandle
+from crop.api import PruningHandle
 from crop.config import CropConfig
 from crop.errors import CropInputError
 from crop.io import check_question, load_image
 from crop.localizers.base import Localization, Localizer
+from crop.methods import InnerLLMMethod
 
 
 @dataclass
@@ -27,7 +28,8 @@ class CropResult:
         answer: the generated text.
         box: the region used, ``[x0, y0, x1, y1]`` on the grid.
         grid: the grid side.
-        method, layer, keep_tokens: the CROP settings used.
+        method, layer, keep_tokens: the settings used (``layer``: the pruning layer of a
+            single-stage inner-LLM method, else ``None``).
         visual_tokens_in: visual tokens the vision tower produced for the image.
         visual_tokens_kept: per stage (``llm_input``, ``after_layer_K``), visual tokens kept.
         kv_cache_lengths: per decoder layer, cached positions after prefill.
@@ -107,10 +109,11 @@ class CropPipeline:
         model: the answering VLM (any supported ``*ForConditionalGeneration``).
         processor: its processor (with a chat template).
         localizer: finds the region for each question (its cost is part of every timing).
-        config: the pruning configuration; ``method="none"`` runs the unpruned model.
+        config: the pruning configuration (a :class:`CropConfig` or any method config);
+            ``CropConfig(method="none")`` runs the unpruned model.
     """
 
-    def __init__(self, model: nn.Module, processor, localizer: Localizer, config: CropConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, processor, localizer: Localizer, config: Any = None) -> None:
         self.model = model
         self.processor = processor
         self.localizer = localizer
@@ -119,7 +122,7 @@ class CropPipeline:
             raise ValueError(f"localizer answers on a {localizer.grid}x{localizer.grid} grid but the config says "
                              f"{self.config.grid}")
         # validate the config against this model once (e.g. ILP layer within depth)
-        CropHandle(model, self.config).remove()
+        PruningHandle(model, self.config).remove()
 
     def prompt(self, question: str) -> str:
         """The chat-formatted prompt for one image + question."""
@@ -172,7 +175,7 @@ class CropPipeline:
             tokenizer.padding_side = side
 
         clock = _FirstTokenClock()
-        with CropHandle(self.model, self.config) as handle:
+        with PruningHandle(self.model, self.config) as handle:
             t0 = time.perf_counter()
             run_inputs = handle.prepare(inputs, [loc.box for loc in localizations])
             out = self.model.generate(**run_inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -192,15 +195,17 @@ class CropPipeline:
             "decode_s": (t_end - first) / batch,
         }
         timings["total_s"] = timings["localizer_s"] + timings["prefill_s"] + timings["decode_s"]
+        method_name = getattr(self.config, "method", None) or handle.method.name
+        layers = handle.method.stage_layers() if isinstance(handle.method, InnerLLMMethod) else []
         results = []
         for i, (answer, loc) in enumerate(zip(answers, localizations, strict=True)):
             results.append(CropResult(
                 answer=answer.strip(),
                 box=loc.box.as_list(),
                 grid=loc.box.grid,
-                method=self.config.method,
-                layer=self.config.layer if self.config.method == "ilp" else None,
-                keep_tokens=self.config.keep_tokens,
+                method=method_name,
+                layer=layers[0] if len(layers) == 1 else None,
+                keep_tokens=getattr(self.config, "keep_tokens", None),
                 visual_tokens_in=stats.visual_tokens_in[i],
                 visual_tokens_kept={stage: counts[i] for stage, counts in stats.visual_tokens_kept.items()},
                 kv_cache_lengths=kv_lengths,
@@ -210,6 +215,7 @@ class CropPipeline:
                 localizer_output=loc.raw,
                 token_grid=list(stats.token_grids[i]),
                 full_resolution_tokens=stats.full_resolution[i],
-                extra={"batch_size": batch},
+                extra={"batch_size": batch, "equivalent_tokens": stats.equivalent_tokens[i],
+                       **({"layers": layers} if len(layers) > 1 else {})},
             ))
         return results

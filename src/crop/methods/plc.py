@@ -10,24 +10,22 @@ The paper's trained PLC (learnable queries) is not implemented here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import torch
 
+from crop.methods.base import METHODS, PreLLMMethod
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
 from crop.ops.pooling import count_pooled, pool_outside
 from crop.regions import GridBox
 
 
 def _count_pooled(span: ImageSpan, keep: torch.Tensor, pool: int) -> int:
-    """Pooled tokens :func:`_pool_image` adds for ``keep`` (span positions), over all the span's grids."""
+    """Pooled tokens :func:`pool_image` adds for ``keep`` (span positions), over all the span's grids."""
     if not span.grids:
         return count_pooled(span.rows, span.cols, keep, pool)
     return sum(count_pooled(g.rows, g.cols, g.local(keep), pool) for g in span.grids)
 
 
-def _pool_image(span: ImageSpan, features: torch.Tensor, keep: torch.Tensor, pool: int) -> CompressedImage:
+def pool_image(span: ImageSpan, features: torch.Tensor, keep: torch.Tensor, pool: int) -> CompressedImage:
     """One image's kept tokens + pooled rest (each grid pooled on its own) + its structure tokens.
 
     Args:
@@ -96,22 +94,20 @@ def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int
     return keep
 
 
-def compress(adapter: VLMAdapter, inputs: Mapping[str, Any], boxes: Sequence[GridBox], budget: int | None,
-             pool: int) -> tuple[dict[str, Any], list[ImageSpan], list[CompressedImage], list[torch.Tensor]]:
-    """Encode the images, compress each around its region, and rebuild the model inputs.
+@METHODS.register("crop-plc")
+class CropPLC(PreLLMMethod):
+    """CROP's pre-LLM compression (training-free): region at full resolution, the rest pooled.
 
-    Returns:
-        ``(model_inputs, spans, images, region_keep)``: inputs for ``forward``/``generate``,
-        the original spans, the compressed images, and per image the indices of the tokens kept
-        at full resolution.
+    Paper: Contextual Region-Oriented Visual Token Pruning, EMNLP 2025 (arXiv 2505.21233),
+    section 3 (PLC). Stage: before the LLM. The paper's PLC is trained (learnable queries with
+    the region tokens as anchors); this variant replaces the learned compressor by average
+    pooling, so it needs no training. Config: :class:`crop.config.CropConfig` (``keep_tokens``
+    counts region + pooled tokens).
     """
-    spans = adapter.image_spans(inputs)
-    if len(boxes) != len(spans):
-        raise ValueError(f"got {len(boxes)} boxes for {len(spans)} images")
-    features = adapter.encode_images(inputs)
-    images, region_keep = [], []
-    for span, box, feats in zip(spans, boxes, features, strict=True):
-        keep = region_share(adapter, span, box, budget, pool)
-        images.append(_pool_image(span, feats, keep, pool))
-        region_keep.append(keep)
-    return adapter.compressed_inputs(inputs, spans, images), spans, images, region_keep
+
+    name = "crop-plc"
+    uses_region = True
+
+    def compress_image(self, features, span, box, image_index):
+        keep = region_share(self.adapter, span, box, self.config.keep_tokens, self.config.pool)
+        return pool_image(span, features, keep, self.config.pool), keep.tolist()

@@ -1,0 +1,284 @@
+"""The method protocol: every pruning method (CROP and the baselines) is one small class.
+
+A method is built from a model's adapter and its config, attaches instance-level hooks if it
+acts inside the LLM, and turns each batch of processor inputs into the inputs to run
+(``prepare``), recording its token accounting in :class:`PruneStats`. Methods register under
+a lower-case name in :data:`METHODS`; :func:`method_for` finds the class for a config.
+
+Two shared bases cover the stages:
+
+- :class:`PreLLMMethod`: choose/merge each image's features before the LLM; the prompt's
+  placeholders are rebuilt by the adapter;
+- :class:`InnerLLMMethod`: drop visual tokens at one or more decoder layers, through
+  :class:`crop.methods.inner_llm.InnerLLMPruner` hooks; selections known up front (CROP's region)
+  or chosen from what the model computed at that layer (attention, hidden states).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from crop.methods.inner_llm import InnerLLMPruner
+from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
+from crop.regions import GridBox
+from crop.registry import Registry
+
+
+@dataclass
+class PruneStats:
+    """Token accounting of one prepared batch (one entry per image unless noted).
+
+    Attributes:
+        visual_tokens_in: visual tokens the vision tower produced.
+        visual_tokens_kept: per stage, visual tokens that went on: ``"llm_input"`` (reached
+            the LLM) and, for inner-LLM pruning, ``"after_layer_K"`` (survived layer K).
+        equivalent_tokens: the layer-weighted average of visual tokens over the LLM's layers
+            (the FastV / PyramidDrop convention, so single- and multi-stage methods compare).
+        region_tokens: tokens kept at full resolution because of the region (CROP).
+        boxes: the region used for each image (the full image for region-free methods).
+        token_grids: ``(rows, cols)`` of each image's token grid.
+        full_resolution: per image, span indices of the tokens kept at full resolution
+            (inner pruning: the survivors of the last stage; PLC: the region share). Filled
+            for stages decided before the forward; selections made inside the model are
+            recorded when the forward runs.
+    """
+
+    visual_tokens_in: list[int] = field(default_factory=list)
+    visual_tokens_kept: dict[str, list[int]] = field(default_factory=dict)
+    equivalent_tokens: list[float] = field(default_factory=list)
+    region_tokens: list[int] = field(default_factory=list)
+    boxes: list[GridBox] = field(default_factory=list)
+    token_grids: list[tuple[int, int]] = field(default_factory=list)
+    full_resolution: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, spans: Sequence[ImageSpan], boxes: Sequence[GridBox]) -> PruneStats:
+        """Stats of unpruned images: everything in, everything kept."""
+        return cls(visual_tokens_in=[s.visual_tokens for s in spans],
+                   visual_tokens_kept={"llm_input": [s.visual_tokens for s in spans]},
+                   equivalent_tokens=[float(s.visual_tokens) for s in spans],
+                   region_tokens=[0 for _ in spans], boxes=list(boxes),
+                   token_grids=[(s.rows, s.cols) for s in spans],
+                   full_resolution=[s.visual_positions().tolist() for s in spans])
+
+
+def equivalent_tokens(n_in: int, stages: Sequence[tuple[int, int]], num_layers: int) -> float:
+    """Layer-weighted visual tokens: ``n_in`` until each ``(layer, kept)`` stage, averaged over layers."""
+    counts, current, boundary = [], n_in, sorted(stages)
+    for layer in range(num_layers):
+        while boundary and boundary[0][0] <= layer:
+            current = boundary.pop(0)[1]
+        counts.append(current)
+    return sum(counts) / num_layers
+
+
+class PruningMethod(ABC):
+    """One pruning method applied to one model.
+
+    Args:
+        adapter: the model's adapter (all model knowledge goes through it).
+        config: the method's config dataclass.
+
+    Class attributes:
+        name: the registry name.
+        uses_region: whether the method follows the localizer's region (CROP) or ignores it.
+    """
+
+    name: ClassVar[str] = ""
+    uses_region: ClassVar[bool] = False
+
+    def __init__(self, adapter: VLMAdapter, config: Any) -> None:
+        self.adapter = adapter
+        self.config = config
+
+    def attach(self) -> None:
+        """Register hooks on the model instance (nothing for pre-LLM-only methods)."""
+
+    def detach(self) -> None:
+        """Remove every hook :meth:`attach` registered; safe to call twice."""
+
+    @abstractmethod
+    def prepare(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
+                boxes: list[GridBox]) -> tuple[dict[str, Any], PruneStats]:
+        """The inputs to run for this batch, and its token accounting.
+
+        Args:
+            inputs: processor output.
+            spans: every image's visual-token span (from the adapter).
+            boxes: one region per image (the full image when none was given).
+        """
+
+
+class NoPruning(PruningMethod):
+    """The unpruned model (the reference every method is compared with)."""
+
+    name = "none"
+
+    def prepare(self, inputs, spans, boxes):
+        return dict(inputs), PruneStats.start(spans, boxes)
+
+
+class PreLLMMethod(PruningMethod):
+    """Base of methods that act on each image's features before the LLM.
+
+    Subclasses implement :meth:`compress_image`; the adapter encodes the images and rebuilds
+    the prompt (placeholders, positions) around the compressed features.
+    """
+
+    @abstractmethod
+    def compress_image(self, features: torch.Tensor, span: ImageSpan, box: GridBox,
+                       image_index: int) -> tuple[CompressedImage, list[int]]:
+        """One image's features ``(N, D)`` -> what reaches the LLM, and the span indices kept at full resolution."""
+
+    def prepare(self, inputs, spans, boxes):
+        stats = PruneStats.start(spans, boxes)
+        features = self.adapter.encode_images(inputs)
+        images, full_res = [], []
+        for i, (span, box, feats) in enumerate(zip(spans, boxes, features, strict=True)):
+            image, kept = self.compress_image(feats, span, box, i)
+            images.append(image)
+            full_res.append(kept)
+        stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]
+        stats.equivalent_tokens = [float(im.visual_tokens) for im in images]
+        stats.full_resolution = full_res
+        if self.uses_region:
+            stats.region_tokens = [len(k) for k in full_res]
+        return self.adapter.compressed_inputs(inputs, spans, images), stats
+
+
+class InnerLLMMethod(PruningMethod):
+    """Base of methods that drop visual tokens at decoder layers (one pruner per stage layer).
+
+    Subclasses give :meth:`stage_layers` and either :meth:`keep_before_forward` (selection known
+    from the inputs) or :meth:`select_at_layer` (selection from what the model computed).
+    """
+
+    def __init__(self, adapter: VLMAdapter, config: Any) -> None:
+        super().__init__(adapter, config)
+        layers = adapter.decoder_layers()
+        self.layers = layers
+        for k in self.stage_layers():
+            if not 1 <= k < len(layers):
+                raise ValueError(f"layer {k} is outside the model's depth: pruning needs 1 <= layer <= "
+                                 f"{len(layers) - 1} for this {len(layers)}-layer language model")
+        self.pruners = [InnerLLMPruner(layers, k, eager=adapter.uses_eager_attention) for k in self.stage_layers()]
+        self._spans: list[ImageSpan] = []
+        self._stats: PruneStats | None = None
+
+    def stage_layers(self) -> list[int]:
+        """Decoder layers at whose input visual tokens are dropped (increasing)."""
+        return [int(self.config.layer)]
+
+    def attach(self) -> None:
+        for pruner in self.pruners:
+            pruner.attach()
+
+    def detach(self) -> None:
+        for pruner in self.pruners:
+            pruner.detach()
+
+    def keep_before_forward(self, inputs, spans: list[ImageSpan], boxes: list[GridBox]) -> list[torch.Tensor] | None:
+        """Per image, span indices kept after the (single) stage, if known from the inputs; else ``None``."""
+        return None
+
+    def select_at_layer(self, stage: int, hidden: torch.Tensor, layer_kwargs: dict,
+                        candidates: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Choose, at stage ``stage``, which candidate visual slots survive (per image).
+
+        Args:
+            stage: index into :meth:`stage_layers`.
+            hidden: ``(B, L, D)`` hidden states entering the stage's layer.
+            layer_kwargs: that layer's keyword arguments (positions, mask, cache).
+            candidates: per sample, per image, the sequence slots (positions in ``hidden``) of
+                the image's surviving visual tokens, in span order.
+
+        Returns:
+            Per image (in span order), indices into its ``candidates`` entry to keep.
+        """
+        raise NotImplementedError(f"{type(self).__name__} selects before the forward")
+
+    def prepare(self, inputs, spans, boxes):
+        stats = PruneStats.start(spans, boxes)
+        self._spans, self._stats = spans, stats
+        batch, prompt_len = inputs["input_ids"].shape
+        keep = self.keep_before_forward(inputs, spans, boxes)
+        if keep is not None:
+            if len(self.pruners) != 1:
+                raise ValueError("selections known before the forward need a single stage")
+            self._record(0, [k.tolist() for k in keep])
+            self.pruners[0].arm(self._prompt_keep(inputs, spans, keep), prompt_len)
+        else:
+            for stage, pruner in enumerate(self.pruners):
+                pruner.arm(selector=self._selector(stage), batch=batch)
+        return dict(inputs), stats
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _prompt_keep(self, inputs, spans: list[ImageSpan], keep: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, prompt positions surviving: all non-visual ones + the kept visual ones (+ their structure)."""
+        mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)  # (B, L)
+        for span, chosen in zip(spans, keep, strict=True):
+            mask[span.sample, span.start:span.start + span.length] = False
+            mask[span.sample, span.start + chosen] = True
+            mask[span.sample, span.start + span.structure_positions(chosen)] = True
+        return [row.nonzero().squeeze(1) for row in mask]
+
+    def _record(self, stage: int, kept: list[list[int]]) -> None:
+        """Record the survivors of ``stage`` (span indices per image) in the stats."""
+        stats = self._stats
+        layer = self.stage_layers()[stage]
+        stats.visual_tokens_kept[f"after_layer_{layer}"] = [len(k) for k in kept]
+        stats.full_resolution = kept
+        stages = [(self.stage_layers()[s], stats.visual_tokens_kept[f"after_layer_{self.stage_layers()[s]}"])
+                  for s in range(stage + 1)]
+        stats.equivalent_tokens = [
+            equivalent_tokens(n_in, [(lay, counts[i]) for lay, counts in stages], len(self.layers))
+            for i, n_in in enumerate(stats.visual_tokens_in)]
+
+    def _selector(self, stage: int):
+        """The deferred selection for ``stage``: maps surviving visual slots, asks the method, returns positions."""
+
+        def select(hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
+            # the original prompt position of every slot of the sequence entering this stage
+            if stage == 0:
+                origin = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            else:
+                prev = self.pruners[stage - 1].context
+                origin = prev.index if prev.valid is None else prev.index.masked_fill(~prev.valid, -1)
+            candidates: list[list[torch.Tensor]] = [[] for _ in range(hidden.shape[0])]
+            span_index: list[torch.Tensor] = []
+            for span in self._spans:
+                visual = span.start + span.visual_positions().to(hidden.device)  # (V,) original positions
+                row = origin[span.sample]  # (L,)
+                slots = torch.isin(row, visual).nonzero().squeeze(1)  # (v,) slots still holding this image's tokens
+                candidates[span.sample].append(slots)
+                span_index.append(row[slots] - span.start)
+            chosen = self.select_at_layer(stage, hidden, layer_kwargs, candidates)
+            flat_slots = [c for per_sample in candidates for c in per_sample]
+            kept_slots: list[list[torch.Tensor]] = [[] for _ in range(hidden.shape[0])]
+            kept_span: list[list[int]] = []
+            for span, slots, idx, pick in zip(self._spans, flat_slots, span_index, chosen, strict=True):
+                pick = pick.to(slots.device)
+                kept_slots[span.sample].append(slots[pick])
+                kept_span.append(idx[pick].sort().values.tolist())
+            self._record(stage, kept_span)
+            keep = []
+            for b in range(hidden.shape[0]):
+                drop = torch.zeros(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+                for slots in candidates[b]:
+                    drop[slots] = True
+                for slots in kept_slots[b]:
+                    drop[slots] = False
+                valid = origin[b] >= 0
+                keep.append((~drop & valid).nonzero().squeeze(1))
+            return keep
+
+        return select
+
+
+METHODS: Registry[type[PruningMethod]] = Registry("method")

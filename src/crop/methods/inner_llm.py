@@ -1,0 +1,263 @@
+"""The inner-LLM pruning mechanism: drop prompt tokens at the input of decoder layer K.
+
+Used by CROP's ILP (section 3 of the paper) and by every baseline that prunes inside the LLM.
+
+Layers ``0..K-1`` run on the whole prompt; from layer K on only the kept positions (all text
+and the selected visual tokens) are computed and cached. Kept tokens keep their original
+rotary positions: the cos/sin tables and position ids the model already computed are
+gathered, never recomputed, so RoPE and Qwen's M-RoPE both stay right.
+
+The mechanism is instance-level forward pre-hooks on ``layers[K:]`` (no copied forward, no
+class patching): layer K's hook shortens the hidden states and rewrites the per-layer
+arguments (positions, mask); the later layers' hooks reuse them. Generated tokens are
+always kept. Samples of a batch may keep different numbers of tokens: the pruned sequences
+are left-padded to the longest, and the padding is masked out as keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+Selector = Callable[[torch.Tensor, dict], Sequence[torch.Tensor]]
+
+
+@dataclass
+class PruneContext:
+    """Per-prompt state of one pruning point, armed before the forward/generate call.
+
+    Attributes:
+        keep: per sample, sorted positions (in the sequence this layer receives) to keep; when
+            ``None``, ``selector`` decides them at the first prefill.
+        prompt_len: length of the prompt the positions refer to (``None`` until known).
+        batch: batch size of that prompt.
+        selector: ``(hidden (B, L, D), layer_kwargs) -> per-sample positions``, for methods whose
+            choice depends on what the model computed (attention, hidden states). It runs once
+            per prompt; later no-cache forwards of the same prompt reuse its choice.
+    """
+
+    keep: list[torch.Tensor] | None
+    prompt_len: int | None
+    batch: int
+    selector: Selector | None = None
+    # filled at layer K during prefill, used by later layers and by decode steps
+    index: torch.Tensor | None = None  # (B, Lk) prefill positions kept, left-padded
+    valid: torch.Tensor | None = None  # (B, Lk) False on padding slots; None when no sample is padded
+    prefill_len: int = 0
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def kept_index(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Kept positions of a prefill of ``seq_len`` tokens (the prompt plus, without a cache, generated ones).
+
+        Returns:
+            ``(index, valid)``: ``(B, Lk)`` positions, left-padded with position 0, and the
+            ``(B, Lk)`` mask of real slots (``None`` if every sample keeps the same number).
+        """
+        tail = torch.arange(self.prompt_len, seq_len, device=device)  # generated tokens, always kept
+        rows = [torch.cat([k.to(device), tail]) for k in self.keep]
+        width = max(r.numel() for r in rows)
+        if all(r.numel() == width for r in rows):
+            return torch.stack(rows), None
+        index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            index[b, width - r.numel():] = r
+            valid[b, width - r.numel():] = True
+        return index, valid
+
+
+def _gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, batch_dim: int | None = None) -> torch.Tensor:
+    """``x`` gathered along its sequence axis ``dim`` with a per-sample ``(B, Lk)`` index.
+
+    Args:
+        x: a tensor with a batch axis and a sequence axis.
+        index: ``(B, Lk)`` positions to take, per sample.
+        dim: the sequence axis.
+        batch_dim: the batch axis; by default the one just before ``dim``. A batch of 1 is
+            broadcast to ``B``.
+    """
+    dim = dim % x.dim()
+    batch_dim = dim - 1 if batch_dim is None else batch_dim % x.dim()
+    batch, kept = index.shape
+    shape = list(x.shape)
+    if shape[batch_dim] == 1 and batch > 1:
+        shape[batch_dim] = batch
+        x = x.expand(shape)
+    view = [1] * x.dim()
+    view[batch_dim], view[dim] = batch, kept
+    expand = list(x.shape)
+    expand[dim] = kept
+    return x.gather(dim, index.view(view).expand(expand))
+
+
+def _to_mask_format(allowed: torch.Tensor, like: torch.Tensor | None, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "may attend" tensor in the format the attention implementation expects."""
+    if (like is not None and like.dtype == torch.bool) or (like is None and not eager):
+        return allowed
+    mask_dtype = like.dtype if like is not None else dtype
+    zero = torch.zeros((), dtype=mask_dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(mask_dtype).min)
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean view of a 4-D mask (bool: as is; float additive: 0 means attend)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+class InnerLLMPruner:
+    """Hooks that prune the prompt at the input of decoder layer ``layer``.
+
+    Several pruners may sit on one model at increasing layers (multi-stage methods): each one
+    sees the sequence, positions and mask as the previous one left them.
+
+    Args:
+        layers: the language model's decoder layers.
+        layer: K, the first pruned layer (``1 <= K < len(layers)``).
+        eager: whether the model builds additive float masks (eager attention) rather than
+            boolean ones; only used when a mask must be created from nothing.
+    """
+
+    def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False) -> None:
+        if not 1 <= layer < len(layers):
+            raise ValueError(f"ILP layer must be in [1, {len(layers) - 1}] for a {len(layers)}-layer model, got {layer}")
+        self.layers = layers
+        self.layer = layer
+        self.eager = eager
+        self.context: PruneContext | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        """Register the hooks on the decoder layers (idempotent)."""
+        if self._handles:
+            return
+        self._handles.append(self.layers[self.layer].register_forward_pre_hook(self._enter_layer_k, with_kwargs=True))
+        for later in self.layers[self.layer + 1:]:
+            self._handles.append(later.register_forward_pre_hook(self._enter_later_layer, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove every hook; the layers are exactly as before :meth:`attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.context = None
+
+    def arm(self, keep: Sequence[torch.Tensor] | None = None, prompt_len: int | None = None,
+            selector: Selector | None = None, batch: int | None = None) -> PruneContext:
+        """Set what to keep for the next prompt.
+
+        Args:
+            keep: per sample, the positions to keep (known before the forward), with ``prompt_len``.
+            selector: or a function choosing them at this layer during prefill (see
+                :class:`PruneContext`), with ``batch``.
+        """
+        if (keep is None) == (selector is None):
+            raise ValueError("arm() takes either keep positions or a selector")
+        if keep is not None:
+            if prompt_len is None:
+                raise ValueError("keep positions need the prompt_len they refer to")
+            self.context = PruneContext(keep=[k.sort().values for k in keep], prompt_len=prompt_len, batch=len(keep))
+        else:
+            if batch is None:
+                raise ValueError("a selector needs the batch size")
+            self.context = PruneContext(keep=None, prompt_len=None, batch=batch, selector=selector)
+        return self.context
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _enter_layer_k(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ctx = self.context
+        if ctx is None:
+            raise RuntimeError("CROP ILP is applied but no prompt was prepared: call handle.prepare(inputs, boxes) "
+                               "and run the model on what it returns")
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, L, D)
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length(self.layer) == 0:
+            hidden = self._prefill(ctx, hidden, kwargs)
+        else:
+            ctx.layer_kwargs = {"attention_mask": self._decode_mask(ctx, kwargs.get("attention_mask"), hidden,
+                                                                    cache.get_seq_length(self.layer))}
+        kwargs.update(ctx.layer_kwargs)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _enter_later_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.context is not None:
+            kwargs.update(self.context.layer_kwargs)
+        return args, kwargs
+
+    # -- prefill / decode ----------------------------------------------------------------------
+
+    def _prefill(self, ctx: PruneContext, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        batch, seq_len, _ = hidden.shape
+        if ctx.keep is None:  # chosen here, from what the model computed
+            if batch != ctx.batch:
+                raise RuntimeError(f"the model got a batch of {batch} but pruning was prepared for {ctx.batch}")
+            ctx.prompt_len = seq_len
+            ctx.keep = [k.to(hidden.device).sort().values for k in ctx.selector(hidden, kwargs)]
+        if batch != ctx.batch or seq_len < ctx.prompt_len:
+            raise RuntimeError(f"the model got a prompt of shape ({batch}, {seq_len}) but ILP was prepared for "
+                               f"({ctx.batch}, {ctx.prompt_len}); prepare each prompt before running it")
+        index, valid = ctx.kept_index(seq_len, hidden.device)  # (B, Lk)
+        ctx.index, ctx.valid, ctx.prefill_len = index, valid, seq_len
+        update: dict[str, Any] = {}
+        cos, sin = kwargs["position_embeddings"]  # (B|1, L, d) each
+        update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            update["position_ids"] = _gather_seq(pos, index, -1)  # (..., B, Lk)
+        update["attention_mask"] = self._prefill_mask(ctx, kwargs.get("attention_mask"), hidden.dtype)
+        ctx.layer_kwargs = update
+        return _gather_seq(hidden, index, 1)  # (B, Lk, D)
+
+    def _prefill_mask(self, ctx: PruneContext, mask: Any, dtype: torch.dtype) -> Any:
+        index, valid = ctx.index, ctx.valid
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            if valid is None:
+                return mask  # SDPA's implicit causal mask stays valid: kept positions stay in order
+            allowed = index[:, None, None, :] <= index[:, None, :, None]  # (B, 1, Lk, Lk) causal in old positions
+            mask = None
+        else:
+            rows = _gather_seq(mask, index, 2, batch_dim=0)  # (B, 1, Lk, L)
+            gathered = _gather_seq(rows, index, 3, batch_dim=0)  # (B, 1, Lk, Lk)
+            if valid is None:
+                return gathered
+            allowed = _allowed(gathered)
+        allowed = allowed & valid[:, None, None, :]
+        eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+        allowed = allowed | (eye & ~valid[:, None, :, None])  # padding rows attend to themselves (no NaN)
+        return _to_mask_format(allowed, mask, self.eager, dtype)
+
+    def _decode_mask(self, ctx: PruneContext, mask: Any, hidden: torch.Tensor, cached: int) -> Any:
+        if ctx.index is None:
+            raise RuntimeError("ILP decode step without a pruned prefill; prepare the prompt and run it from the start")
+        batch, q_len, _ = hidden.shape
+        kept = ctx.index.shape[1]
+        new = cached + q_len - kept  # generated tokens at layer K, including this step's
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            if mask.shape[-1] != ctx.prefill_len + new:
+                raise RuntimeError(f"unexpected decode mask length {mask.shape[-1]} (expected {ctx.prefill_len + new})")
+            tail = torch.arange(ctx.prefill_len, ctx.prefill_len + new, device=mask.device)
+            keys = torch.cat([ctx.index, tail.expand(ctx.index.shape[0], new)], dim=1)  # (B, Lk + new)
+            gathered = _gather_seq(mask, keys, 3, batch_dim=0)  # (B, 1, q, Lk + new)
+            if ctx.valid is None:
+                return gathered
+            allowed = _allowed(gathered)
+        elif ctx.valid is None:
+            return mask
+        else:
+            allowed = torch.ones(batch, 1, q_len, kept + new, dtype=torch.bool, device=hidden.device)
+            q = torch.arange(q_len, device=hidden.device)[:, None]
+            k = torch.arange(new, device=hidden.device)[None, :]
+            allowed[..., kept:] = k <= (new - q_len) + q  # causal among generated tokens
+        if ctx.valid is not None:
+            allowed = allowed.clone()
+            allowed[..., :kept] &= ctx.valid[:, None, None, :]
+        return _to_mask_format(allowed, mask if isinstance(mask, torch.Tensor) else None, self.eager, hidden.dtype)
