@@ -96,10 +96,10 @@ class PruningMethod(ABC):
         self.adapter = adapter
         self.config = config
 
-    def attach(self) -> None:
+    def attach(self) -> None:  # noqa: B027  (pre-LLM methods have no hooks)
         """Register hooks on the model instance (nothing for pre-LLM-only methods)."""
 
-    def detach(self) -> None:
+    def detach(self) -> None:  # noqa: B027
         """Remove every hook :meth:`attach` registered; safe to call twice."""
 
     @abstractmethod

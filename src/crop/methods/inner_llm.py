@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 Selector = Callable[[torch.Tensor, dict], Sequence[torch.Tensor]]
 
 
