@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("answer", "synth", "train", "eval", "bench")
+SUBCOMMANDS = ("answer", "synth", "train", "eval", "bench", "methods")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'embedded' (the "
                         "shipped toy localizer), or a path / hub id of a generative localizer VLM "
                         "(default: 'embedded' with the embedded model, else 'full')")
-    p.add_argument("--method", default="ilp", help="ilp (default), plc, or none")
+    p.add_argument("--method", default="ilp",
+                   help="ilp (CROP inner-LLM pruning, default), plc (CROP pre-LLM compression), none (unpruned), "
+                        "or any registered method name (see 'crop methods')")
     p.add_argument("--keep-tokens", type=int, default=None, metavar="N",
                    help="visual tokens per image kept (ILP: after layer K; PLC: reaching the LLM, region + pooled); "
                         "default: exactly the region's tokens")
@@ -58,13 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from crop.config import CropConfig
+    from crop.methods import MethodOptions, config_for
 
     if args.keep_tokens is not None and args.keep_tokens <= 0:
         raise CropInputError(f"--keep-tokens must be a positive integer, got {args.keep_tokens}")
     try:
-        return CropConfig(method=args.method, keep_tokens=args.keep_tokens, layer=args.layer, grid=args.grid,
-                          pool=args.pool)
+        return config_for(args.method, args.keep_tokens, MethodOptions(layer=args.layer, pool=args.pool, grid=args.grid))
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
 

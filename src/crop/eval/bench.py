@@ -31,20 +31,19 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from crop.api import CropHandle
-from crop.config import CropConfig
+from crop.api import PruningHandle
 from crop.data.synth import generate
 from crop.eval.flops import DecoderDims, decode_flops, kv_cache_bytes, prefill_flops, vit_flops
 from crop.eval.runner import _git_hash, _versions, scale_budget
 from crop.localizers.base import Localizer
 from crop.localizers.vlm import VLMLocalizer
+from crop.methods import ALIASES, InnerLLMMethod, MethodOptions, config_for, method_names
 from crop.models.base import CompressedImage, get_adapter
 from crop.pipeline import _cache_after_prefill, _FirstTokenClock, chat_prompt
 from crop.regions import GridBox
 
 logger = logging.getLogger(__name__)
 
-BENCH_METHODS = ("full", "crop-ilp", "crop-plc")
 
 
 @dataclass
@@ -52,7 +51,7 @@ class BenchSpec:
     """What to measure.
 
     Args:
-        methods: among :data:`BENCH_METHODS` (``full`` always runs, as the reference).
+        methods: registered method names (``full`` always runs, as the reference).
         keep_tokens: budgets as LLaVA-1.5 counts (of 576), scaled to the model's visual tokens.
         batches: batch sizes.
         repeats: measured rounds (after one warm-up round).
@@ -72,9 +71,10 @@ class BenchSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in BENCH_METHODS]
+        known = set(method_names()) | set(ALIASES)
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(BENCH_METHODS)}")
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: full, {', '.join(method_names())}")
         if self.repeats < 1 or self.new_tokens < 2 or any(b < 1 for b in self.batches):
             raise ValueError("repeats >= 1, new_tokens >= 2 and batch sizes >= 1 are required")
         if any(k <= 0 for k in self.keep_tokens):
@@ -178,6 +178,17 @@ def _localizer_flops(localizer: Localizer | None, question: str, image) -> int:
     return flops
 
 
+def _visual_per_layer(kept: dict[str, list[int]], image: int, layers: int) -> list[int]:
+    """Visual tokens of one image entering each decoder layer, from the stage counts of its stats."""
+    stages = sorted((int(k.rsplit("_", 1)[1]), v[image]) for k, v in kept.items() if k.startswith("after_layer_"))
+    counts, current = [], kept["llm_input"][image]
+    for layer in range(layers):
+        while stages and stages[0][0] <= layer:
+            current = stages.pop(0)[1]
+        counts.append(current)
+    return counts
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -190,8 +201,9 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
     for batch in spec.batches:
         bench = _Bench(model, processor, localizer, spec, batch)
         budgets = [(k, scale_budget(k, bench.visual)) for k in spec.keep_tokens]
-        cases = [("full", None)] + [(m, b) for m in spec.methods if m != "full" for b in budgets] + \
-                [("ideal", b) for b in budgets]
+        methods = [m for m in spec.methods if ALIASES.get(m, m) != "none"]
+        cases = [("full", None)] + [(m, b) for m in methods for b in budgets] + [("ideal", b) for b in budgets]
+        options = MethodOptions(layer=spec.layer, pool=spec.pool, seed=spec.seed)
         samples: dict[str, dict[str, list]] = {}
         kv_info: dict[str, dict[str, Any]] = {}
         kept_info: dict[str, Any] = {}
@@ -199,25 +211,24 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
             localizer_s = bench.localize()
             feats, vision_s = bench.encode()
             full_run = bench.feature_inputs(feats)
-            ilp_keep: dict[int, list[torch.Tensor]] = {}
             for method, budget in cases:
                 name = method if budget is None else f"{method}@{budget[0]}"
-                prepare_s, handle = 0.0, None
+                prepare_s, handle, uses_region = 0.0, None, False
                 if method == "full":
                     run = full_run
-                elif method == "crop-ilp":
-                    handle = CropHandle(model, CropConfig(method="ilp", keep_tokens=budget[1], layer=spec.layer))
-                    _, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
-                    run = full_run
-                    ilp_keep[budget[0]] = [torch.tensor(k) for k in handle.stats.full_resolution]
-                elif method == "crop-plc":
-                    handle = CropHandle(model, CropConfig(method="plc", keep_tokens=budget[1], pool=spec.pool))
-                    run, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
-                    prepare_s = max(prepare_s - vision_s, 0.0)  # PLC's prepare re-encodes; charge only compression
-                else:  # ideal: ILP's kept tokens from layer 0
-                    keep = ilp_keep.get(budget[0]) or [GridBox.full().token_indices(s.rows, s.cols)[:budget[1]]
-                                                       for s in bench.spans]
+                elif method == "ideal":  # the region's tokens under the budget, fed from layer 0
+                    keep = [bench.adapter.select(s, box, budget[1]) for s, box in zip(bench.spans, bench.boxes,
+                                                                                       strict=True)]
                     run = bench.feature_inputs(feats, keep)
+                else:
+                    handle = PruningHandle(model, config_for(method, budget[1], options))
+                    uses_region = handle.method.uses_region
+                    if isinstance(handle.method, InnerLLMMethod):  # prunes inside the LLM: run on the features
+                        _, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
+                        run = full_run
+                    else:  # builds its own inputs; its prepare re-encodes, so charge only the compression
+                        run, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
+                        prepare_s = max(prepare_s - vision_s, 0.0)
                 try:
                     with torch.no_grad():
                         measured = bench.generate(run)
@@ -226,12 +237,13 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
                         handle.remove()
                 if rep == 0:
                     stats = handle.stats if handle is not None else None
-                    kept_info[name] = stats.visual_tokens_kept if stats else {"llm_input": [
-                        int(k.numel()) for k in keep] if method == "ideal" else [bench.visual] * batch}
+                    kept_info[name] = {"stats": stats.visual_tokens_kept if stats else {"llm_input": [
+                        int(k.numel()) for k in keep] if method == "ideal" else [bench.visual] * batch},
+                        "equivalent": stats.equivalent_tokens if stats else None, "uses_region": uses_region}
                     kv_info[name] = {"kv_cache_lengths": measured["kv_cache_lengths"],
                                      "kv_cache_bytes": measured["kv_cache_bytes"]}
                     continue
-                crop_case = method.startswith("crop-")
+                crop_case = uses_region
                 row = samples.setdefault(name, {k: [] for k in ("vision_s", "localizer_s", "prepare_s", "prefill_s",
                                                                  "decode_s_per_token", "end_to_end_s")})
                 row["vision_s"].append(vision_s)
@@ -258,21 +270,14 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
 def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: BenchSpec, batch: int, cases,
                   samples, kv_info, kept_info) -> dict[str, Any]:
     """Medians, ratios and analytic numbers of one batch size."""
-    visual_in = [s.length for s in bench.spans]
-    text = _text_tokens(bench.inputs, visual_in)
-    full_len = [t + v for t, v in zip(text, visual_in, strict=True)]
+    text = [n + s.length - s.visual_tokens for n, s in zip(_text_tokens(bench.inputs, [s.length for s in bench.spans]),
+                                                              bench.spans, strict=True)]  # structure counts as text
     loc_flops = _localizer_flops(localizer, bench.questions[0], bench.images[0])
     rows = {}
     for method, budget in cases:
         name = method if budget is None else f"{method}@{budget[0]}"
-        kept = kept_info[name]
-        last_stage = kept["llm_input"]
-        if method == "crop-ilp":
-            last_stage = kept[f"after_layer_{spec.layer}"]
-            per_layer = [[f] * spec.layer + [t + k] * (dims.layers - spec.layer)
-                         for f, t, k in zip(full_len, text, last_stage, strict=True)]
-        else:
-            per_layer = [[t + k] * dims.layers for t, k in zip(text, last_stage, strict=True)]
+        kept = kept_info[name]["stats"]
+        per_layer = [[t + c for c in _visual_per_layer(kept, i, dims.layers)] for i, t in enumerate(text)]
         prefill = sum(prefill_flops(dims, layers) for layers in per_layer)
         half = spec.new_tokens // 2
         decode = sum(decode_flops(dims, [n + half for n in layers]) for layers in per_layer)
@@ -281,9 +286,9 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
         rows[name] = {
             "method": method, "keep_tokens_576": None if budget is None else budget[0],
             "keep_tokens": None if budget is None else budget[1],
-            "visual_tokens_kept": kept, "timings": med,
+            "visual_tokens_kept": kept, "equivalent_tokens": kept_info[name]["equivalent"], "timings": med,
             "flops": {"vision": _vision_flops(model, bench.visual) * batch,
-                      "localizer": loc_flops * batch if method.startswith("crop-") else 0,
+                      "localizer": loc_flops * batch if kept_info[name]["uses_region"] else 0,
                       "llm_prefill": prefill, "decode_per_token": decode},
             "kv_cache_bytes": kv_info[name]["kv_cache_bytes"], "kv_cache_bytes_analytic": analytic_kv,
             "kv_cache_lengths": kv_info[name]["kv_cache_lengths"],

@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crop.config import CropConfig
 from crop.data.synth import SynthSample, answers_match, generate
 from crop.localizers.base import Localization, Localizer
+from crop.methods import ALIASES, MethodOptions, config_for, method_for, method_names
 from crop.pipeline import CropPipeline, chat_prompt
 from crop.regions import GridBox
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_VISUAL_TOKENS = 576  # budgets are given as LLaVA-1.5 counts (of 576) and scaled to the model
-METHOD_NAMES = {"full": "none", "crop-ilp": "ilp", "crop-plc": "plc"}
 
 
 @dataclass
@@ -35,7 +34,8 @@ class EvalSpec:
     """What to evaluate.
 
     Args:
-        methods: names from :data:`METHOD_NAMES` (``full`` is always run, as the reference).
+        methods: registered method names (see :func:`crop.methods.method_names`); ``full`` (the
+            unpruned model) is always run, as the reference.
         keep_tokens: budgets as LLaVA-1.5 counts (of 576), scaled to the model's visual tokens.
         n: number of test samples.
         split: benchmark split.
@@ -58,9 +58,10 @@ class EvalSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        known = set(method_names()) | set(ALIASES)
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: full, {', '.join(method_names())}")
         if any(k <= 0 for k in self.keep_tokens):
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
         if self.n < 1 or self.batch_size < 1:
@@ -128,7 +129,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         A JSON-ready dict: config, versions, git hash, per-run metrics and per-sample predictions.
     """
     samples = list(generate(spec.n, spec.seed, spec.split))
-    runs = [("full", None)] + [(m, k) for m in spec.methods if m != "full" for k in spec.keep_tokens]
+    runs = [("full", None)] + [(m, k) for m in spec.methods if ALIASES.get(m, m) != "none" for k in spec.keep_tokens]
     total = len(samples) * (len(runs) + (0 if localizer is None else 1))
     progress = progress_factory(total) if progress_factory else None
 
@@ -142,14 +143,15 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
     results: list[dict[str, Any]] = []
     for method, budget in runs:
         keep = None if budget is None else scale_budget(budget, visual_tokens)
-        config = CropConfig(method=METHOD_NAMES[method], keep_tokens=keep, layer=spec.layer, pool=spec.pool)
+        config = config_for(method, keep, MethodOptions(layer=spec.layer, pool=spec.pool, seed=spec.seed))
+        uses_region = method_for(config).uses_region
         pipe = CropPipeline(model, processor, _Precomputed(), config)
         preds = []
         for start in range(0, len(samples), spec.batch_size):
             chunk = samples[start:start + spec.batch_size]
-            chunk_locs = locs[start:start + spec.batch_size] if method != "full" else [
+            chunk_locs = locs[start:start + spec.batch_size] if uses_region else [
                 Localization(GridBox.full()) for _ in chunk]
-            loc_s = sum(loc_times[start:start + spec.batch_size]) if method != "full" else 0.0
+            loc_s = sum(loc_times[start:start + spec.batch_size]) if uses_region else 0.0
             out = pipe.answer_batch([s.image for s in chunk], [s.question for s in chunk], spec.max_new_tokens,
                                     localizations=chunk_locs, localizer_s=loc_s)
             for s, r in zip(chunk, out, strict=True):

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from crop.methods.base import METHODS, InnerLLMMethod, NoPruning, PreLLMMethod, PruneStats, PruningMethod
+from crop.methods.base import (
+    METHODS,
+    InnerLLMMethod,
+    MethodOptions,
+    NoPruning,
+    PreLLMMethod,
+    PruneStats,
+    PruningMethod,
+)
 
-__all__ = ["METHODS", "InnerLLMMethod", "NoPruning", "PreLLMMethod", "PruneStats", "PruningMethod", "method_for"]
+__all__ = ["METHODS", "InnerLLMMethod", "MethodOptions", "NoPruning", "PreLLMMethod", "PruneStats", "PruningMethod",
+           "config_for", "method_for", "method_names"]
+
+# short names accepted wherever a method name is (CLI, evaluation)
+ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc"}
 
 
 def _register_builtin() -> None:
@@ -16,6 +28,27 @@ def _register_builtin() -> None:
 
     if "none" not in METHODS:
         METHODS.register("none")(NoPruning)
+
+
+def method_names() -> list[str]:
+    """Every registered method name (plus the aliases ``full``, ``ilp``, ``plc``)."""
+    _register_builtin()
+    return METHODS.names()
+
+
+def config_for(name: str, keep_tokens: int | None = None, options: MethodOptions | None = None) -> Any:
+    """The config of method ``name`` for a budget and the shared options.
+
+    Args:
+        name: a registered method name or an alias (``full``, ``ilp``, ``plc``).
+        keep_tokens: the visual-token budget (ignored by ``none``).
+        options: layer, pool, grid, seed.
+
+    Raises:
+        ValueError: for an unknown name (listing the known ones) or invalid options.
+    """
+    _register_builtin()
+    return METHODS.get(ALIASES.get(name, name)).config_from_options(keep_tokens, options or MethodOptions())
 
 
 def method_for(config: Any) -> type[PruningMethod]:

@@ -67,6 +67,23 @@ class PruneStats:
                    full_resolution=[s.visual_positions().tolist() for s in spans])
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options shared by every method on the command line (each method reads what applies to it).
+
+    Attributes:
+        layer: the pruning layer K of single-stage inner-LLM methods.
+        pool: PLC's pooling block.
+        grid: the region grid.
+        seed: seed of randomized methods.
+    """
+
+    layer: int = 2
+    pool: int = 4
+    grid: int = 8
+    seed: int = 0
+
+
 def equivalent_tokens(n_in: int, stages: Sequence[tuple[int, int]], num_layers: int) -> float:
     """Layer-weighted visual tokens: ``n_in`` until each ``(layer, kept)`` stage, averaged over layers."""
     counts, current, boundary = [], n_in, sorted(stages)
@@ -96,6 +113,16 @@ class PruningMethod(ABC):
         self.adapter = adapter
         self.config = config
 
+    @classmethod
+    def config_from_options(cls, keep_tokens: int | None, options: MethodOptions) -> Any:
+        """This method's config for a budget and the shared command-line options.
+
+        Every method reads what applies to it (``layer`` for single-stage inner-LLM methods,
+        ``pool`` for PLC, ``seed`` for random ...) and ignores the rest, so one command line
+        can run every method with the same budget.
+        """
+        raise NotImplementedError(f"{cls.__name__} cannot be built from options")
+
     def attach(self) -> None:  # noqa: B027  (pre-LLM methods have no hooks)
         """Register hooks on the model instance (nothing for pre-LLM-only methods)."""
 
@@ -118,6 +145,12 @@ class NoPruning(PruningMethod):
     """The unpruned model (the reference every method is compared with)."""
 
     name = "none"
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        from crop.config import CropConfig
+
+        return CropConfig(method="none", grid=options.grid)
 
     def prepare(self, inputs, spans, boxes):
         return dict(inputs), PruneStats.start(spans, boxes)

@@ -108,6 +108,12 @@ class CropPLC(PreLLMMethod):
     name = "crop-plc"
     uses_region = True
 
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        from crop.config import CropConfig
+
+        return CropConfig(method="plc", keep_tokens=keep_tokens, pool=options.pool, grid=options.grid)
+
     def compress_image(self, features, span, box, image_index):
         keep = region_share(self.adapter, span, box, self.config.keep_tokens, self.config.pool)
         return pool_image(span, features, keep, self.config.pool), keep.tolist()
