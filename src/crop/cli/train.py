@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     _add_common(a, "answerer", {"steps": 3000, "lr": 1.5e-3, "turns": 4})
     loc = sub.add_parser("localizer", help="the Qwen2-VL-architecture localizer")
     _add_common(loc, "localizer", {"steps": 3000, "lr": 1.5e-3})
+    from crop.train.finetune_localizer import add_finetune_arguments
+
+    add_finetune_arguments(loc)
     c = sub.add_parser("cost", help="time the localizer against the answerer's prefill and record it in its card")
     c.add_argument("--weights-dir", default=None, help="folder holding answerer/ and localizer/ (default: the package's)")
     c.add_argument("--n", type=int, default=20)
@@ -76,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from crop.errors import CropInputError
     from crop.train.common import train
 
+    if getattr(args, "base", None):  # fine-tune a pretrained checkpoint (the paper's localizer recipe)
+        from crop.train.finetune_localizer import run_finetune_cli
+
+        return run_finetune_cli(args, scratch_lr=1.5e-3)
     try:
         config = _config(args)
     except ValueError as exc:
