@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from crop.eval.report import pyplot
 
 
 def _ms(row: dict[str, Any], key: str) -> str:
@@ -45,13 +44,8 @@ def bench_table(results: dict[str, Any]) -> str:
 
 def plot_breakdown(results: dict[str, Any], path: str | Path) -> Path | None:
     """Stacked bars of the median time per component, per case, for the first batch size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed; skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return None
     block = results["batches"][0]
     names = list(block["cases"])

@@ -34,8 +34,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_tokens(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Accuracy against visual tokens kept, one line per method; ``None`` if matplotlib is missing."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or ``None`` (with a warning) if it is missing."""
     try:
         import matplotlib
 
@@ -43,6 +43,14 @@ def plot_accuracy_vs_tokens(results: dict[str, Any], path: str | Path) -> Path |
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed (pip install 'crop-vlm[eval]'); skipping the plot")
+        return None
+    return plt
+
+
+def plot_accuracy_vs_tokens(results: dict[str, Any], path: str | Path) -> Path | None:
+    """Accuracy against visual tokens kept, one line per method; ``None`` if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     by_method: dict[str, list[tuple[float, float]]] = {}
