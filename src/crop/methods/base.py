@@ -277,12 +277,14 @@ class InnerLLMMethod(PruningMethod):
         """The deferred selection for ``stage``: maps surviving visual slots, asks the method, returns positions."""
 
         def select(hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
-            # the original prompt position of every slot of the sequence entering this stage
-            if stage == 0:
-                origin = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-            else:
-                prev = self.pruners[stage - 1].context
-                origin = prev.index if prev.valid is None else prev.index.masked_fill(~prev.valid, -1)
+            # the original prompt position of every slot of the sequence entering this stage; each earlier
+            # stage's index points into the sequence *that* stage received, so compose them all
+            length = hidden.shape[1] if stage == 0 else self.pruners[0].context.prefill_len
+            origin = torch.arange(length, device=hidden.device).expand(hidden.shape[0], -1)  # (B, L0)
+            for prev in (p.context for p in self.pruners[:stage]):
+                origin = origin.gather(1, prev.index)  # (B, Lk)
+                if prev.valid is not None:
+                    origin = origin.masked_fill(~prev.valid, -1)
             candidates: list[list[torch.Tensor]] = [[] for _ in range(hidden.shape[0])]
             span_index: list[torch.Tensor] = []
             for span in self._spans:
