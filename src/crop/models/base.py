@@ -140,6 +140,27 @@ class CompressedImage:
         return int(self.tokens.shape[0]) - self.structure
 
 
+@dataclass(frozen=True)
+class AttentionParts:
+    """The pieces of one decoder layer's self-attention that attention-scored methods recompute scores from.
+
+    Attributes:
+        norm: the layer's pre-attention norm (its input goes through it before ``q_proj``).
+        q_proj, k_proj: the query and key projections (``Linear``, outputs ``heads * head_dim``
+            and ``kv_heads * head_dim`` wide).
+        heads, kv_heads, head_dim: query heads, key/value heads (GQA) and the head width.
+        scaling: the softmax scale (``head_dim ** -0.5`` for Llama and Qwen2).
+    """
+
+    norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+
 class VLMAdapter(ABC):
     """Model knowledge for one architecture family; instantiate with the model it serves.
 
@@ -176,6 +197,25 @@ class VLMAdapter(ABC):
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
         """The language model's decoder layers, in order."""
+
+    def attention_parts(self, layer: int) -> AttentionParts:
+        """Layer ``layer``'s norm, q/k projections and head geometry (Llama / Qwen2 text decoders by default).
+
+        Raises:
+            ValueError: if the layer does not have the Llama-style ``input_layernorm`` + ``self_attn.q_proj``.
+        """
+        block = self.decoder_layers()[layer]
+        attn = getattr(block, "self_attn", None)
+        if attn is None or not all(hasattr(m, n) for m, n in ((attn, "q_proj"), (attn, "k_proj"),
+                                                               (block, "input_layernorm"))):
+            raise ValueError(f"{type(block).__name__} has no Llama-style self_attn.q_proj/k_proj + input_layernorm; "
+                             f"override attention_parts() in {type(self).__name__}")
+        cfg = self.text_config
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(attn, "head_dim", 0) or getattr(cfg, "head_dim", 0) or cfg.hidden_size // heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        return AttentionParts(block.input_layernorm, attn.q_proj, attn.k_proj, heads, kv_heads, head_dim,
+                              float(getattr(attn, "scaling", head_dim ** -0.5)))
 
     @abstractmethod
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:

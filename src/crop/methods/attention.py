@@ -1,0 +1,298 @@
+"""Attention rows for attention-scored inner-LLM baselines (FastV, PyramidDrop, SparseVLM), SDPA kept on.
+
+The model never runs with ``output_attentions``: the few attention rows a method ranks visual
+tokens by are recomputed from the layer's own queries and keys, either
+
+- *captured*: forward hooks on layer ``K-1``'s ``q_proj``/``k_proj`` keep their outputs during an
+  armed prefill (FastV, SparseVLM: the attention of the layer before the pruning layer decides);
+- *recomputed*: layer ``K``'s norm and projections applied to the hidden states entering it
+  (PyramidDrop's "lightweight attention" at the layer it prunes).
+
+Either way RoPE is applied with the ``position_embeddings`` (cos, sin) the model computed for
+that sequence (for Qwen2-VL these are already the composed M-RoPE tables), key/value heads are
+repeated for GQA, the softmax is causal over the real (unpadded) slots, and heads are averaged.
+All architecture access goes through :meth:`crop.models.base.VLMAdapter.attention_parts`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import Any, ClassVar
+
+import torch
+from transformers.models.llama.modeling_llama import rotate_half
+
+from crop.methods.base import InnerLLMMethod
+from crop.models.base import AttentionParts, VLMAdapter
+
+
+class QKCapture:
+    """Keeps the outputs of one layer's ``q_proj`` and ``k_proj`` while armed (instance-level hooks).
+
+    Args:
+        parts: the layer's attention parts (from the adapter).
+    """
+
+    def __init__(self, parts: AttentionParts) -> None:
+        self.parts = parts
+        self.armed = False
+        self.q: torch.Tensor | None = None  # (B, L, H*d)
+        self.k: torch.Tensor | None = None  # (B, L, Hkv*d)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        """Register the two forward hooks (idempotent)."""
+        if self._handles:
+            return
+        self._handles.append(self.parts.q_proj.register_forward_hook(self._keep("q")))
+        self._handles.append(self.parts.k_proj.register_forward_hook(self._keep("k")))
+
+    def detach(self) -> None:
+        """Remove the hooks and drop what was kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.armed, self.q, self.k = False, None, None
+
+    def arm(self) -> None:
+        """Keep the projections of the next forward (the prompt's prefill)."""
+        self.armed, self.q, self.k = True, None, None
+
+    def take(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept ``(q, k)`` of a ``seq_len``-token prefill; disarms (later forwards keep nothing).
+
+        Raises:
+            RuntimeError: if nothing (or another sequence) was captured.
+        """
+        q, k = self.q, self.k
+        self.armed, self.q, self.k = False, None, None
+        if q is None or k is None or q.shape[1] != seq_len or k.shape[1] != seq_len:
+            raise RuntimeError("no attention projections were captured for this prompt; call handle.prepare(inputs) "
+                               "before each forward/generate call")
+        return q, k
+
+    def _keep(self, which: str):
+        def hook(module, args, output):
+            if self.armed:
+                setattr(self, which, output.detach())
+        return hook
+
+
+def attention_rows(parts: AttentionParts, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   queries: Sequence[torch.Tensor], valid: torch.Tensor) -> list[torch.Tensor]:
+    """Head-averaged causal attention of chosen query slots over all slots, per sample.
+
+    Args:
+        parts: head geometry and scale of the layer.
+        q: ``(B, L, H*d)`` query projections (before RoPE).
+        k: ``(B, L, Hkv*d)`` key projections (before RoPE).
+        cos, sin: ``(B|1, L, d)`` the layer's rotary tables for these slots.
+        queries: per sample, ``(n_b,)`` slots whose attention rows are wanted.
+        valid: ``(B, L)`` False on padding slots (never attended to).
+
+    Returns:
+        Per sample, ``(n_b, L)`` attention probabilities (float32; each row sums to 1 over the
+        slots the query may see: real slots at or before it).
+    """
+    batch, seq_len, _ = q.shape
+    heads, kv_heads, dim = parts.heads, parts.kv_heads, parts.head_dim
+    out = []
+    for b in range(batch):
+        rows = queries[b].to(q.device)  # (n,)
+        cb = cos[b if cos.shape[0] > 1 else 0].float()  # (L, d)
+        sb = sin[b if sin.shape[0] > 1 else 0].float()  # (L, d)
+        qb = q[b, rows].float().view(-1, heads, dim)  # (n, H, d)
+        qb = qb * cb[rows, None] + rotate_half(qb) * sb[rows, None]  # (n, H, d) rotated
+        kb = k[b].float().view(seq_len, kv_heads, dim)  # (L, Hkv, d)
+        kb = kb * cb[:, None] + rotate_half(kb) * sb[:, None]  # (L, Hkv, d) rotated
+        kb = kb.repeat_interleave(heads // kv_heads, dim=1)  # (L, H, d) GQA: each kv head serves a group
+        scores = torch.einsum("nhd,lhd->hnl", qb, kb) * parts.scaling  # (H, n, L)
+        keys = torch.arange(seq_len, device=q.device)  # (L,)
+        allowed = (keys[None, :] <= rows[:, None]) & valid[b][None, :]  # (n, L) causal, no padding
+        scores = scores.masked_fill(~allowed[None], float("-inf"))  # (H, n, L)
+        out.append(scores.softmax(dim=-1).mean(dim=0))  # (n, L)
+    return out
+
+
+def scaled_layers(fractions: Sequence[float], num_layers: int) -> list[int]:
+    """Stage layers given as fractions of a model's depth (e.g. 8/32), rounded, kept in ``[1, num_layers - 1]``.
+
+    Returns:
+        Strictly increasing layer indices (duplicates after rounding merged).
+    """
+    layers = [min(max(int(f * num_layers + 0.5), 1), num_layers - 1) for f in fractions]
+    return sorted(set(layers))
+
+
+def stage_counts(n_in: int, keep_tokens: int | None, layers: Sequence[int], num_layers: int,
+                 ratio: float) -> list[int]:
+    """Visual tokens each stage keeps, for a budget given as the layer-weighted equivalent count.
+
+    Stage ``s`` keeps ``n1 * ratio**s`` tokens; ``n1`` is chosen so that the layer-weighted
+    average over the LM's layers (``n_in`` before the first stage) equals ``keep_tokens``.
+    When the stage layers make that impossible (the first ``layers[0]`` layers alone already
+    cost more, so the last stage would keep < 1 token), the budget is read as FastV reads it:
+    ``keep_tokens`` survive the first stage (and the reported equivalent count is larger).
+    ``keep_tokens=None`` keeps ``ratio**(s+1)`` of the tokens at stage ``s`` (50/25/12.5 %).
+    A budget of all the tokens keeps everything at every stage.
+
+    Args:
+        n_in: the image's visual tokens.
+        keep_tokens: the equivalent-token budget, or ``None``.
+        layers: the stage layers (increasing).
+        num_layers: the LM's depth.
+        ratio: lambda, the share of the previous stage's tokens each stage keeps.
+
+    Returns:
+        Non-increasing counts, one per stage, each in ``[1, n_in]`` (``[0, 0, ...]`` if ``n_in == 0``).
+    """
+    if n_in == 0:
+        return [0] * len(layers)
+    if keep_tokens is None:
+        first = n_in * ratio
+    elif keep_tokens >= n_in:
+        return [n_in] * len(layers)
+    else:
+        bounds = list(layers[1:]) + [num_layers]
+        weight = sum((end - start) * ratio ** s for s, (start, end) in enumerate(zip(layers, bounds, strict=True)))
+        first = (keep_tokens * num_layers - layers[0] * n_in) / weight
+        if first * ratio ** (len(layers) - 1) < 1:
+            first = keep_tokens
+    counts, prev = [], n_in
+    for s in range(len(layers)):
+        prev = min(prev, max(1, int(first * ratio ** s + 0.5)))
+        counts.append(prev)
+    return counts
+
+
+class BaselineConfigMixin:
+    """``to_dict``/``from_dict`` and shared checks for the baseline configs (dataclasses)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: on unknown keys or invalid values.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    @staticmethod
+    def _check_keep(keep_tokens: Any) -> None:
+        if keep_tokens is not None and (isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int)
+                                        or keep_tokens <= 0):
+            raise ValueError(f"keep_tokens must be a positive int or None, got {keep_tokens!r}")
+
+    @staticmethod
+    def _check_ratio(name: str, value: Any, low_open: bool = True) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not (0 < value <= 1 if low_open else 0 <= value <= 1):
+            raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+
+    @staticmethod
+    def _check_grid(grid: Any) -> None:
+        if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= 64:
+            raise ValueError(f"grid must be an int in [1, 64], got {grid!r}")
+
+    @staticmethod
+    def _check_layers(layers: Any) -> None:
+        if layers is None:
+            return
+        if not isinstance(layers, tuple) or not layers or any(isinstance(x, bool) or not isinstance(x, int)
+                                                                for x in layers):
+            raise ValueError(f"layers must be a non-empty tuple of ints or None, got {layers!r}")
+        if any(x < 1 for x in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be strictly increasing and >= 1, got {layers!r}")
+
+
+class AttentionScoredMethod(InnerLLMMethod):
+    """Base of inner-LLM methods that rank visual tokens by attention rows (see the module docstring).
+
+    Subclasses set :attr:`capture_before` and use :meth:`slot_validity`, :meth:`last_slots` and
+    :meth:`attention_rows_at` inside their :meth:`select_at_layer`.
+
+    Class attributes:
+        capture_before: rank with the attention of the layer before each stage layer (captured)
+            rather than with the stage layer's own (recomputed from its input).
+    """
+
+    capture_before: ClassVar[bool] = True
+
+    def __init__(self, adapter: VLMAdapter, config: Any) -> None:
+        super().__init__(adapter, config)
+        self.captures = [QKCapture(adapter.attention_parts(k - 1)) for k in self.stage_layers()] \
+            if self.capture_before else []
+        self._attention_mask: torch.Tensor | None = None
+
+    def attach(self) -> None:
+        for capture in self.captures:
+            capture.attach()
+        super().attach()
+
+    def detach(self) -> None:
+        super().detach()
+        for capture in self.captures:
+            capture.detach()
+
+    def prepare(self, inputs, spans, boxes):
+        mask = inputs.get("attention_mask")
+        self._attention_mask = mask.bool() if isinstance(mask, torch.Tensor) else None  # (B, L) False on padding
+        for capture in self.captures:
+            capture.arm()
+        return super().prepare(inputs, spans, boxes)
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+
+    def slot_origin(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` the prompt position of each slot entering stage ``stage`` (-1 on padding slots)."""
+        batch, seq_len, _ = hidden.shape
+        length = seq_len if stage == 0 else self.pruners[0].context.prefill_len
+        origin = torch.arange(length, device=hidden.device).expand(batch, -1)  # (B, L0)
+        for prev in (p.context for p in self.pruners[:stage]):  # each index points into what that stage received
+            origin = origin.gather(1, prev.index)  # (B, Lk)
+            if prev.valid is not None:
+                origin = origin.masked_fill(~prev.valid, -1)
+        return origin  # (B, L)
+
+    def slot_validity(self, stage: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(origin, valid)``: :meth:`slot_origin` and the ``(B, L)`` mask of real (unpadded) slots."""
+        origin = self.slot_origin(stage, hidden)  # (B, L)
+        valid = origin >= 0  # (B, L)
+        if self._attention_mask is not None:
+            mask = self._attention_mask.to(hidden.device)  # (B, P)
+            valid = valid & mask.gather(1, origin.clamp(min=0).clamp(max=mask.shape[1] - 1))  # (B, L)
+        return origin, valid
+
+    def attention_rows_at(self, stage: int, hidden: torch.Tensor, layer_kwargs: dict,
+                          queries: Sequence[torch.Tensor], valid: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the ``(n_b, L)`` head-averaged attention of slots ``queries[b]`` (see :func:`attention_rows`).
+
+        Uses the layer before the stage layer (captured) or the stage layer itself (recomputed
+        from ``hidden``), as :attr:`capture_before` says.
+        """
+        cos, sin = layer_kwargs["position_embeddings"]  # (B|1, L, d) each
+        with torch.no_grad():
+            if self.capture_before:
+                q, k = self.captures[stage].take(hidden.shape[1])  # (B, L, H*d), (B, L, Hkv*d)
+                parts = self.captures[stage].parts
+            else:
+                parts = self.adapter.attention_parts(self.stage_layers()[stage])
+                normed = parts.norm(hidden)  # (B, L, D)
+                q, k = parts.q_proj(normed), parts.k_proj(normed)  # (B, L, H*d), (B, L, Hkv*d)
+            return attention_rows(parts, q, k, cos, sin, queries, valid)
+
+    @staticmethod
+    def last_slots(valid: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, ``(1,)`` the last real slot (the prompt's last token)."""
+        positions = torch.arange(valid.shape[1], device=valid.device)  # (L,)
+        return [positions[row].max().view(1) for row in valid]

@@ -1,0 +1,81 @@
+"""FastV: drop the visual tokens the last prompt token attends to least, once, inside the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin
+from crop.methods.base import METHODS
+
+
+@dataclass
+class FastVConfig(BaselineConfigMixin):
+    """Configuration of FastV.
+
+    Args:
+        keep_tokens: visual tokens per image that survive layer ``layer``; ``None`` keeps
+            ``1 - drop`` of them (the paper's default prunes half).
+        layer: K, the first layer that runs without the dropped tokens (the paper's K = 2);
+            the ranking uses layer K-1's attention.
+        drop: share of the visual tokens dropped when ``keep_tokens`` is ``None`` (the paper's R).
+        grid: side of the region grid of the boxes handed to ``prepare`` (ignored: this method
+            does not use the region; kept so every config runs through the same pipeline).
+
+    Raises:
+        ValueError: on any invalid field.
+    """
+
+    keep_tokens: int | None = None
+    layer: int = 2
+    drop: float = 0.5
+    grid: int = 8
+    method_name: ClassVar[str] = "fastv"
+
+    def __post_init__(self) -> None:
+        self._check_keep(self.keep_tokens)
+        self._check_grid(self.grid)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer must be an int >= 1 (FastV ranks with layer K-1's attention), got {self.layer!r}")
+        self._check_ratio("drop", self.drop, low_open=False)
+
+
+@METHODS.register("fastv")
+class FastV(AttentionScoredMethod):
+    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv 2403.06764).
+
+    Stage: inside the LLM, once. Layers ``0..K-1`` see every token; at the input of layer K
+    each image keeps the ``keep_tokens`` visual tokens that received the most attention from
+    the last prompt token at layer K-1, averaged over heads. Text tokens are never dropped;
+    kept tokens keep their positions; layers >= K cache only the kept tokens.
+
+    Deviations from the paper's code: the attention row is recomputed from layer K-1's
+    captured queries/keys instead of ``output_attentions`` (same numbers, SDPA stays on);
+    batches and several images per prompt are supported (one ranking per image, against that
+    image's own tokens); the budget is a count per image (``keep_tokens``) rather than a ratio
+    unless ``keep_tokens`` is ``None``. Config: :class:`FastVConfig`.
+    """
+
+    name = "fastv"
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return FastVConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
+
+    def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
+        _, valid = self.slot_validity(stage, hidden)  # (B, L)
+        rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)
+        out = []
+        for b, per_sample in enumerate(candidates):
+            for slots in per_sample:
+                n = slots.numel()
+                budget = self.config.keep_tokens
+                keep = n - int(n * self.config.drop) if budget is None else min(budget, n)
+                if keep >= n:
+                    out.append(torch.arange(n))
+                    continue
+                scores = rows[b][0, slots.to(rows[b].device)]  # (v,)
+                out.append(scores.topk(keep).indices.cpu())
+        return out
