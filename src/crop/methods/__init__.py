@@ -23,11 +23,15 @@ ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc"}
 
 def _register_builtin() -> None:
     """Import the modules whose classes register themselves in :data:`METHODS`."""
+    import crop.methods.dart  # noqa: F401
     import crop.methods.fastv  # noqa: F401
     import crop.methods.ilp  # noqa: F401
     import crop.methods.pdrop  # noqa: F401
     import crop.methods.plc  # noqa: F401
+    import crop.methods.pool  # noqa: F401
+    import crop.methods.random_prune  # noqa: F401
     import crop.methods.sparsevlm  # noqa: F401
+    import crop.methods.visionzip  # noqa: F401
 
     if "none" not in METHODS:
         METHODS.register("none")(NoPruning)

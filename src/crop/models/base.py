@@ -240,6 +240,21 @@ class VLMAdapter(ABC):
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Run the vision tower (+ projector): one ``(length, D)`` tensor per image."""
 
+    def encode_images_with_cls_attention(
+            self, inputs: Mapping[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`encode_images` plus, per image, the vision tower's [CLS] attention and keys (VisionZip).
+
+        Returns:
+            ``(features, attention, keys)``, one entry per image: ``(length, D)`` features as
+            :meth:`encode_images` gives them; ``(V,)`` the [CLS] attention paid to each visual
+            token and ``(V, K)`` its keys in the vision layer the features come from, both in
+            :meth:`ImageSpan.visual_positions` order.
+
+        Raises:
+            NotImplementedError: for vision towers without a [CLS] token (Qwen2-VL).
+        """
+        raise NotImplementedError(f"{type(self).__name__}: this vision tower has no [CLS] token to rank patches by")
+
     @abstractmethod
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
                           images: list[CompressedImage]) -> dict[str, Any]:

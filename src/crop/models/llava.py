@@ -10,6 +10,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VLMAdapter
+from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
 
 
@@ -49,6 +50,12 @@ class LlavaAdapter(VLMAdapter):
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         return list(out.pooler_output)  # each (rows*cols, D)
+
+    def encode_images_with_cls_attention(self, inputs: Mapping[str, Any]):
+        """:meth:`encode_images` + each image's [CLS] attention ``(V,)`` and keys ``(V, d)`` at ``vision_feature_layer``."""
+        layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
+        features, attention, keys = capture_cls_attention(layer, lambda: self.encode_images(inputs))
+        return features, list(attention), list(keys)  # per image (rows*cols, D), (V,), (V, d)
 
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
                           images: list[CompressedImage]) -> dict[str, Any]:

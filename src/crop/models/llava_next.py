@@ -44,6 +44,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, TokenGrid, VLMAdapter
+from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
 
 
@@ -123,6 +124,50 @@ class LlavaNextAdapter(VLMAdapter):
         out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                   image_sizes=inputs["image_sizes"], return_dict=True)
         return list(out.pooler_output)  # each (576 + rows' * (cols' + 1), D)
+
+    def encode_images_with_cls_attention(self, inputs: Mapping[str, Any]):
+        """:meth:`encode_images` + each image's [CLS] attention ``(V,)`` and keys ``(V, d)``.
+
+        Every tile (base view first, then the high-res tiles) has its own [CLS] token; each
+        tile's scores and keys are laid out like its features (:meth:`pack_tile_values`).
+        """
+        layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
+        features, attention, keys = capture_cls_attention(layer, lambda: self.encode_images(inputs))
+        per_tile = torch.cat([attention[..., None], keys], dim=-1)  # (tiles, side*side, 1 + d)
+        packed = self.pack_tile_values(per_tile, inputs["image_sizes"])  # per image (V, 1 + d)
+        return features, [p[:, 0] for p in packed], [p[:, 1:] for p in packed]  # per image (L, D), (V,), (V, d)
+
+    def pack_tile_values(self, per_tile: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Lay out per-tile, per-patch values as the images' visual tokens (newlines left out).
+
+        Tiles are stitched and unpadded exactly as ``pack_image_features`` does with features
+        (the model's own ``unpad_image``), base view first.
+
+        Args:
+            per_tile: ``(tiles, side*side, C)`` values of every tile the vision tower saw, images
+                one after the other (base view, then high-res tiles), patches row-major.
+            image_sizes: ``(images, 2)`` the processor's ``(height, width)`` per image.
+
+        Returns:
+            Per image, ``(V, C)`` in :meth:`ImageSpan.visual_positions` order.
+
+        Raises:
+            ValueError: if the tile count does not match ``image_sizes``.
+        """
+        out, offset = [], 0
+        for h, w in image_sizes.tolist():
+            tiles_high, tiles_wide = get_anyres_image_grid_shape([int(h), int(w)], self.config.image_grid_pinpoints,
+                                                                 self.tile_px)
+            n = 1 + tiles_high * tiles_wide
+            tiles = per_tile[offset:offset + n]  # (n, side*side, C)
+            offset += n
+            stitched = tiles[1:].reshape(tiles_high, tiles_wide, self.side, self.side, -1)
+            stitched = stitched.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (C, H, W) as the model packs
+            high = unpad_image(stitched, torch.as_tensor([int(h), int(w)])).flatten(1).T  # (rows'*cols', C)
+            out.append(torch.cat([tiles[0], high]))  # (V, C) base view, then the high-res grid
+        if offset != per_tile.shape[0]:
+            raise ValueError(f"the vision tower saw {per_tile.shape[0]} tiles but image_sizes implies {offset}")
+        return out
 
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
                           images: list[CompressedImage]) -> dict[str, Any]:

@@ -1,0 +1,102 @@
+"""Uniform pooling baseline: average-pool each image's token grid to the budget, before the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from crop.methods._compose import compose, keep_all
+from crop.methods.base import METHODS, PreLLMMethod
+from crop.ops.grid_pool import pool_grid_to, split_budget
+
+
+def check_keep_tokens(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` or a positive int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"keep_tokens must be a positive int or None (keep everything), got {value!r}")
+
+
+def check_grid(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a region-grid side in ``[1, 64]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"grid must be an int in [1, 64], got {value!r}")
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a dict, refusing unknown keys (shared by the baseline configs)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
+@dataclass
+class PoolConfig:
+    """Config of the uniform-pooling baseline.
+
+    Args:
+        keep_tokens: visual tokens per image that reach the LLM; ``None`` keeps every token.
+        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
+            regions; the field lets a pipeline pair it with any localizer, as with CROP).
+
+    Raises:
+        ValueError: on an invalid field.
+    """
+
+    keep_tokens: int | None = 64
+    grid: int = 8
+    method_name: ClassVar[str] = "pool"
+
+    def __post_init__(self) -> None:
+        check_keep_tokens(self.keep_tokens)
+        check_grid(self.grid)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoolConfig:
+        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
+        return config_from_dict(cls, data)
+
+
+@METHODS.register("pool")
+class UniformPool(PreLLMMethod):
+    """Average-pool each image's token grid to exactly ``keep_tokens`` tokens.
+
+    The budget-matched "just make the image coarser" baseline (as used for comparison in the
+    token-pruning literature, e.g. the pooling baselines of LLaVA-PruMerge / VisionZip).
+    Stage: before the LLM. The pooled grid is the factorisation ``r' x c' == keep_tokens``
+    closest to the grid's aspect (64 on 24x24 -> 8x8 of 3x3 bins), or near-square ragged bands
+    when no such factorisation exists (:func:`crop.ops.grid_pool.pool_grid_to`); every pooled
+    token takes the position of its bin's centre token. Multi-grid images (LLaVA-NeXT) split
+    the budget over base view and high-resolution grid in proportion to their token counts,
+    each pooled on its own; a high-res row keeps its newline iff it holds a bin centre.
+    Config: :class:`PoolConfig`.
+    """
+
+    name = "pool"
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return PoolConfig(keep_tokens=keep_tokens, grid=options.grid)
+
+    def compress_image(self, features, span, box, image_index):
+        budget = self.config.keep_tokens
+        if budget is None or budget >= span.visual_tokens:
+            return keep_all(span, features)
+        grids = span.token_grids
+        tokens, sources = [], []
+        for grid, share in zip(grids, split_budget([g.rows * g.cols for g in grids], budget), strict=True):
+            if share == 0:
+                continue
+            where = grid.positions().to(features.device)  # (rows*cols,) span positions
+            pooled, local = pool_grid_to(features[where], grid.rows, grid.cols, share)  # (share, D), (share,)
+            tokens.append(pooled)
+            sources.append(where[local])
+        image = compose(span, features, torch.cat(tokens), torch.cat(sources))
+        return image, []

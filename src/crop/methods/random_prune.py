@@ -1,0 +1,131 @@
+"""Random baseline: a seeded uniform choice of ``keep_tokens`` visual tokens, before the LLM or at layer K."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from crop.methods._compose import compose, keep_all
+from crop.methods.base import METHODS, InnerLLMMethod, PreLLMMethod, PruningMethod
+from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
+from crop.models.base import ImageSpan, VLMAdapter
+
+STAGES = ("pre", "inner")
+
+
+@dataclass
+class RandomConfig:
+    """Config of the random baseline.
+
+    Args:
+        keep_tokens: visual tokens kept per image; ``None`` keeps every token.
+        stage: ``"pre"`` drops tokens before the LLM (the prompt is rebuilt); ``"inner"`` keeps
+            every token for layers ``< layer`` and drops them at ``layer`` (like CROP's ILP).
+        layer: the pruning layer K of the ``"inner"`` stage (ignored for ``"pre"``).
+        seed: image ``i`` of a batch draws its tokens with a generator seeded ``seed + i``.
+        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
+            regions; the field lets a pipeline pair it with any localizer, as with CROP).
+
+    Raises:
+        ValueError: on an invalid field.
+    """
+
+    keep_tokens: int | None = 64
+    stage: str = "pre"
+    layer: int = 2
+    seed: int = 0
+    grid: int = 8
+    method_name: ClassVar[str] = "random"
+
+    def __post_init__(self) -> None:
+        check_keep_tokens(self.keep_tokens)
+        check_grid(self.grid)
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer must be an int >= 1, got {self.layer!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RandomConfig:
+        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
+        return config_from_dict(cls, data)
+
+
+def random_keep(span: ImageSpan, budget: int | None, seed: int) -> torch.Tensor:
+    """Span positions of ``budget`` visual tokens drawn uniformly without replacement.
+
+    Args:
+        span: the image's span.
+        budget: tokens to keep (``None`` or ``>=`` the image's tokens keeps all).
+        seed: the generator seed (the same seed and span always give the same choice).
+
+    Returns:
+        Sorted ``(k,)`` span positions.
+    """
+    visual = span.visual_positions()  # (V,)
+    if budget is None or budget >= visual.numel():
+        return visual
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(visual.numel(), generator=generator)[:budget]  # (k,)
+    return visual[pick].sort().values
+
+
+class _RandomBeforeLLM(PreLLMMethod):
+    """The ``"pre"`` stage: keep the drawn tokens' features, rebuild the prompt around them."""
+
+    def compress_image(self, features, span, box, image_index):
+        budget = self.config.keep_tokens
+        if budget is None or budget >= span.visual_tokens:
+            return keep_all(span, features)
+        keep = random_keep(span, budget, self.config.seed + image_index).to(features.device)  # (k,)
+        return compose(span, features, features[keep], keep), keep.tolist()
+
+
+class _RandomAtLayer(InnerLLMMethod):
+    """The ``"inner"`` stage: every token until layer K, then text + the drawn tokens."""
+
+    def keep_before_forward(self, inputs, spans, boxes):
+        return [random_keep(span, self.config.keep_tokens, self.config.seed + i) for i, span in enumerate(spans)]
+
+
+@METHODS.register("random")
+class RandomPrune(PruningMethod):
+    """Keep a seeded uniform random subset of ``keep_tokens`` visual tokens per image.
+
+    The sanity baseline of the token-pruning literature (FastV, SparseVLM and VisionZip all
+    report it): any method worth using must beat it at the same budget. Stage: before the LLM
+    (``stage="pre"``, default) or inside it at layer K (``stage="inner"``). Image ``i`` of a
+    batch draws with seed ``seed + i``, so a run is reproducible, and a batch equals
+    one-by-one runs with seeds ``seed, seed + 1, ...``. Config: :class:`RandomConfig`.
+
+    Args:
+        adapter: the model's adapter.
+        config: a :class:`RandomConfig`.
+    """
+
+    name = "random"
+
+    def __init__(self, adapter: VLMAdapter, config: RandomConfig) -> None:
+        super().__init__(adapter, config)
+        self.stage: PruningMethod = (_RandomBeforeLLM if config.stage == "pre" else _RandomAtLayer)(adapter, config)
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return RandomConfig(keep_tokens=keep_tokens, layer=options.layer, seed=options.seed, grid=options.grid)
+
+    def attach(self) -> None:
+        self.stage.attach()
+
+    def detach(self) -> None:
+        self.stage.detach()
+
+    def prepare(self, inputs, spans, boxes):
+        return self.stage.prepare(inputs, spans, boxes)

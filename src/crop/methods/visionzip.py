@@ -1,0 +1,155 @@
+"""VisionZip: dominant tokens by vision-tower [CLS] attention + a few merged contextual tokens, before the LLM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from crop.methods._compose import compose, keep_all
+from crop.methods.base import METHODS, PreLLMMethod, PruneStats
+from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
+from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
+from crop.ops.similarity import merge_into_targets, spread_indices
+
+
+@dataclass
+class VisionZipConfig:
+    """Config of VisionZip.
+
+    Args:
+        keep_tokens: visual tokens per image that reach the LLM (dominant + contextual);
+            ``None`` keeps every token.
+        contextual_ratio: share of ``keep_tokens`` spent on contextual (merged) tokens; the
+            paper's splits 54+10 / 108+20 / 162+30 (at 64 / 128 / 192) are all ``10/64``.
+        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
+            regions; the field lets a pipeline pair it with any localizer, as with CROP).
+
+    Raises:
+        ValueError: on an invalid field.
+    """
+
+    keep_tokens: int | None = 64
+    contextual_ratio: float = 10 / 64
+    grid: int = 8
+    method_name: ClassVar[str] = "visionzip"
+
+    def __post_init__(self) -> None:
+        check_keep_tokens(self.keep_tokens)
+        check_grid(self.grid)
+        if isinstance(self.contextual_ratio, bool) or not isinstance(self.contextual_ratio, (int, float)) \
+                or not 0 <= self.contextual_ratio < 1:
+            raise ValueError(f"contextual_ratio must be a number in [0, 1), got {self.contextual_ratio!r}")
+
+    def split(self, budget: int) -> tuple[int, int]:
+        """``(dominant, contextual)`` token counts for ``budget`` (at least one dominant token)."""
+        contextual = min(round(budget * self.contextual_ratio), budget - 1)
+        return budget - contextual, contextual
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionZipConfig:
+        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
+        return config_from_dict(cls, data)
+
+
+def visionzip_image(span: ImageSpan, features: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,
+                    dominant: int, contextual: int) -> tuple[CompressedImage, list[int]]:
+    """One image's VisionZip compression.
+
+    Args:
+        span: the image's span.
+        features: ``(span.length, D)`` its features as the LLM would receive them.
+        attention: ``(V,)`` [CLS] attention per visual token (visual-position order).
+        keys: ``(V, K)`` the visual tokens' keys in the same vision layer.
+        dominant: tokens kept as they are (highest attention; ties by position).
+        contextual: merged tokens made from all the others.
+
+    Returns:
+        ``(image, dominant span positions)``; ``dominant + contextual`` visual tokens reach the LLM.
+    """
+    device = features.device
+    visual = span.visual_positions().to(device)  # (V,)
+    order = torch.argsort(attention.to(device), descending=True, stable=True)
+    dom = order[:dominant].sort().values  # (d,) indices into visual order
+    rest_mask = torch.ones(visual.numel(), dtype=torch.bool, device=device)
+    rest_mask[dom] = False
+    rest = rest_mask.nonzero().squeeze(1)  # (V - d,)
+    tokens, source = [features[visual[dom]]], [visual[dom]]
+    if contextual > 0 and rest.numel() > 0:
+        targets = spread_indices(rest.numel(), contextual).to(device)  # (c,) indices into rest
+        merged, _ = merge_into_targets(features[visual[rest]], keys.to(device)[rest], targets)  # (c, D)
+        tokens.append(merged)
+        source.append(visual[rest[targets]])  # each contextual token sits where its target token was
+    return compose(span, features, torch.cat(tokens), torch.cat(source)), visual[dom].tolist()
+
+
+@METHODS.register("visionzip")
+class VisionZip(PreLLMMethod):
+    """VisionZip: keep the tokens the vision tower's [CLS] attends to most, merge the rest into a few.
+
+    Paper: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
+    Models" (CVPR 2025, arXiv 2412.04467). Stage: before the LLM, training-free (the paper's
+    optional projector fine-tuning is not done). Per image: the ``dominant`` visual tokens with
+    the highest [CLS] attention (summed over heads) in the vision layer LLaVA takes its features
+    from (``vision_feature_layer``, -2) are kept; the others are merged into ``contextual``
+    tokens: targets spread evenly over them, every other token joins the target whose key
+    (head-averaged) is most similar (:func:`crop.ops.similarity.merge_into_targets`). The
+    attention is captured by hooks on that layer's q/k projections (SDPA stays on).
+
+    Deviations, and why: (1) tokens are merged after the projector (the adapter hands methods
+    the LLM-space features; the paper merges CLIP features and projects them), so a merged token
+    is the mean of projected tokens; (2) a contextual token is the plain mean of its group
+    (target included), where the reference code adds the target to the mean of the others;
+    (3) each contextual token takes the position of its target token and tokens reach the LLM
+    in image order (the paper appends contextual tokens after dominant ones); (4) LLaVA-NeXT:
+    one top-k and one merge over base view + high-res grid (per-tile [CLS] scores) rather than a
+    per-tile budget. Qwen2-VL/2.5-VL have no [CLS] token: refused with a ``ValueError``.
+    Config: :class:`VisionZipConfig`.
+
+    Args:
+        adapter: the model's adapter.
+        config: a :class:`VisionZipConfig`.
+
+    Raises:
+        ValueError: if the adapter cannot report [CLS] attention (no [CLS] token).
+    """
+
+    name = "visionzip"
+
+    def __init__(self, adapter: VLMAdapter, config: VisionZipConfig) -> None:
+        super().__init__(adapter, config)
+        if type(adapter).encode_images_with_cls_attention is VLMAdapter.encode_images_with_cls_attention:
+            raise ValueError(f"visionzip needs the vision tower's [CLS] attention, which "
+                             f"{type(adapter).__name__} ({adapter.config.model_type}) has no [CLS] token for; "
+                             "it supports llava and llava_next")
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return VisionZipConfig(keep_tokens=keep_tokens, grid=options.grid)
+
+    def compress_image(self, features, span, box, image_index):
+        raise NotImplementedError("VisionZip compresses in prepare (it needs the [CLS] attention too)")
+
+    def prepare(self, inputs, spans, boxes):
+        stats = PruneStats.start(spans, boxes)
+        budget = self.config.keep_tokens
+        if budget is None or all(budget >= s.visual_tokens for s in spans):
+            return dict(inputs), stats  # nothing to drop: the stock inputs, bit-identical
+        features, attention, keys = self.adapter.encode_images_with_cls_attention(inputs)
+        images, full_res = [], []
+        for span, feats, attn, key in zip(spans, features, attention, keys, strict=True):
+            if budget >= span.visual_tokens:
+                image, kept = keep_all(span, feats)
+            else:
+                image, kept = visionzip_image(span, feats, attn, key, *self.config.split(budget))
+            images.append(image)
+            full_res.append(kept)
+        stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]
+        stats.equivalent_tokens = [float(im.visual_tokens) for im in images]
+        stats.full_resolution = full_res
+        return self.adapter.compressed_inputs(inputs, spans, images), stats
