@@ -39,7 +39,8 @@ class FastVConfig(BaselineConfigMixin):
         self._check_grid(self.grid)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"layer must be an int >= 1 (FastV ranks with layer K-1's attention), got {self.layer!r}")
-        self._check_ratio("drop", self.drop, low_open=False)
+        if isinstance(self.drop, bool) or not isinstance(self.drop, (int, float)) or not 0 <= self.drop < 1:
+            raise ValueError(f"drop must be a number in [0, 1) (some visual tokens must survive), got {self.drop!r}")
 
 
 @METHODS.register("fastv")
