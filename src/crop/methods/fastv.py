@@ -45,8 +45,9 @@ class FastVConfig(BaselineConfigMixin):
 
 @METHODS.register("fastv")
 class FastV(AttentionScoredMethod):
-    """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv 2403.06764).
+    """FastV: keep the visual tokens the last prompt token attends to most at layer K-1; drop the rest at K.
 
+    Paper: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024 (arXiv 2403.06764).
     Stage: inside the LLM, once. Layers ``0..K-1`` see every token; at the input of layer K
     each image keeps the ``keep_tokens`` visual tokens that received the most attention from
     the last prompt token at layer K-1, averaged over heads. Text tokens are never dropped;

@@ -47,16 +47,18 @@ class PDropConfig(BaselineConfigMixin):
 
 @METHODS.register("pdrop")
 class PyramidDrop(AttentionScoredMethod):
-    """PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via
-    Pyramid Visual Redundancy Reduction", arXiv 2410.17247, CVPR 2025).
+    """PyramidDrop: at each of several LLM stages keep lambda of the visual tokens the last token attends to most.
 
+    Paper: Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid
+    Visual Redundancy Reduction", CVPR 2025 (arXiv 2410.17247).
     Stage: inside the LLM, several times. The LM is cut into stages (default: at 1/4, 1/2 and
     3/4 of its depth, the paper's layers 8/16/24 of 32); at the input of each stage layer every
     image keeps ``ratio`` (lambda, default 0.5) of the previous stage's visual tokens, ranked by
     the attention of the last instruction token (the prompt's last token) computed with that
     layer's own norm, query/key projections and rotary positions, averaged over heads, as the
-    paper's lightweight attention does. Text tokens are never dropped; kept tokens keep their
-    positions.
+    paper's lightweight attention does (so, as there, each stage pays one extra q/k projection
+    of the sequence; it is part of the measured prefill time). Text tokens are never dropped;
+    kept tokens keep their positions.
 
     Budget: ``keep_tokens`` is the layer-weighted equivalent count, so PDrop at 64 costs about
     what a method keeping 64 tokens in every layer costs. The first stage's count ``n1`` is

@@ -64,9 +64,10 @@ class _Merge:
 
 @METHODS.register("sparsevlm")
 class SparseVLM(AttentionScoredMethod):
-    """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-    Model Inference", ICML 2025, arXiv 2410.04417), training-free.
+    """SparseVLM: question tokens rate the visual tokens at several LLM layers; the best pruned ones are merged.
 
+    Paper: Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
+    Model Inference", ICML 2025 (arXiv 2410.04417); training-free.
     Stage: inside the LLM at several layers (default the paper's 2/6/15 of 32, scaled to depth).
     At each pruning layer K, with the attention of layer K-1 (head-averaged, recomputed from
     its captured queries/keys, SDPA kept on):
