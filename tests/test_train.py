@@ -100,3 +100,22 @@ def test_multi_turn_batch():
     val_answers = tok.decode(batch["labels"][1][batch["labels"][1] != IGNORE])
     assert val_answers.count("</s>") == 1  # evaluation streams stay single-turn
     assert batch["probe_pos"].shape == (4, 2) and batch["probe_targets"].shape == (4, 4)
+
+
+def test_attention_capture_matches_eager_and_keeps_outputs():
+    from crop.data.synth import generate_sample
+    from crop.models.tiny import build_tiny_llava
+    from crop.train.common import AttentionCapture, use_capture_attention
+
+    model, processor = build_tiny_llava(attn_implementation="eager")
+    s = generate_sample(0)
+    inputs = processor(images=[s.image], text=["USER: <image>\nWhat color is the star? ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True)
+        use_capture_attention(model)
+        rows = torch.tensor([[0, inputs["input_ids"].shape[1] - 1], [0, 600]])
+        with AttentionCapture(2, rows) as cap:
+            out = model(**inputs)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+    expected = ref.attentions[2][0, 0, rows[:, 1]]  # (Q, L)
+    assert torch.allclose(cap.probs, expected, atol=1e-6)

@@ -22,6 +22,8 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget over all resumed runs; stops cleanly, then evaluates and saves")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-token probe losses (0 = off)")
+    p.add_argument("--attn-weight", type=float, default=1.0,
+                   help="weight of the attention supervision toward the question's region (0 = off)")
     p.add_argument("--curriculum-fraction", type=float, default=0.1, help="share of steps on sparse scenes")
     p.add_argument("--shape", type=json.loads, default={}, metavar="JSON",
                    help="model size overrides, e.g. '{\"text_layers\": 2}'")
@@ -66,7 +68,7 @@ def _config(args: argparse.Namespace):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         data_seed=args.data_seed, eval_seed=args.eval_seed, eval_split=args.eval_split, eval_n=args.eval_n,
         val_every=args.val_every, val_n=args.val_n, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
-        aux_weight=args.aux_weight, curriculum_fraction=args.curriculum_fraction, threads=args.threads,
+        aux_weight=args.aux_weight, attn_weight=args.attn_weight, curriculum_fraction=args.curriculum_fraction, threads=args.threads,
         workers=args.workers, turns=args.turns, shape=args.shape,
     )
 

@@ -28,14 +28,29 @@ from torch import nn
 
 from crop.data.synth import FAMILIES, answers_match, scene_questions
 from crop.train.common import (
+    AttentionCapture,
     Capture,
     TrainConfig,
+    attention_loss,
+    image_positions,
     make_aux_heads,
     question_probe_loss,
     question_targets,
+    region_token_target,
     token_labels,
+    use_capture_attention,
 )
 from crop.train.data import stream_sample
+
+
+def _layer_index(model: nn.Module, index: int) -> int:
+    return min(index, len(model.model.language_model.layers) - 1)
+
+
+def _layer(model: nn.Module, index: int) -> nn.Module:
+    """LLM decoder layer ``index``, clamped to the model's depth (tiny test models are shallow)."""
+    layers = model.model.language_model.layers
+    return layers[min(index, len(layers) - 1)]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +97,8 @@ class AnswererTask:
 
         torch.manual_seed(config.seed)
         model, processor = build_from_shape(self.architecture, asdict(self.shape))
+        if config.attn_weight > 0:
+            use_capture_attention(model)  # SDPA that also keeps the supervised head's probabilities
         return model, processor
 
     def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
@@ -101,13 +118,13 @@ class AnswererTask:
         # a later chat turn, as the chat template renders it after an answer: " USER: q ASSISTANT:"
         return self.processor.tokenizer(" USER: " + question + " ASSISTANT:", add_special_tokens=False)["input_ids"]
 
-    def _extra_questions(self, sample, stream: str, index: int) -> list[tuple[str, str, str]]:
+    def _extra_questions(self, sample, stream: str, index: int) -> list[tuple[str, str, str, list[int]]]:
         if self.config.turns <= 1 or not stream.startswith("train"):
             return []
         others = [q for q in scene_questions(sample.objects, self.shape.image_size) if q[1] != sample.question]
         rng = np.random.default_rng([self.config.data_seed, 7919, index])
         order = rng.permutation(len(others))[: self.config.turns - 1]
-        return [others[i][:3] for i in order]
+        return [others[i] for i in order]
 
     def collate(self, items: list[tuple[str, int]]) -> dict:
         """Generate the samples and build model inputs, answer-only labels and probe targets.
@@ -124,18 +141,19 @@ class AnswererTask:
         cfg = self.config
         samples = [stream_sample(s, i, cfg.data_seed, cfg.eval_seed, self.shape.image_size) for s, i in items]
         pixel_values = self.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
-        seqs, labels, probe_pos, probe_targets = [], [], [], []
+        seqs, labels, probe_pos, probe_targets, attn_targets = [], [], [], [], []
         for b, (s, (stream, index)) in enumerate(zip(samples, items, strict=True)):
-            turns = [(s.family, s.question, s.answer), *self._extra_questions(s, stream, index)]
+            turns = [(s.family, s.question, s.answer, s.box_px), *self._extra_questions(s, stream, index)]
             ids: list[int] = []
             lab: list[int] = []
-            for t, (family, question, answer) in enumerate(turns):
+            for t, (family, question, answer, box_px) in enumerate(turns):
                 p = self._prompt_ids(question) if t == 0 else self._turn_ids(question)
                 a = self._answer_ids(answer)
                 ids += p
                 lab += [IGNORE] * len(p)
                 probe_pos.append((b, len(ids)))
                 probe_targets.append(question_targets(question, family))
+                attn_targets.append(region_token_target(box_px, self.shape.image_size, self.grid))
                 ids += a
                 lab += a
             seqs.append(ids)
@@ -153,6 +171,7 @@ class AnswererTask:
         )  # (B, 3, N)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values,
                 "aux": aux, "probe_pos": torch.tensor(probe_pos), "probe_targets": torch.tensor(probe_targets),
+                "attn_targets": torch.from_numpy(np.stack(attn_targets)),
                 "families": [s.family for s in samples]}
 
     # -- loss ---------------------------------------------------------------------------------
@@ -160,11 +179,16 @@ class AnswererTask:
         caps = {}
         if capture:
             caps["vis"] = Capture(model.model.multi_modal_projector)
-            caps["q"] = Capture(model.model.language_model.layers[self.config.question_layer])
+            caps["q"] = Capture(_layer(model, self.config.question_layer))
         try:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=batch["pixel_values"])
+            layer = _layer_index(model, self.config.attn_layer)
+            with AttentionCapture(layer if capture and self.config.attn_weight > 0 else None,
+                                  batch.get("probe_pos")) as att:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"])
             feats = {k: c.pop() for k, c in caps.items()}
+            if att.probs is not None:
+                feats["attn"] = att.probs  # (Q, L)
         finally:
             for c in caps.values():
                 c.remove()
@@ -187,6 +211,11 @@ class AnswererTask:
             logs["aux"] = float(aux.detach())
             logs["qaux"] = float(qloss.detach())
             total = total + aux_weight * (aux + qloss)
+            if "attn" in feats:
+                img = image_positions(batch["input_ids"], self.image_token_id, self.n_image_tokens)  # (B, N)
+                att = attention_loss(feats["attn"], pos[:, 0], img, batch["attn_targets"])
+                logs["att"] = float(att.detach())
+                total = total + self.config.attn_weight * att
         logs["loss"] = float(total.detach())
         return total, logs
 

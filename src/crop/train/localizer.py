@@ -32,14 +32,28 @@ from torch import nn
 from crop.data.synth import FAMILIES
 from crop.localizers.prompt import format_box, localizer_prompt
 from crop.train.common import (
+    AttentionCapture,
     Capture,
     TrainConfig,
+    attention_loss,
+    image_positions,
     make_aux_heads,
     question_probe_loss,
     question_targets,
     token_labels,
+    use_capture_attention,
 )
 from crop.train.data import stream_sample
+
+
+def _layer_index(model: nn.Module, index: int) -> int:
+    return min(index, len(model.model.language_model.layers) - 1)
+
+
+def _layer(model: nn.Module, index: int) -> nn.Module:
+    """LLM decoder layer ``index``, clamped to the model's depth (tiny test models are shallow)."""
+    layers = model.model.language_model.layers
+    return layers[min(index, len(layers) - 1)]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +99,10 @@ class LocalizerTask:
         from crop.embedded import build_from_shape
 
         torch.manual_seed(config.seed)
-        return build_from_shape(self.architecture, asdict(self.shape))
+        model, processor = build_from_shape(self.architecture, asdict(self.shape))
+        if config.attn_weight > 0:
+            use_capture_attention(model)  # SDPA that also keeps the supervised head's probabilities
+        return model, processor
 
     def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
         """Content probes on merged visual tokens; row/column probes on LLM image tokens."""
@@ -104,7 +121,7 @@ class LocalizerTask:
         cfg = self.config
         samples = [stream_sample(s, i, cfg.data_seed, cfg.eval_seed) for s, i in items]
         tok = self.processor.tokenizer
-        seqs, labels, types, pixels, thw, probe_pos, probe_targets = [], [], [], [], [], [], []
+        seqs, labels, types, pixels, thw, probe_pos, probe_targets, attn_targets = [], [], [], [], [], [], [], []
         for b, s in enumerate(samples):
             enc = self.processor(images=[s.image], text=[localizer_chat(self.processor, s.question)], return_tensors="pt")
             p = enc["input_ids"][0].tolist()
@@ -113,6 +130,10 @@ class LocalizerTask:
             labels.append([IGNORE] * len(p) + a)
             probe_pos.append((b, len(p)))  # the "[" token, where x0 is predicted
             probe_targets.append(question_targets(s.question, s.family))
+            box = np.zeros((GRID, GRID), dtype=np.float32)  # one merged token per grid cell
+            x0, y0, x1, y1 = s.box_grid
+            box[y0:y1 + 1, x0:x1 + 1] = 1.0
+            attn_targets.append((box / box.sum()).reshape(-1))
             types.append(enc["mm_token_type_ids"][0].tolist() + [0] * len(a))
             pixels.append(enc["pixel_values"])
             thw.append(enc["image_grid_thw"])
@@ -131,18 +152,24 @@ class LocalizerTask:
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": type_t, "labels": label_t,
                 "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(thw), "aux": aux,
                 "families": [s.family for s in samples], "boxes": torch.tensor([s.box_grid for s in samples]),
-                "probe_pos": torch.tensor(probe_pos), "probe_targets": torch.tensor(probe_targets)}
+                "probe_pos": torch.tensor(probe_pos), "probe_targets": torch.tensor(probe_targets),
+                "attn_targets": torch.from_numpy(np.stack(attn_targets))}
 
     def _forward(self, model: nn.Module, batch: dict, capture: bool):
         caps = {}
         if capture:
             caps["vis"] = Capture(model.model.visual.merger)
-            caps["pos"] = Capture(model.model.language_model.layers[self.pos_layer])
+            caps["pos"] = Capture(_layer(model, self.pos_layer))
         try:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
-                        image_grid_thw=batch["image_grid_thw"])
+            layer = _layer_index(model, self.config.attn_layer)
+            with AttentionCapture(layer if capture and self.config.attn_weight > 0 else None,
+                                  batch.get("probe_pos")) as att:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                            image_grid_thw=batch["image_grid_thw"])
             feats = {k: c.pop() for k, c in caps.items()}
+            if att.probs is not None:
+                feats["attn"] = att.probs  # (Q, L)
         finally:
             for c in caps.values():
                 c.remove()
@@ -172,6 +199,11 @@ class LocalizerTask:
             logs["aux"] = float(aux.detach())
             logs["qaux"] = float(qloss.detach())
             total = total + aux_weight * (aux + qloss)
+            if "attn" in feats:
+                img_pos = image_positions(batch["input_ids"], self.image_token_id, GRID * GRID)  # (B, 64)
+                att = attention_loss(feats["attn"], pos[:, 0], img_pos, batch["attn_targets"])
+                logs["att"] = float(att.detach())
+                total = total + self.config.attn_weight * att
         logs["loss"] = float(total.detach())
         return total, logs
 
