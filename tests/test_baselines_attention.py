@@ -69,14 +69,14 @@ def _all_hooks_gone(model) -> bool:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name,attn", MATRIX)
 def test_keep_all_is_bit_identical_and_removal_restores(name, attn, method):
-    model, _ = tiny(name, attn)
+    model, proc = tiny(name, attn)
     inputs, ref, spans = _reference(name, attn)
     with apply_method(model, _config(method, 0, keep=max(s.visual_tokens for s in spans))) as h:
         logits = model(**h.prepare(inputs)).logits
         assert h.stats.full_resolution == [s.visual_positions().tolist() for s in spans]
     assert torch.equal(logits, ref)
     h = apply_method(model, _config(method, min(s.visual_tokens for s in spans)))
-    model(**h.prepare(inputs))
+    model(**h.prepare(chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])))  # a pruned run, every hook fired
     assert h.stats.visual_tokens_kept != {"llm_input": h.stats.visual_tokens_in}  # it really pruned
     h.remove()
     h.remove()
