@@ -17,8 +17,9 @@ from crop.methods.dart import DART, DARTConfig
 from crop.methods.pool import PoolConfig, UniformPool
 from crop.methods.random_prune import RandomConfig, RandomPrune, random_keep
 from crop.methods.visionzip import VisionZip, VisionZipConfig, visionzip_image
-from crop.models.base import ImageSpan, TokenGrid, get_adapter
+from crop.models.base import ImageSpan, TokenGrid, VLMAdapter, get_adapter
 from crop.models.clip_attention import clip_feature_layer
+from crop.models.qwen_vision_attention import received_attention, to_token_order
 from crop.ops.grid_pool import band_layout, pool_grid_to, split_budget
 from crop.ops.similarity import duplication_select, merge_into_targets, spread_indices
 from tests.conftest import chat_inputs, random_image, tiny
@@ -39,20 +40,14 @@ CONFIGS = {
 INNER = {"random-inner", "dart"}
 
 
-def _cases():
-    for name in ARCHS:
-        for method in CONFIGS:
-            marks = ()
-            if method == "visionzip" and "qwen" in name:
-                marks = pytest.mark.skip(reason="VisionZip ranks by [CLS] attention; Qwen2-VL's vision tower has "
-                                                "no [CLS] token (refused with a ValueError, tested below)")
-            yield pytest.param(name, method, marks=marks, id=f"{method}-{name}")
-
-
-CASES = list(_cases())
+# random at layer K is CROP ILP's path with another keep set; Qwen2.5-VL shares Qwen2-VL's adapter for it
+CASES = [pytest.param(name, method, id=f"{method}-{name}") for name in ARCHS for method in CONFIGS
+         if (name, method) != ("tiny-random-qwen2.5-vl", "random-inner")]
 # generation tests skip Qwen2.5-VL: it shares Qwen2-VL's adapter and LM path (only its vision tower differs,
 # which none of these methods touch there), and the CPU budget of the suite is small
 GEN_CASES = [c for c in CASES if c.values[0] != "tiny-random-qwen2.5-vl"]
+# pool and random-before-the-LLM register no hooks at all (checked once); the others on every architecture
+HOOK_CASES = [c for c in CASES if c.values[1] in INNER | {"visionzip"} or c.values[0] == "tiny-random-llava"]
 
 
 def _gen(model, inputs, n=STEPS, **kw):
@@ -171,7 +166,7 @@ def _hooks(model) -> dict[str, tuple]:
             if m._forward_hooks or m._forward_pre_hooks}
 
 
-@pytest.mark.parametrize("name,method", CASES)
+@pytest.mark.parametrize("name,method", HOOK_CASES)
 def test_removal_restores_model(name, method):
     model, _ = tiny(name)
     inputs, ref = _reference(name)
@@ -223,11 +218,14 @@ def test_bad_fields_raise():
         apply_method(model, DARTConfig(layer=4))
 
 
-@pytest.mark.parametrize("name", ARCHS[2:])
-def test_visionzip_refuses_qwen_clearly(name):
-    model, _ = tiny(name)
-    with pytest.raises(ValueError, match=r"\[CLS\].*llava and llava_next"):
-        apply_method(model, VisionZipConfig())
+def test_visionzip_refuses_an_adapter_without_saliency():
+    model, _ = tiny("tiny-random-llava")
+
+    class NoSaliency(type(get_adapter(model))):
+        encode_images_with_saliency = VLMAdapter.encode_images_with_saliency
+
+    with pytest.raises(ValueError, match=r"\[CLS\] attention.*supports llava"):
+        VisionZip(NoSaliency(model), VisionZipConfig())
 
 
 # -- pool: hand-made cases ----------------------------------------------------------------------
@@ -332,7 +330,7 @@ def test_captured_cls_attention_matches_output_attentions(name):
     model, proc = tiny(name, "eager")
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)
     adapter = get_adapter(model)
-    features, attention, keys = adapter.encode_images_with_cls_attention(inputs)
+    features, attention, keys = adapter.encode_images_with_saliency(inputs)
     assert all(torch.equal(a, b) for a, b in zip(features, adapter.encode_images(inputs), strict=True))
     pixels = inputs["pixel_values"]
     if pixels.dim() == 5:  # LLaVA-NeXT: the valid tiles of each image, in order
@@ -356,6 +354,43 @@ def test_captured_cls_attention_matches_output_attentions(name):
         torch.testing.assert_close(values, feats[span.visual_positions()])
         assert got.shape == (span.visual_tokens,)
     torch.testing.assert_close(attention[0][:576], reference[0])  # the base view of image 0
+
+
+def test_received_attention_by_hand():
+    q = torch.zeros(5, 2, 3)  # (n, H, d) zero queries: uniform attention, each key receives 1/n per head
+    k = torch.randn(5, 2, 3)
+    torch.testing.assert_close(received_attention(q, k, 1.0), torch.full((5,), 2 / 5))
+    q = torch.ones(5, 2, 3)
+    k = torch.zeros(5, 2, 3)
+    k[3] = 10.0  # every query attends to key 3 in both heads
+    scores = received_attention(q, k, 1.0)
+    assert scores.argmax().item() == 3 and scores[3].item() > 1.99
+
+
+@pytest.mark.parametrize("name", ARCHS[2:])
+def test_qwen_saliency_is_in_token_order(name):
+    model, proc = tiny(name)
+    inputs = chat_inputs(proc, IMAGES, QUESTIONS)
+    adapter = get_adapter(model)
+    features, saliency, keys = adapter.encode_images_with_saliency(inputs)
+    spans = adapter.image_spans(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(features, adapter.encode_images(inputs), strict=True))
+    assert [s.shape[0] for s in saliency] == [k.shape[0] for k in keys] == [s.visual_tokens for s in spans]
+    heads = model.config.vision_config.num_heads
+    assert all(s.sum().item() == pytest.approx(heads, rel=1e-4) for s in saliency)  # each image's own softmax
+    # the reordering that maps block order to token order reproduces the model's own features
+    visual = model.model.visual
+    seen = []
+    hook = visual.blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        adapter.encode_images(inputs)
+    finally:
+        hook.remove()
+    merged = visual.merger(seen[0])  # (V_all, D) in block (window) order
+    reordered = to_token_order(merged, visual, inputs["image_grid_thw"], adapter.merge)
+    torch.testing.assert_close(reordered, torch.cat(features))
+    if "2.5" in name:
+        assert not torch.allclose(merged, reordered)  # Qwen2.5-VL's windows really permute the tokens
 
 
 # -- DART: hand-made cases ----------------------------------------------------------------------

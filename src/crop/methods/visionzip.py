@@ -96,7 +96,7 @@ class VisionZip(PreLLMMethod):
     Models" (CVPR 2025, arXiv 2412.04467). Stage: before the LLM, training-free (the paper's
     optional projector fine-tuning is not done). Per image: the ``dominant`` visual tokens with
     the highest [CLS] attention (summed over heads) in the vision layer LLaVA takes its features
-    from (``vision_feature_layer``, -2) are kept; the others are merged into ``contextual``
+    from (``vision_feature_layer``, -2) are kept (:meth:`VLMAdapter.encode_images_with_saliency`); the others are merged into ``contextual``
     tokens: targets spread evenly over them, every other token joins the target whose key
     (head-averaged) is most similar (:func:`crop.ops.similarity.merge_into_targets`). The
     attention is captured by hooks on that layer's q/k projections (SDPA stays on).
@@ -108,7 +108,10 @@ class VisionZip(PreLLMMethod):
     (3) each contextual token takes the position of its target token and tokens reach the LLM
     in image order (the paper appends contextual tokens after dominant ones); (4) LLaVA-NeXT:
     one top-k and one merge over base view + high-res grid (per-tile [CLS] scores) rather than a
-    per-tile budget. Qwen2-VL/2.5-VL have no [CLS] token: refused with a ``ValueError``.
+    per-tile budget; (5) Qwen2-VL/2.5-VL have no [CLS] token: the substitute ranking is the
+    attention each merged token receives (mean over the image's patches, summed over heads) in
+    the last full-attention vision block, with keys averaged over its 2x2 patches
+    (:mod:`crop.models.qwen_vision_attention`); the paper has no Qwen variant.
     Config: :class:`VisionZipConfig`.
 
     Args:
@@ -116,31 +119,31 @@ class VisionZip(PreLLMMethod):
         config: a :class:`VisionZipConfig`.
 
     Raises:
-        ValueError: if the adapter cannot report [CLS] attention (no [CLS] token).
+        ValueError: if the adapter cannot report vision-tower saliency.
     """
 
     name = "visionzip"
 
     def __init__(self, adapter: VLMAdapter, config: VisionZipConfig) -> None:
         super().__init__(adapter, config)
-        if type(adapter).encode_images_with_cls_attention is VLMAdapter.encode_images_with_cls_attention:
-            raise ValueError(f"visionzip needs the vision tower's [CLS] attention, which "
-                             f"{type(adapter).__name__} ({adapter.config.model_type}) has no [CLS] token for; "
-                             "it supports llava and llava_next")
+        if type(adapter).encode_images_with_saliency is VLMAdapter.encode_images_with_saliency:
+            raise ValueError(f"visionzip needs the vision tower's [CLS] attention (or a substitute), which "
+                             f"{type(adapter).__name__} ({adapter.config.model_type}) does not provide; "
+                             "it supports llava, llava_next, qwen2_vl and qwen2_5_vl")
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
         return VisionZipConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
-        raise NotImplementedError("VisionZip compresses in prepare (it needs the [CLS] attention too)")
+        raise NotImplementedError("VisionZip compresses in prepare (it needs the vision tower's saliency too)")
 
     def prepare(self, inputs, spans, boxes):
         stats = PruneStats.start(spans, boxes)
         budget = self.config.keep_tokens
         if budget is None or all(budget >= s.visual_tokens for s in spans):
             return dict(inputs), stats  # nothing to drop: the stock inputs, bit-identical
-        features, attention, keys = self.adapter.encode_images_with_cls_attention(inputs)
+        features, attention, keys = self.adapter.encode_images_with_saliency(inputs)
         images, full_res = [], []
         for span, feats, attn, key in zip(spans, features, attention, keys, strict=True):
             if budget >= span.visual_tokens:

@@ -240,20 +240,22 @@ class VLMAdapter(ABC):
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Run the vision tower (+ projector): one ``(length, D)`` tensor per image."""
 
-    def encode_images_with_cls_attention(
+    def encode_images_with_saliency(
             self, inputs: Mapping[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """:meth:`encode_images` plus, per image, the vision tower's [CLS] attention and keys (VisionZip).
+        """:meth:`encode_images` plus, per image, each visual token's vision-tower saliency and keys (VisionZip).
+
+        Saliency is the [CLS] token's attention in the vision layer the features come from
+        (CLIP towers), or a documented substitute where the tower has no [CLS] token.
 
         Returns:
-            ``(features, attention, keys)``, one entry per image: ``(length, D)`` features as
-            :meth:`encode_images` gives them; ``(V,)`` the [CLS] attention paid to each visual
-            token and ``(V, K)`` its keys in the vision layer the features come from, both in
-            :meth:`ImageSpan.visual_positions` order.
+            ``(features, saliency, keys)``, one entry per image: ``(length, D)`` features as
+            :meth:`encode_images` gives them; ``(V,)`` saliency and ``(V, K)`` keys of the
+            visual tokens, both in :meth:`ImageSpan.visual_positions` order.
 
         Raises:
-            NotImplementedError: for vision towers without a [CLS] token (Qwen2-VL).
+            NotImplementedError: for adapters that cannot report it.
         """
-        raise NotImplementedError(f"{type(self).__name__}: this vision tower has no [CLS] token to rank patches by")
+        raise NotImplementedError(f"{type(self).__name__} cannot report vision-tower saliency")
 
     @abstractmethod
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],

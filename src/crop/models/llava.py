@@ -51,7 +51,7 @@ class LlavaAdapter(VLMAdapter):
         out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         return list(out.pooler_output)  # each (rows*cols, D)
 
-    def encode_images_with_cls_attention(self, inputs: Mapping[str, Any]):
+    def encode_images_with_saliency(self, inputs: Mapping[str, Any]):
         """:meth:`encode_images` + each image's [CLS] attention ``(V,)`` and keys ``(V, d)`` at ``vision_feature_layer``."""
         layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
         features, attention, keys = capture_cls_attention(layer, lambda: self.encode_images(inputs))

@@ -125,7 +125,7 @@ class LlavaNextAdapter(VLMAdapter):
                                                   image_sizes=inputs["image_sizes"], return_dict=True)
         return list(out.pooler_output)  # each (576 + rows' * (cols' + 1), D)
 
-    def encode_images_with_cls_attention(self, inputs: Mapping[str, Any]):
+    def encode_images_with_saliency(self, inputs: Mapping[str, Any]):
         """:meth:`encode_images` + each image's [CLS] attention ``(V,)`` and keys ``(V, d)``.
 
         Every tile (base view first, then the high-res tiles) has its own [CLS] token; each
