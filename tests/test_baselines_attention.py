@@ -145,6 +145,22 @@ def test_batch_of_two_matches_one_by_one(name, method):
             torch.testing.assert_close(step_b[i], step_s[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_two_images_in_one_prompt_are_ranked_separately(method):
+    model, proc = tiny("tiny-random-llava")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
+    inputs = proc(images=IMAGES, text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], return_tensors="pt")
+    with apply_method(model, config_for(method, 40)) as h:
+        cached = _gen(model, h.prepare(inputs))
+        kept = h.stats.visual_tokens_kept
+        uncached = _gen(model, h.prepare(inputs), use_cache=False)
+    layers = h.method.stage_layers()
+    assert [kept[f"after_layer_{k}"] for k in layers] == [[n, n] for n in stage_counts(576, 40, layers, 4, 0.5)]
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 # -- the attention rows themselves ---------------------------------------------------------------
 
 
