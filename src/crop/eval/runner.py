@@ -158,7 +158,8 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
                 preds.append({"id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
                               "prediction": r.answer, "correct": answers_match(r.answer, s.answer),
                               "box": r.box, "box_gt": list(s.box_grid), "fallback": r.localizer_fallback,
-                              "visual_tokens_kept": r.visual_tokens_kept, "timings": r.timings})
+                              "visual_tokens_kept": r.visual_tokens_kept,
+                              "equivalent_tokens": r.extra.get("equivalent_tokens"), "timings": r.timings})
             if progress is not None:
                 progress(len(chunk))
         results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": keep, "predictions": preds})
@@ -225,6 +226,7 @@ def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> 
         "accuracy_kept": accuracy / full_acc if full_acc > 0 else float("nan"),
         "accuracy_per_family": {f: acc([p for p in preds if p["family"] == f]) for f in families},
         "visual_tokens_kept": {s: statistics.fmean(p["visual_tokens_kept"][s] for p in preds) for s in stages},
+        "equivalent_tokens": statistics.fmean(p["equivalent_tokens"] for p in preds),
         "prefill_speedup": med(full_preds, "prefill_s") / med(preds, "prefill_s"),
         "e2e_speedup_with_localizer": e2e(full_preds) / e2e(preds),
         "localizer_share_of_e2e": med(preds, "localizer_s") / e2e(preds),
