@@ -15,7 +15,7 @@ def _ms(row: dict[str, Any], key: str) -> str:
 
 def bench_table(results: dict[str, Any]) -> str:
     """Markdown: per batch size, one row per case with medians (min-max) and ratios vs full."""
-    head = ["case", "visual tokens kept", "vision ms", "localizer ms", "select/compress ms", "LLM prefill ms",
+    head = ["case", "visual tokens kept (last stage)", "equivalent tokens", "vision ms", "localizer ms", "select/compress ms", "LLM prefill ms",
             "prefill speed-up", "analytic", "share of analytic", "share of ideal", "decode ms/token", "decode ratio",
             "end-to-end ms", "e2e speed-up", "localizer share", "KV bytes", "KV / analytic", "throughput /s"]
     lines = [f"Model: {results['model']}; localizer: {results['localizer']}; repeats: {results['spec']['repeats']} "
@@ -28,7 +28,9 @@ def bench_table(results: dict[str, Any]) -> str:
             kept = row["visual_tokens_kept"]
             last = kept.get(next((k for k in kept if k.startswith("after_layer")), "llm_input"))
             share_ideal = row.get("prefill_share_of_ideal")
-            cells = [name, str(last[0] if len(set(last)) == 1 else last), _ms(row, "vision_s"),
+            equiv = row.get("equivalent_tokens")
+            equiv_text = "-" if not equiv else f"{sum(equiv) / len(equiv):.1f}"
+            cells = [name, str(last[0] if len(set(last)) == 1 else last), equiv_text, _ms(row, "vision_s"),
                      _ms(row, "localizer_s"), _ms(row, "prepare_s"), _ms(row, "prefill_s"),
                      f"{row['prefill_speedup']:.2f}x", f"{row['prefill_speedup_analytic']:.2f}x",
                      f"{100 * row['share_of_analytic']:.0f}%",
