@@ -207,7 +207,7 @@ class AnswererTask:
                       for k, name in enumerate(("shape", "color", "digit")))
             pos = batch["probe_pos"]  # (Q, 2)
             hidden = feats["q"][pos[:, 0], pos[:, 1]]  # (Q, D)
-            qloss = question_probe_loss(heads, hidden, batch["probe_targets"])
+            qloss = question_probe_loss(heads, hidden, batch["probe_targets"]) if "qfamily" in heads else aux * 0
             logs["aux"] = float(aux.detach())
             logs["qaux"] = float(qloss.detach())
             total = total + aux_weight * (aux + qloss)

@@ -66,6 +66,9 @@ def localizer_card(summary: dict, shape: dict) -> str:
             "|---|---|---|\n| {localizer_ms} ms | {answerer_prefill_ms} ms | {ratio_to_answerer_prefill} |\n\n"
             "Localizer: {localizer_input_tokens} input tokens, {localizer_new_tokens:.1f} generated; answerer: "
             "{answerer_input_tokens} input tokens (answerer preprocessing, not in the ratio: {answerer_preprocess_ms} ms).\n"
+            "Analytic forward FLOPs: localizer {localizer_gflops} GFLOP vs answerer prefill {answerer_prefill_gflops} "
+            "GFLOP (ratio {flops_ratio}). At this toy scale wall time is dominated by per-call and per-decode-step "
+            "overhead, not arithmetic.\n"
         ).format(**cost)
     return (
         "# crop embedded localizer\n\n"

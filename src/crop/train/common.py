@@ -415,6 +415,9 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
     _seed_everything(config.seed)
     model, processor = task.build(config)
     heads = task.aux_heads(model)
+    if state is not None:  # a checkpoint from a recipe with fewer probes: keep only the heads it has
+        saved_heads = {key.split(".")[0] for key in state["heads"]}
+        heads = nn.ModuleDict({k: v for k, v in heads.items() if k in saved_heads})
     optimizer = torch.optim.AdamW(_param_groups(model, heads, config.weight_decay), lr=config.lr, betas=(0.9, 0.98))
     step, elapsed_before, history = 0, 0.0, []
     if state is not None:

@@ -286,6 +286,43 @@ def evaluate_localizer(model: nn.Module, processor: Any, split: str = "test", n:
     return out
 
 
+def _params(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if not any(k in n for k in skip))
+
+
+def _analytic_flops(model: nn.Module, vision: nn.Module, vision_tokens: int, prompt_tokens: int, new_tokens: float,
+                    extra: nn.Module | None = None, extra_tokens: int = 0) -> float:
+    """Rough forward FLOPs: 2 x weights x tokens per component, plus attention scores and mixing.
+
+    Args:
+        model: the VLM (its ``model.language_model`` and ``lm_head`` are counted).
+        vision: the vision tower (weights x ``vision_tokens``, plus its attention).
+        vision_tokens: tokens the vision tower processes.
+        prompt_tokens: LLM prefill length.
+        new_tokens: decoded tokens (each attends to the growing context).
+        extra: another module run on ``extra_tokens`` tokens (LLaVA's projector).
+        extra_tokens: its token count.
+
+    Returns:
+        FLOPs (multiply-adds count 2).
+    """
+    text = model.config.get_text_config()
+    vcfg = model.config.vision_config
+    v_hidden = getattr(vcfg, "embed_dim", None) or vcfg.hidden_size  # Qwen2-VL: embed_dim; CLIP: hidden_size
+    v_layers = getattr(vcfg, "num_hidden_layers", None) or vcfg.depth
+    flops = 2 * _params(vision) * vision_tokens + 4 * v_layers * vision_tokens ** 2 * v_hidden
+    if extra is not None:
+        flops += 2 * _params(extra) * extra_tokens
+    lm = model.model.language_model
+    lm_w = _params(lm, skip=("embed_tokens",))
+    d, layers = text.hidden_size, text.num_hidden_layers
+    flops += 2 * lm_w * prompt_tokens + 4 * layers * prompt_tokens ** 2 * d  # prefill
+    flops += 2 * _params(model.lm_head) * (1 + new_tokens)  # logits of the last prefill position + each step
+    steps = int(round(new_tokens))
+    flops += sum(2 * lm_w + 4 * layers * (prompt_tokens + i) * d for i in range(steps))  # decode
+    return float(flops)
+
+
 @torch.no_grad()
 def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, Any], n: int = 20, threads: int = 1,
                  seed: int = 0) -> dict:
@@ -305,8 +342,9 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
         Medians in milliseconds: ``localizer_ms`` (end to end through ``VLMLocalizer``),
         ``localizer_generate_ms`` (prefill + decode only), ``answerer_prefill_ms`` (one
         forward over all visual tokens, preprocessing excluded), ``answerer_preprocess_ms``,
-        and the ratios ``localizer_ms / answerer_prefill_ms`` and
-        ``localizer_ms / (answerer_preprocess_ms + answerer_prefill_ms)``.
+        the ratios ``localizer_ms / answerer_prefill_ms`` and
+        ``localizer_ms / (answerer_preprocess_ms + answerer_prefill_ms)``, and an analytic
+        FLOPs estimate of both (``flops_ratio``).
     """
     from crop.data.synth import generate
     from crop.localizers.vlm import VLMLocalizer
@@ -342,6 +380,13 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
             t_fwd.append(t5 - t4)
             new_tokens.append(out.shape[1] - inputs["input_ids"].shape[1])
         med = lambda v: float(np.median(v)) * 1000  # noqa: E731
+        n_new = float(np.mean(new_tokens))
+        loc_flops = _analytic_flops(lm, lm.model.visual, int(inputs["pixel_values"].shape[0]),
+                                    int(inputs["input_ids"].shape[1]), n_new)
+        ans_flops = _analytic_flops(am, am.model.vision_tower, am.config.vision_config.image_size ** 2
+                                    // am.config.vision_config.patch_size ** 2 + 1,
+                                    int(a_in["input_ids"].shape[1]), 0, extra=am.model.multi_modal_projector,
+                                    extra_tokens=int((a_in["input_ids"] == am.config.image_token_id).sum()))
         loc_ms, fwd_ms, pre_ms = med(t_loc), med(t_fwd), med(t_pre)
         return {
             "n": n, "threads": threads,
@@ -352,6 +397,8 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
             "answerer_input_tokens": int(a_in["input_ids"].shape[1]),
             "ratio_to_answerer_prefill": round(loc_ms / fwd_ms, 3),
             "ratio_to_answerer_preprocess_and_prefill": round(loc_ms / (fwd_ms + pre_ms), 3),
+            "localizer_gflops": round(loc_flops / 1e9, 4), "answerer_prefill_gflops": round(ans_flops / 1e9, 4),
+            "flops_ratio": round(loc_flops / ans_flops, 3),
         }
     finally:
         torch.set_num_threads(prev)
