@@ -15,7 +15,7 @@ from crop.api import apply_method
 from crop.methods import MethodOptions, config_for, method_for
 from crop.methods.dart import DART, DARTConfig
 from crop.methods.pool import PoolConfig, UniformPool
-from crop.methods.random_prune import RandomConfig, RandomPrune, random_keep
+from crop.methods.random_prune import RandomConfig, RandomPrune, RandomPruneInner, random_keep
 from crop.methods.visionzip import VisionZip, VisionZipConfig, visionzip_image
 from crop.models.base import ImageSpan, TokenGrid, VLMAdapter, get_adapter
 from crop.models.clip_attention import clip_feature_layer
@@ -186,6 +186,7 @@ def test_removal_restores_model(name, method):
 
 
 @pytest.mark.parametrize("name,cls,config_cls", [("pool", UniformPool, PoolConfig), ("random", RandomPrune, RandomConfig),
+                                                 ("random-inner", RandomPruneInner, RandomConfig),
                                                  ("visionzip", VisionZip, VisionZipConfig), ("dart", DART, DARTConfig)])
 def test_selectable_by_name_and_config_round_trip(name, cls, config_cls):
     config = config_for(name, 64, MethodOptions(layer=3, seed=7))
@@ -196,8 +197,9 @@ def test_selectable_by_name_and_config_round_trip(name, cls, config_cls):
         config_cls.from_dict({**config.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="keep_tokens"):
         config_cls(keep_tokens=0)
-    if name == "random":
-        assert (config.layer, config.seed) == (3, 7)
+    if name.startswith("random"):
+        assert (config.layer, config.seed, config.stage) == (3, 7, "pre" if name == "random" else "inner")
+        assert config.method_name == name
     if name == "dart":
         assert config.layer == 3
 
@@ -207,6 +209,8 @@ def test_bad_fields_raise():
         RandomConfig(stage="middle")
     with pytest.raises(ValueError, match="seed"):
         RandomConfig(seed=-1)
+    with pytest.raises(ValueError, match="method_for"):
+        RandomPrune(get_adapter(tiny("tiny-random-llava")[0]), RandomConfig(stage="inner"))
     with pytest.raises(ValueError, match="contextual_ratio"):
         VisionZipConfig(contextual_ratio=1.0)
     with pytest.raises(ValueError, match="pivots"):

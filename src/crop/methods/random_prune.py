@@ -1,14 +1,14 @@
-"""Random baseline: a seeded uniform choice of ``keep_tokens`` visual tokens, before the LLM or at layer K."""
+"""Random baseline: a seeded uniform choice of ``keep_tokens`` visual tokens, before the LLM (``random``) or at layer K (``random-inner``)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from crop.methods._compose import compose, keep_all
-from crop.methods.base import METHODS, InnerLLMMethod, PreLLMMethod, PruningMethod
+from crop.methods.base import METHODS, InnerLLMMethod, PreLLMMethod
 from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
 from crop.models.base import ImageSpan, VLMAdapter
 
@@ -37,7 +37,6 @@ class RandomConfig:
     layer: int = 2
     seed: int = 0
     grid: int = 8
-    method_name: ClassVar[str] = "random"
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
@@ -48,6 +47,11 @@ class RandomConfig:
             raise ValueError(f"layer must be an int >= 1, got {self.layer!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+    @property
+    def method_name(self) -> str:
+        """The registered method this config selects: ``random`` (before the LLM) or ``random-inner``."""
+        return "random" if self.stage == "pre" else "random-inner"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
@@ -78,8 +82,38 @@ def random_keep(span: ImageSpan, budget: int | None, seed: int) -> torch.Tensor:
     return visual[pick].sort().values
 
 
-class _RandomBeforeLLM(PreLLMMethod):
-    """The ``"pre"`` stage: keep the drawn tokens' features, rebuild the prompt around them."""
+def _check_stage(config: RandomConfig, stage: str, cls: type) -> None:
+    if config.stage != stage:
+        raise ValueError(f"{cls.__name__} runs stage {stage!r} but the config says {config.stage!r}; "
+                         "use method_for(config) to pick the class")
+
+
+@METHODS.register("random")
+class RandomPrune(PreLLMMethod):
+    """Keep a seeded uniform random subset of ``keep_tokens`` visual tokens per image, before the LLM.
+
+    The sanity baseline of the token-pruning literature (FastV, SparseVLM and VisionZip all
+    compare with it): a method worth using must beat it at the same budget. Stage: before the
+    LLM (the prompt is rebuilt around the kept tokens); ``RandomConfig(stage="inner")`` selects
+    :class:`RandomPruneInner` (registered as ``random-inner``) instead. Image ``i`` of a batch
+    draws with seed ``seed + i``, so a run is reproducible and a batch equals one-by-one runs
+    with seeds ``seed, seed + 1, ...``. Config: :class:`RandomConfig`.
+
+    Args:
+        adapter: the model's adapter.
+        config: a :class:`RandomConfig` with ``stage="pre"``.
+    """
+
+    name = "random"
+
+    def __init__(self, adapter: VLMAdapter, config: RandomConfig) -> None:
+        _check_stage(config, "pre", type(self))
+        super().__init__(adapter, config)
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return RandomConfig(keep_tokens=keep_tokens, stage="pre", layer=options.layer, seed=options.seed,
+                            grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
         budget = self.config.keep_tokens
@@ -89,43 +123,29 @@ class _RandomBeforeLLM(PreLLMMethod):
         return compose(span, features, features[keep], keep), keep.tolist()
 
 
-class _RandomAtLayer(InnerLLMMethod):
-    """The ``"inner"`` stage: every token until layer K, then text + the drawn tokens."""
+@METHODS.register("random-inner")
+class RandomPruneInner(InnerLLMMethod):
+    """The random baseline inside the LLM: every token until layer K, then text + the drawn tokens.
 
-    def keep_before_forward(self, inputs, spans, boxes):
-        return [random_keep(span, self.config.keep_tokens, self.config.seed + i) for i, span in enumerate(spans)]
-
-
-@METHODS.register("random")
-class RandomPrune(PruningMethod):
-    """Keep a seeded uniform random subset of ``keep_tokens`` visual tokens per image.
-
-    The sanity baseline of the token-pruning literature (FastV, SparseVLM and VisionZip all
-    report it): any method worth using must beat it at the same budget. Stage: before the LLM
-    (``stage="pre"``, default) or inside it at layer K (``stage="inner"``). Image ``i`` of a
-    batch draws with seed ``seed + i``, so a run is reproducible, and a batch equals
-    one-by-one runs with seeds ``seed, seed + 1, ...``. Config: :class:`RandomConfig`.
+    Same draw as :class:`RandomPrune` (seed ``seed + i`` for image ``i``), applied where CROP's
+    ILP prunes, so it is ILP's budget-matched control. Stage: inside the LLM, once, at layer K
+    (``config.layer``). Config: :class:`RandomConfig` with ``stage="inner"``.
 
     Args:
         adapter: the model's adapter.
-        config: a :class:`RandomConfig`.
+        config: a :class:`RandomConfig` with ``stage="inner"``.
     """
 
-    name = "random"
+    name = "random-inner"
 
     def __init__(self, adapter: VLMAdapter, config: RandomConfig) -> None:
+        _check_stage(config, "inner", type(self))
         super().__init__(adapter, config)
-        self.stage: PruningMethod = (_RandomBeforeLLM if config.stage == "pre" else _RandomAtLayer)(adapter, config)
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
-        return RandomConfig(keep_tokens=keep_tokens, layer=options.layer, seed=options.seed, grid=options.grid)
+        return RandomConfig(keep_tokens=keep_tokens, stage="inner", layer=options.layer, seed=options.seed,
+                            grid=options.grid)
 
-    def attach(self) -> None:
-        self.stage.attach()
-
-    def detach(self) -> None:
-        self.stage.detach()
-
-    def prepare(self, inputs, spans, boxes):
-        return self.stage.prepare(inputs, spans, boxes)
+    def keep_before_forward(self, inputs, spans, boxes):
+        return [random_keep(span, self.config.keep_tokens, self.config.seed + i) for i, span in enumerate(spans)]
