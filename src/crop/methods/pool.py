@@ -66,7 +66,7 @@ class PoolConfig:
 
 @METHODS.register("pool")
 class UniformPool(PreLLMMethod):
-    """Average-pool each image's token grid to exactly ``keep_tokens`` tokens.
+    """Uniform pooling: average-pool each image's token grid to exactly keep_tokens tokens, before the LLM.
 
     The budget-matched "just make the image coarser" baseline (as used for comparison in the
     token-pruning literature, e.g. the pooling baselines of LLaVA-PruMerge / VisionZip).

@@ -90,7 +90,7 @@ def _check_stage(config: RandomConfig, stage: str, cls: type) -> None:
 
 @METHODS.register("random")
 class RandomPrune(PreLLMMethod):
-    """Keep a seeded uniform random subset of ``keep_tokens`` visual tokens per image, before the LLM.
+    """Random: keep a seeded uniform random subset of keep_tokens visual tokens per image, before the LLM.
 
     The sanity baseline of the token-pruning literature (FastV, SparseVLM and VisionZip all
     compare with it): a method worth using must beat it at the same budget. Stage: before the

@@ -108,7 +108,8 @@ class VisionZip(PreLLMMethod):
     (3) each contextual token takes the position of its target token and tokens reach the LLM
     in image order (the paper appends contextual tokens after dominant ones); (4) LLaVA-NeXT:
     one top-k and one merge over base view + high-res grid (per-tile [CLS] scores) rather than a
-    per-tile budget; (5) Qwen2-VL/2.5-VL have no [CLS] token: the substitute ranking is the
+    per-tile budget, and the [CLS] token itself is never passed on (LLaVA's "default" feature
+    selection drops it; the reference code can keep it as an extra dominant token); (5) Qwen2-VL/2.5-VL have no [CLS] token: the substitute ranking is the
     attention each merged token receives (mean over the image's patches, summed over heads) in
     the last full-attention vision block, with keys averaged over its 2x2 patches
     (:mod:`crop.models.qwen_vision_attention`); the paper has no Qwen variant.
