@@ -414,10 +414,24 @@ def test_dart_drops_the_duplicate_of_a_pivot():
 
 def test_dart_selects_from_the_layer_hidden_states():
     model, _ = tiny("tiny-random-llava")
-    method = DART(get_adapter(model), DARTConfig(keep_tokens=3, pivots=1))
+    method = DART(get_adapter(model), DARTConfig(keep_tokens=3, pivots=1, pivot_score="hidden_norm"))
     hidden = torch.zeros(1, 12, 4)  # (B, L, D) visual tokens at slots 2..9
     hidden[0, 2:10] = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [9, 0, 0, 0],
                                     [0, 0, 0, 1], [3, 0, 0, 0.1], [0, 1, 1, 0], [2, 0, 0, 0]])
     slots = torch.arange(2, 10)
     keep = method.select_at_layer(0, hidden, {}, [[slots]])
     assert keep[0].tolist() == [1, 2, 3]  # pivot = slot 5 (norm 9); then the two least similar to it
+
+
+def test_dart_pivot_is_the_largest_key_norm_of_layer_k():
+    model, _ = tiny("tiny-random-llava")
+    layer = model.model.language_model.layers[3]
+    method = DART(get_adapter(model), DARTConfig(keep_tokens=1, pivots=1, layer=3))  # keep the pivot alone
+    hidden = torch.randn(2, 30, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    slots = [torch.arange(5, 25), torch.arange(2, 12)]
+    keep = method.select_at_layer(0, hidden, {}, [[slots[0]], [slots[1]]])
+    for b, (chosen, where) in enumerate(zip(keep, slots, strict=True)):
+        keys = layer.self_attn.k_proj(layer.input_layernorm(hidden[b, where]))  # (v, Hkv*d)
+        assert chosen.tolist() == [keys.abs().sum(-1).argmax().item()]
+    with pytest.raises(ValueError, match="pivot_score"):
+        DARTConfig(pivot_score="attention")

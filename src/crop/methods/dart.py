@@ -11,6 +11,8 @@ from crop.methods.base import METHODS, InnerLLMMethod
 from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
 from crop.ops.similarity import duplication_select
 
+PIVOT_SCORES = ("key_norm", "hidden_norm")
+
 
 @dataclass
 class DARTConfig:
@@ -20,6 +22,8 @@ class DARTConfig:
         keep_tokens: visual tokens per image that survive layer ``layer``; ``None`` keeps all.
         layer: the pruning layer K (>= 1); layers ``< K`` see every token (paper: 2).
         pivots: pivot tokens per image (paper's LLaVA default: 8).
+        pivot_score: how pivots are ranked: ``"key_norm"`` (the paper's K-norm: L1 norm of layer
+            K's keys, before RoPE) or ``"hidden_norm"`` (L1 norm of the hidden states entering K).
         grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
             regions; the field lets a pipeline pair it with any localizer, as with CROP).
 
@@ -30,6 +34,7 @@ class DARTConfig:
     keep_tokens: int | None = 64
     layer: int = 2
     pivots: int = 8
+    pivot_score: str = "key_norm"
     grid: int = 8
     method_name: ClassVar[str] = "dart"
 
@@ -40,6 +45,8 @@ class DARTConfig:
             raise ValueError(f"layer must be an int >= 1 (layers before it see every token), got {self.layer!r}")
         if isinstance(self.pivots, bool) or not isinstance(self.pivots, int) or self.pivots < 1:
             raise ValueError(f"pivots must be an int >= 1, got {self.pivots!r}")
+        if self.pivot_score not in PIVOT_SCORES:
+            raise ValueError(f"unknown pivot_score {self.pivot_score!r}; choose one of {', '.join(PIVOT_SCORES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
@@ -58,18 +65,18 @@ class DART(InnerLLMMethod):
     Paper: Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models:
     Duplication Matters More" (2025, arXiv 2502.11494). Stage: inside the LLM, once, at the
     input of layer K (default 2); training-free, needs no attention map (so SDPA/Flash stay on).
-    Per image: the ``pivots`` visual tokens with the largest L1 norm are pivots; the remaining
-    budget is shared between the pivots, each adding the not-yet-kept tokens with the lowest
-    cosine similarity to it (:func:`crop.ops.similarity.duplication_select`); exactly
-    ``keep_tokens`` survive (pivots included). Kept tokens keep their original positions.
+    Per image: the ``pivots`` visual tokens with the largest L1 norm of layer K's keys are
+    pivots (``pivot_score``); the remaining budget is shared between the pivots, each adding
+    the not-yet-kept tokens whose hidden states have the lowest cosine similarity to its own
+    (:func:`crop.ops.similarity.duplication_select`); exactly ``keep_tokens`` survive (pivots
+    included). Kept tokens keep their original positions.
 
-    Deviations from the paper, and why: the paper's default ranks pivots by the norm of the
-    layer's *keys* ("K-norm") and its code can also take pivots among the text tokens; we rank
-    by the L1 norm of the hidden states entering layer K (the keys are a model-specific
-    projection inside the layer, the hidden states are what the method protocol hands every
-    inner-LLM method) and take visual pivots only, so the budget counts visual tokens exactly
-    as every other method's does. Similarities are computed per image, against that image's
-    pivots (the reference code handles one image per batch). Config: :class:`DARTConfig`.
+    Deviations from the paper, and why: keys are taken before RoPE (the rotation depends on
+    the position, which says nothing about content; it changes the L1 norm only slightly);
+    pivots are visual tokens only (the paper's code can also take pivots among the text
+    tokens), so the budget counts visual tokens exactly as every other method's does;
+    similarities are computed per image, against that image's pivots (the reference code
+    handles one image per batch). Config: :class:`DARTConfig`.
     """
 
     name = "dart"
@@ -87,5 +94,11 @@ class DART(InnerLLMMethod):
                     out.append(torch.arange(slots.numel(), device=slots.device))
                     continue
                 tokens = hidden[b, slots]  # (v, D) this image's visual hidden states at layer K
-                out.append(duplication_select(tokens, budget, self.config.pivots))
+                scores = None  # hidden_norm: duplication_select's default
+                if self.config.pivot_score == "key_norm":
+                    parts = self.adapter.attention_parts(self.config.layer)
+                    with torch.no_grad():
+                        keys = parts.k_proj(parts.norm(tokens))  # (v, Hkv*d) layer K's keys, before RoPE
+                    scores = keys.float().abs().sum(-1)  # (v,) K-norm
+                out.append(duplication_select(tokens, budget, self.config.pivots, pivot_scores=scores))
         return out
