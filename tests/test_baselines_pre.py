@@ -329,13 +329,23 @@ def test_visionzip_keeps_the_most_attended_and_merges_duplicates():
     torch.testing.assert_close(rows[11], features[[2, 5, 6, 8, 10, 11, 12, 13, 15]].mean(0))
 
 
+def _check_projection(adapter, seen, inputs) -> None:
+    """The captured projector inputs are in token order: projecting them gives each visual token's features."""
+    for span, image in zip(adapter.image_spans(inputs), seen, strict=True):
+        projected = adapter.project_features(image.pre_projector)  # (V, D)
+        assert projected.shape[0] == image.saliency.shape[0] == image.keys.shape[0] == span.visual_tokens
+        torch.testing.assert_close(projected, image.features[span.visual_positions()], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ARCHS[:2])
 def test_captured_cls_attention_matches_output_attentions(name):
     model, proc = tiny(name, "eager")
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)
     adapter = get_adapter(model)
-    features, attention, keys = adapter.encode_images_with_saliency(inputs)
+    seen = adapter.encode_images_with_saliency(inputs)
+    features, attention = [v.features for v in seen], [v.saliency for v in seen]
     assert all(torch.equal(a, b) for a, b in zip(features, adapter.encode_images(inputs), strict=True))
+    _check_projection(adapter, seen, inputs)
     pixels = inputs["pixel_values"]
     if pixels.dim() == 5:  # LLaVA-NeXT: the valid tiles of each image, in order
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -376,8 +386,10 @@ def test_qwen_saliency_is_in_token_order(name):
     model, proc = tiny(name)
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)
     adapter = get_adapter(model)
-    features, saliency, keys = adapter.encode_images_with_saliency(inputs)
+    seen = adapter.encode_images_with_saliency(inputs)
+    features, saliency, keys = [v.features for v in seen], [v.saliency for v in seen], [v.keys for v in seen]
     spans = adapter.image_spans(inputs)
+    _check_projection(adapter, seen, inputs)
     assert all(torch.equal(a, b) for a, b in zip(features, adapter.encode_images(inputs), strict=True))
     assert [s.shape[0] for s in saliency] == [k.shape[0] for k in keys] == [s.visual_tokens for s in spans]
     heads = model.config.vision_config.num_heads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -57,24 +58,28 @@ class VisionZipConfig:
         return config_from_dict(cls, data)
 
 
-def visionzip_image(span: ImageSpan, features: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,
-                    dominant: int, contextual: int) -> tuple[CompressedImage, list[int]]:
+def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Tensor, keys: torch.Tensor,
+                    dominant: int, contextual: int, pre: torch.Tensor | None = None,
+                    project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[CompressedImage, list[int]]:
     """One image's VisionZip compression.
 
     Args:
         span: the image's span.
         features: ``(span.length, D)`` its features as the LLM would receive them.
-        attention: ``(V,)`` [CLS] attention per visual token (visual-position order).
+        saliency: ``(V,)`` [CLS] attention (or substitute) per visual token (visual-position order).
         keys: ``(V, K)`` the visual tokens' keys in the same vision layer.
-        dominant: tokens kept as they are (highest attention; ties by position).
+        dominant: tokens kept as they are (highest saliency; ties by position).
         contextual: merged tokens made from all the others.
+        pre: ``(V, P)`` the visual tokens before the projector: contextual tokens are merged
+            there and then projected (``None``: merge ``features`` themselves).
+        project: maps ``(c, P)`` merged tokens to ``(c, D)`` (needed with ``pre``).
 
     Returns:
         ``(image, dominant span positions)``; ``dominant + contextual`` visual tokens reach the LLM.
     """
     device = features.device
     visual = span.visual_positions().to(device)  # (V,)
-    order = torch.argsort(attention.to(device), descending=True, stable=True)
+    order = torch.argsort(saliency.to(device), descending=True, stable=True)
     dom = order[:dominant].sort().values  # (d,) indices into visual order
     rest_mask = torch.ones(visual.numel(), dtype=torch.bool, device=device)
     rest_mask[dom] = False
@@ -82,7 +87,10 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, attention: torch.Te
     tokens, source = [features[visual[dom]]], [visual[dom]]
     if contextual > 0 and rest.numel() > 0:
         targets = spread_indices(rest.numel(), contextual).to(device)  # (c,) indices into rest
-        merged, _ = merge_into_targets(features[visual[rest]], keys.to(device)[rest], targets)  # (c, D)
+        space = features[visual[rest]] if pre is None else pre.to(device)[rest]  # (V - d, D or P)
+        merged, _ = merge_into_targets(space, keys.to(device)[rest], targets)  # (c, D or P)
+        if pre is not None:
+            merged = project(merged.to(pre.dtype)).to(features.dtype)  # (c, D)
         tokens.append(merged)
         source.append(visual[rest[targets]])  # each contextual token sits where its target token was
     return compose(span, features, torch.cat(tokens), torch.cat(source)), visual[dom].tolist()
@@ -95,24 +103,27 @@ class VisionZip(PreLLMMethod):
     Paper: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
     Models" (CVPR 2025, arXiv 2412.04467). Stage: before the LLM, training-free (the paper's
     optional projector fine-tuning is not done). Per image: the ``dominant`` visual tokens with
-    the highest [CLS] attention (summed over heads) in the vision layer LLaVA takes its features
-    from (``vision_feature_layer``, -2) are kept (:meth:`VLMAdapter.encode_images_with_saliency`); the others are merged into ``contextual``
-    tokens: targets spread evenly over them, every other token joins the target whose key
-    (head-averaged) is most similar (:func:`crop.ops.similarity.merge_into_targets`). The
-    attention is captured by hooks on that layer's q/k projections (SDPA stays on).
+    the highest [CLS] attention (summed over heads) in the vision layer LLaVA takes its
+    features from (``vision_feature_layer``, -2) are kept as they are; the others are merged
+    into ``contextual`` tokens: targets spread evenly over them, every other token joins the
+    target whose key (head-averaged) is most similar
+    (:func:`crop.ops.similarity.merge_into_targets`). As in the paper, merging happens before
+    the projector (on CLIP features; Qwen: the merger's normed 2x2-patch inputs) and the merged
+    tokens are then projected. Attention, keys and projector inputs are captured by transient
+    hooks during the stock vision forward (:meth:`VLMAdapter.encode_images_with_saliency`), so
+    SDPA stays on.
 
-    Deviations, and why: (1) tokens are merged after the projector (the adapter hands methods
-    the LLM-space features; the paper merges CLIP features and projects them), so a merged token
-    is the mean of projected tokens; (2) a contextual token is the plain mean of its group
-    (target included), where the reference code adds the target to the mean of the others;
-    (3) each contextual token takes the position of its target token and tokens reach the LLM
-    in image order (the paper appends contextual tokens after dominant ones); (4) LLaVA-NeXT:
-    one top-k and one merge over base view + high-res grid (per-tile [CLS] scores) rather than a
-    per-tile budget, and the [CLS] token itself is never passed on (LLaVA's "default" feature
-    selection drops it; the reference code can keep it as an extra dominant token); (5) Qwen2-VL/2.5-VL have no [CLS] token: the substitute ranking is the
-    attention each merged token receives (mean over the image's patches, summed over heads) in
-    the last full-attention vision block, with keys averaged over its 2x2 patches
-    (:mod:`crop.models.qwen_vision_attention`); the paper has no Qwen variant.
+    Deviations, and why: (1) a contextual token is the plain mean of its group (target
+    included), where the reference code adds the target to the mean of the others; (2) each
+    contextual token takes the position of its target token and tokens reach the LLM in image
+    order (the paper appends contextual tokens after dominant ones); (3) the [CLS] token itself
+    is never passed on (LLaVA's "default" feature selection drops it; the reference code can
+    keep it as an extra dominant token); (4) LLaVA-NeXT: one top-k and one merge over base view
+    + high-res grid (per-tile [CLS] scores) rather than a per-tile budget; (5) Qwen2-VL/2.5-VL
+    have no [CLS] token: the substitute ranking is the attention each merged token receives
+    (mean over the image's patches, summed over heads) in the last full-attention vision block,
+    with keys averaged over its 2x2 patches (:mod:`crop.models.qwen_vision_attention`); the
+    paper has no Qwen variant.
     Config: :class:`VisionZipConfig`.
 
     Args:
@@ -144,13 +155,13 @@ class VisionZip(PreLLMMethod):
         budget = self.config.keep_tokens
         if budget is None or all(budget >= s.visual_tokens for s in spans):
             return dict(inputs), stats  # nothing to drop: the stock inputs, bit-identical
-        features, attention, keys = self.adapter.encode_images_with_saliency(inputs)
         images, full_res = [], []
-        for span, feats, attn, key in zip(spans, features, attention, keys, strict=True):
+        for span, seen in zip(spans, self.adapter.encode_images_with_saliency(inputs), strict=True):
             if budget >= span.visual_tokens:
-                image, kept = keep_all(span, feats)
+                image, kept = keep_all(span, seen.features)
             else:
-                image, kept = visionzip_image(span, feats, attn, key, *self.config.split(budget))
+                image, kept = visionzip_image(span, seen.features, seen.saliency, seen.keys, *self.config.split(budget),
+                                              pre=seen.pre_projector, project=self.adapter.project_features)
             images.append(image)
             full_res.append(kept)
         stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]

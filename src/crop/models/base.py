@@ -161,6 +161,25 @@ class AttentionParts:
     scaling: float
 
 
+@dataclass
+class VisionSaliency:
+    """One image as the vision tower saw it, for methods that rank/merge tokens there (VisionZip).
+
+    Attributes:
+        features: ``(length, D)`` the image's features as :meth:`VLMAdapter.encode_images` gives them.
+        saliency: ``(V,)`` how much the tower attends to each visual token.
+        keys: ``(V, K)`` each visual token's keys in that layer (head-averaged).
+        pre_projector: ``(V, P)`` the visual tokens just before the projector; for every token,
+            :meth:`VLMAdapter.project_features` of its row is its row of ``features``.
+    (All ``V``-indexed tensors follow :meth:`ImageSpan.visual_positions`.)
+    """
+
+    features: torch.Tensor
+    saliency: torch.Tensor
+    keys: torch.Tensor
+    pre_projector: torch.Tensor
+
+
 class VLMAdapter(ABC):
     """Model knowledge for one architecture family; instantiate with the model it serves.
 
@@ -240,22 +259,23 @@ class VLMAdapter(ABC):
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Run the vision tower (+ projector): one ``(length, D)`` tensor per image."""
 
-    def encode_images_with_saliency(
-            self, inputs: Mapping[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """:meth:`encode_images` plus, per image, each visual token's vision-tower saliency and keys (VisionZip).
+    def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
+        """:meth:`encode_images` plus, per image, what VisionZip needs from the vision tower.
 
         Saliency is the [CLS] token's attention in the vision layer the features come from
         (CLIP towers), or a documented substitute where the tower has no [CLS] token.
 
         Returns:
-            ``(features, saliency, keys)``, one entry per image: ``(length, D)`` features as
-            :meth:`encode_images` gives them; ``(V,)`` saliency and ``(V, K)`` keys of the
-            visual tokens, both in :meth:`ImageSpan.visual_positions` order.
+            One :class:`VisionSaliency` per image.
 
         Raises:
             NotImplementedError: for adapters that cannot report it.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot report vision-tower saliency")
+
+    def project_features(self, pre: torch.Tensor) -> torch.Tensor:
+        """Map ``(m, P)`` visual tokens from before the projector (:attr:`VisionSaliency.pre_projector`) to ``(m, D)``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot project vision-tower features")
 
     @abstractmethod
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],

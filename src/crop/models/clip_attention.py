@@ -38,35 +38,40 @@ def clip_feature_layer(vision_tower: nn.Module, vision_feature_layer: Any) -> nn
     return layers[vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer - 1]
 
 
-def capture_cls_attention(layer: nn.Module, run: Callable[[], Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """Run ``run()`` while recording ``layer``'s [CLS] attention and keys.
+def capture_cls_attention(layer: nn.Module, projector: nn.Module,
+                          run: Callable[[], Any]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``run()`` while recording ``layer``'s [CLS] attention and keys, and the projector's input.
 
     Args:
         layer: a CLIP encoder layer (``self_attn.q_proj``, ``k_proj``, ``num_heads``, ``head_dim``).
-        run: what to run (e.g. the adapter's ``encode_images``); the layer must run exactly once.
+        projector: the multimodal projector (its input: the selected patch features).
+        run: what to run (e.g. the adapter's ``encode_images``); each must run exactly once.
 
     Returns:
-        ``(result, attention, keys)``: ``run()``'s result; ``attention`` is ``(B, N - 1)`` the
-        [CLS] token's attention to each patch, summed over heads (VisionZip's score); ``keys``
-        is ``(B, N - 1, head_dim)`` the patches' keys averaged over heads (VisionZip's metric).
-        ``B`` is the vision tower's batch (images, or tiles for LLaVA-NeXT), ``N`` its tokens.
+        ``(result, attention, keys, pre)``: ``run()``'s result; ``attention`` is ``(B, N - 1)``
+        the [CLS] token's attention to each patch, summed over heads (VisionZip's score);
+        ``keys`` is ``(B, N - 1, head_dim)`` the patches' keys averaged over heads (VisionZip's
+        metric); ``pre`` is ``(B, N - 1, P)`` the projector's input. ``B`` is the vision tower's
+        batch (images, or tiles for LLaVA-NeXT), ``N`` its tokens.
 
     Raises:
-        RuntimeError: if the layer did not run exactly once.
+        RuntimeError: if the layer or the projector did not run exactly once.
     """
     attn = layer.self_attn
-    seen: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+    seen: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "pre": []}
     hooks = [
         attn.q_proj.register_forward_hook(lambda m, i, out: seen["q"].append(out[:, :1].detach())),  # (B, 1, E)
         attn.k_proj.register_forward_hook(lambda m, i, out: seen["k"].append(out.detach())),  # (B, N, E)
+        projector.register_forward_pre_hook(lambda m, args: seen["pre"].append(args[0].detach())),  # (B, N-1, P)
     ]
     try:
         result = run()
     finally:
         for hook in hooks:
             hook.remove()
-    if len(seen["q"]) != 1 or len(seen["k"]) != 1:
-        raise RuntimeError(f"the vision layer ran {len(seen['k'])} times during one encode; expected once")
+    if len(seen["q"]) != 1 or len(seen["k"]) != 1 or len(seen["pre"]) != 1:
+        raise RuntimeError(f"the vision layer ran {len(seen['k'])} times and the projector {len(seen['pre'])} "
+                           "times during one encode; expected once each")
     heads, dim = int(attn.num_heads), int(attn.head_dim)
     q = seen["q"][0].float()  # (B, 1, E)
     k = seen["k"][0].float()  # (B, N, E)
@@ -76,4 +81,4 @@ def capture_cls_attention(layer: nn.Module, run: Callable[[], Any]) -> tuple[Any
     logits = torch.einsum("bhd,bnhd->bhn", q, k) * float(attn.scale)  # (B, H, N)
     attention = logits.softmax(dim=-1)[:, :, 1:].sum(dim=1)  # (B, N-1) patches only, summed over heads
     keys = k.mean(dim=2)[:, 1:]  # (B, N-1, d)
-    return result, attention, keys
+    return result, attention, keys, seen["pre"][0]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VLMAdapter
+from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
 
@@ -51,11 +51,15 @@ class LlavaAdapter(VLMAdapter):
         out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         return list(out.pooler_output)  # each (rows*cols, D)
 
-    def encode_images_with_saliency(self, inputs: Mapping[str, Any]):
-        """:meth:`encode_images` + each image's [CLS] attention ``(V,)`` and keys ``(V, d)`` at ``vision_feature_layer``."""
+    def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
+        """:meth:`encode_images` + each image's [CLS] attention and keys at ``vision_feature_layer``."""
         layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
-        features, attention, keys = capture_cls_attention(layer, lambda: self.encode_images(inputs))
-        return features, list(attention), list(keys)  # per image (rows*cols, D), (V,), (V, d)
+        features, attention, keys, pre = capture_cls_attention(layer, self.model.model.multi_modal_projector,
+                                                                lambda: self.encode_images(inputs))
+        return [VisionSaliency(*row) for row in zip(features, attention, keys, pre, strict=True)]
+
+    def project_features(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(pre)  # (m, D)
 
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
                           images: list[CompressedImage]) -> dict[str, Any]:

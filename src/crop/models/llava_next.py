@@ -43,7 +43,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, TokenGrid, VLMAdapter
+from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, TokenGrid, VisionSaliency, VLMAdapter
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
 
@@ -125,17 +125,24 @@ class LlavaNextAdapter(VLMAdapter):
                                                   image_sizes=inputs["image_sizes"], return_dict=True)
         return list(out.pooler_output)  # each (576 + rows' * (cols' + 1), D)
 
-    def encode_images_with_saliency(self, inputs: Mapping[str, Any]):
-        """:meth:`encode_images` + each image's [CLS] attention ``(V,)`` and keys ``(V, d)``.
+    def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
+        """:meth:`encode_images` + each image's [CLS] attention and keys at ``vision_feature_layer``.
 
         Every tile (base view first, then the high-res tiles) has its own [CLS] token; each
-        tile's scores and keys are laid out like its features (:meth:`pack_tile_values`).
+        tile's scores, keys and projector inputs are laid out like its features
+        (:meth:`pack_tile_values`).
         """
         layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
-        features, attention, keys = capture_cls_attention(layer, lambda: self.encode_images(inputs))
-        per_tile = torch.cat([attention[..., None], keys], dim=-1)  # (tiles, side*side, 1 + d)
-        packed = self.pack_tile_values(per_tile, inputs["image_sizes"])  # per image (V, 1 + d)
-        return features, [p[:, 0] for p in packed], [p[:, 1:] for p in packed]  # per image (L, D), (V,), (V, d)
+        features, attention, keys, pre = capture_cls_attention(layer, self.model.model.multi_modal_projector,
+                                                                lambda: self.encode_images(inputs))
+        d = keys.shape[-1]
+        per_tile = torch.cat([attention[..., None], keys, pre.to(keys.dtype)], dim=-1)  # (tiles, side*side, 1+d+P)
+        packed = self.pack_tile_values(per_tile, inputs["image_sizes"])  # per image (V, 1 + d + P)
+        return [VisionSaliency(f, p[:, 0], p[:, 1:1 + d], p[:, 1 + d:].to(pre.dtype))
+                for f, p in zip(features, packed, strict=True)]
+
+    def project_features(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(pre)  # (m, D)
 
     def pack_tile_values(self, per_tile: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Lay out per-tile, per-patch values as the images' visual tokens (newlines left out).

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VLMAdapter
+from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
 from crop.models.qwen_vision_attention import capture_received_attention
 from crop.ops.sequences import find_runs, resize_runs
 
@@ -95,14 +95,18 @@ class Qwen2VLAdapter(VLMAdapter):
                                                   image_grid_thw=inputs["image_grid_thw"], return_dict=True)
         return list(out.pooler_output)  # each (rows*cols, D)
 
-    def encode_images_with_saliency(self, inputs: Mapping[str, Any]):
-        """:meth:`encode_images` + per image ``(V,)`` saliency and ``(V, d)`` keys of its merged tokens.
+    def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
+        """:meth:`encode_images` + per image the saliency, keys and merger inputs of its merged tokens.
 
         Qwen's tower has no [CLS] token; the substitute is the attention each token receives
         in the last full-attention vision block (see :mod:`crop.models.qwen_vision_attention`).
         """
-        return capture_received_attention(self.model.model.visual, inputs["image_grid_thw"], self.merge,
-                                          lambda: self.encode_images(inputs))
+        features, saliency, keys, pre = capture_received_attention(
+            self.model.model.visual, inputs["image_grid_thw"], self.merge, lambda: self.encode_images(inputs))
+        return [VisionSaliency(*row) for row in zip(features, saliency, keys, pre, strict=True)]
+
+    def project_features(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.model.model.visual.merger.mlp(pre)  # (m, D) the merger after its per-patch norm
 
     def original_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The ``(3, B, L)`` M-RoPE positions the model itself gives the uncompressed prompt."""

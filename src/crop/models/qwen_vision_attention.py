@@ -73,8 +73,9 @@ def to_token_order(values: torch.Tensor, visual: nn.Module, grid_thw: torch.Tens
 
 
 def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge: int,
-                               run: Callable[[], Any]) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
-    """Run ``run()`` (the tower must run once) and return per image the merged tokens' scores and keys.
+                               run: Callable[[], Any]) -> tuple[Any, list[torch.Tensor], list[torch.Tensor],
+                                                                list[torch.Tensor]]:
+    """Run ``run()`` (the tower must run once) and return per image the merged tokens' scores, keys, merger inputs.
 
     Args:
         visual: the model's vision tower (``blocks``, optional ``fullatt_block_indexes``/``window_size``).
@@ -83,22 +84,30 @@ def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge:
         run: what to run (the adapter's ``encode_images``).
 
     Returns:
-        ``(result, scores, keys)``: per image ``(V,)`` received attention and ``(V, d)`` keys of
-        its merged visual tokens, in the LLM's (row-major) token order.
+        ``(result, scores, keys, pre)``: per image ``(V,)`` received attention, ``(V, d)`` keys
+        and ``(V, merge*merge*E)`` normed merger inputs of its merged visual tokens (the merger's
+        ``mlp`` maps them to the features), in the LLM's (row-major) token order.
 
     Raises:
-        RuntimeError: if the block did not run exactly once.
+        RuntimeError: if the block or the merger did not run exactly once.
     """
     block = visual.blocks[saliency_block(visual)]
     seen: list[tuple[torch.Tensor, dict]] = []
-    hook = block.attn.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs)), with_kwargs=True)
+    merger_in: list[torch.Tensor] = []
+    hooks = [
+        block.attn.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs)),
+            with_kwargs=True),
+        visual.merger.register_forward_pre_hook(lambda m, args: merger_in.append(args[0].detach())),  # (S, E)
+    ]
     try:
         result = run()
     finally:
-        hook.remove()
-    if len(seen) != 1:
-        raise RuntimeError(f"the vision block ran {len(seen)} times during one encode; expected once")
+        for hook in hooks:
+            hook.remove()
+    if len(seen) != 1 or len(merger_in) != 1:
+        raise RuntimeError(f"the vision block ran {len(seen)} times and the merger {len(merger_in)} times during "
+                           "one encode; expected once each")
     hidden, kwargs = seen[0]
     attn = block.attn
     with torch.no_grad():
@@ -116,5 +125,8 @@ def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge:
     merged_keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)  # (S / unit, d)
     merged_scores = to_token_order(merged_scores[:, None], visual, grid_thw, merge)[:, 0]  # (V_all,)
     merged_keys = to_token_order(merged_keys, visual, grid_thw, merge)  # (V_all, d)
+    with torch.no_grad():
+        pre = visual.merger.ln_q(merger_in[0])  # (S, E) the merger's per-patch norm
+    pre = to_token_order(pre.reshape(merged_scores.shape[0], -1), visual, grid_thw, merge)  # (V_all, unit*E)
     counts = [int(t * h * w) // unit for t, h, w in grid_thw.tolist()]
-    return result, list(merged_scores.split(counts)), list(merged_keys.split(counts))
+    return result, list(merged_scores.split(counts)), list(merged_keys.split(counts)), list(pre.split(counts))
