@@ -28,6 +28,11 @@ def _common(summary: dict, shape: dict) -> str:
     )
 
 
+def _notes(summary: dict) -> str:
+    notes = summary.get("notes")
+    return f"\n## How these weights were produced\n\n{notes.strip()}\n" if notes else ""
+
+
 def answerer_card(summary: dict, shape: dict) -> str:
     """``MODEL_CARD.md`` of the answerer."""
     m = summary["metrics"]
@@ -44,7 +49,7 @@ def answerer_card(summary: dict, shape: dict) -> str:
         + _common(summary, shape)
         + f"\n## Evaluation ({m['split']} split, seed {m['seed']}, {m['n']} samples, all visual tokens, greedy)\n\n"
         f"Overall accuracy (normalized exact match): **{m['accuracy']:.1%}**\n\n"
-        f"| family | accuracy |\n|---|---|\n{fam}\n\n"
+        f"| family | accuracy |\n|---|---|\n{fam}\n" + _notes(summary) + "\n"
         "Reproduce: `crop train answerer` (see `crop train answerer --help`); evaluate only: "
         "`crop train answerer --eval-only`.\n"
     )
@@ -83,6 +88,6 @@ def localizer_card(summary: dict, shape: dict) -> str:
         f"**{m['contains_rate']:.1%}**; exact box: {m['exact_rate']:.1%}; unparsable (full-image fallback): "
         f"{m['fallback_rate']:.1%}; mean predicted area: {m['mean_area']:.1%} of the image.\n\n"
         "| family | mean IoU | GT inside | exact | fallback |\n|---|---|---|---|---|\n"
-        f"{rows}\n" + cost_txt
+        f"{rows}\n" + cost_txt + _notes(summary)
         + "\nReproduce: `crop train localizer` (see `crop train localizer --help`); cost: `crop train cost`.\n"
     )
