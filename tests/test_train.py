@@ -119,3 +119,15 @@ def test_attention_capture_matches_eager_and_keeps_outputs():
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
     expected = ref.attentions[2][0, 0, rows[:, 1]]  # (Q, L)
     assert torch.allclose(cap.probs, expected, atol=1e-6)
+
+
+def test_measure_cost_reports_times_and_flops():
+    from crop.embedded import build_from_shape
+    from crop.train.localizer import measure_cost
+
+    loc = build_from_shape("qwen2_vl", dict(TINY_LOCALIZER, min_pixels=224 * 224, max_pixels=224 * 224))
+    ans = build_from_shape("llava", TINY_ANSWERER)
+    cost = measure_cost(loc, ans, n=1)
+    assert cost["localizer_ms"] > 0 and cost["answerer_prefill_ms"] > 0
+    assert cost["localizer_gflops"] > 0 and cost["answerer_prefill_gflops"] > 0
+    assert abs(cost["ratio_to_answerer_prefill"] - cost["localizer_ms"] / cost["answerer_prefill_ms"]) < 0.01
