@@ -118,9 +118,9 @@ class CropPipeline:
         self.processor = processor
         self.localizer = localizer
         self.config = config or CropConfig()
-        if localizer.grid != self.config.grid:
-            raise ValueError(f"localizer answers on a {localizer.grid}x{localizer.grid} grid but the config says "
-                             f"{self.config.grid}")
+        grid = getattr(self.config, "grid", localizer.grid)  # region-free configs need not carry one
+        if localizer.grid != grid:
+            raise ValueError(f"localizer answers on a {localizer.grid}x{localizer.grid} grid but the config says {grid}")
         # validate the config against this model once (e.g. ILP layer within depth)
         PruningHandle(model, self.config).remove()
 

@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny-random-llava", help="answering VLM (default tiny-random-llava)")
     p.add_argument("--localizer", default="oracle",
                    help="'oracle' (ground-truth boxes, no cost), 'embedded', 'full', 'box:x0,y0,x1,y1', or a path")
-    p.add_argument("--methods", default="full,crop-ilp,crop-plc", help="comma-separated: full, crop-ilp, crop-plc")
+    p.add_argument("--methods", default="full,crop-ilp,crop-plc",
+                   help="comma-separated method names (see 'crop methods'); full always runs as the reference")
     p.add_argument("--keep-tokens", default="64,128,192", help="budgets as counts of 576 (default 64,128,192)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="measured repeats after one warm-up (default 3)")
