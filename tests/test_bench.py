@@ -37,3 +37,6 @@ def test_bench_smoke(tmp_path, capsys):
         assert row["timings"]["prefill_s"]["median"] > 0 and row["flops"]["llm_prefill"] > 0
     assert cases["full"]["flops"]["llm_prefill"] > ilp["flops"]["llm_prefill"] > cases["ideal@64"]["flops"]["llm_prefill"]
     assert cases["crop-plc@64"]["visual_tokens_kept"]["llm_input"] == [64]
+    (out / "bench.md").unlink()
+    assert main(["bench", "--render-only", "--out", str(out)]) == 0  # reports are rendered from the JSON alone
+    assert "share of layer-interpolated" in (out / "bench.md").read_text()

@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int, default=2, help="ILP's K (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--render-only", action="store_true",
+                   help="do not measure: re-render OUT/bench.md and OUT/bench.png from OUT/bench.json")
     p.set_defaults(func=run)
 
 
@@ -53,10 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from crop.eval.bench import BenchSpec, run_bench
-    from crop.eval.bench_report import bench_table, plot_breakdown
     from crop.localizers import make_localizer
     from crop.models.loading import load_model
 
+    out = Path(args.out)
+    if args.render_only:
+        try:
+            results = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CropInputError(f"cannot read {out / 'bench.json'}: {exc}") from None
+        return _write_reports(results, out)
     try:
         spec = BenchSpec(methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                          keep_tokens=_ints(args.keep_tokens), batches=_ints(args.batch), repeats=args.repeats,
@@ -67,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
     localizer = None if args.localizer == "oracle" else make_localizer(args.localizer)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(spec.batches) * (spec.repeats + 1), desc="crop bench", unit="round", file=sys.stderr) as bar:
         try:
@@ -75,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CropInputError(str(exc)) from None
     (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return _write_reports(results, out)
+
+
+def _write_reports(results: dict, out: Path) -> int:
+    """Write the markdown table and the plot for ``results`` into ``out``; print the table."""
+    from crop.eval.bench_report import bench_table, plot_breakdown
+
     table = bench_table(results)
     (out / "bench.md").write_text(table, encoding="utf-8")
     plot_breakdown(results, out / "bench.png")

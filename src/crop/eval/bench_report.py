@@ -13,34 +13,63 @@ def _ms(row: dict[str, Any], key: str) -> str:
     return f"{1000 * t['median']:.0f} ({1000 * t['min']:.0f}-{1000 * t['max']:.0f})"
 
 
+def _last_stage(row: dict[str, Any]) -> tuple[int | None, list[int]]:
+    """The pruning layer (``None`` before the LLM) and the visual tokens kept at the last stage."""
+    kept = row["visual_tokens_kept"]
+    stages = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in kept.items() if k.startswith("after_layer_"))
+    return (stages[-1][0], stages[-1][1]) if stages else (None, kept["llm_input"])
+
+
+def interpolated_share(block: dict[str, Any], name: str) -> float | None:
+    """For a single-stage inner-LLM case: its measured prefill speed-up as a share of the speed-up
+    predicted from *measured* times, layer by layer: ``K/N`` of the full prefill plus ``(N-K)/N``
+    of the ideal prefill at the same budget. 100% means the hooks add no cost of their own.
+    """
+    row = block["cases"][name]
+    ideal = block["cases"].get(f"ideal@{row['keep_tokens_576']}")
+    stages = [k for k in row["visual_tokens_kept"] if k.startswith("after_layer_")]
+    if ideal is None or len(stages) != 1:
+        return None
+    layer = int(stages[0].rsplit("_", 1)[1])
+    layers = len(block["cases"]["full"]["kv_cache_lengths"])
+    full_t = block["cases"]["full"]["timings"]["prefill_s"]["median"]
+    predicted = (layer * full_t + (layers - layer) * ideal["timings"]["prefill_s"]["median"]) / layers
+    return predicted / row["timings"]["prefill_s"]["median"]
+
+
 def bench_table(results: dict[str, Any]) -> str:
-    """Markdown: per batch size, one row per case with medians (min-max) and ratios vs full."""
-    head = ["case", "visual tokens kept (last stage)", "equivalent tokens", "vision ms", "localizer ms", "select/compress ms", "LLM prefill ms",
-            "prefill speed-up", "analytic", "share of analytic", "share of ideal", "decode ms/token", "decode ratio",
-            "end-to-end ms", "e2e speed-up", "localizer share", "KV bytes", "KV / analytic", "throughput /s"]
+    """Markdown: per batch size, a prefill/decode table and an end-to-end/memory table (medians, min-max)."""
+    speed_head = ["case", "visual tokens kept (last stage)", "equivalent tokens", "LLM prefill ms", "prefill speed-up",
+                  "analytic (FLOPs)", "share of analytic", "share of layer-interpolated", "share of ideal",
+                  "decode ms/token", "decode ratio"]
+    cost_head = ["case", "vision ms", "localizer ms", "select/compress ms", "end-to-end ms", "e2e speed-up",
+                 "localizer share", "KV bytes", "KV / analytic", "throughput /s"]
     lines = [f"Model: {results['model']}; localizer: {results['localizer']}; repeats: {results['spec']['repeats']} "
              f"(medians, min-max in brackets); {results['spec']['new_tokens']} new tokens; "
              f"{results['machine']['threads']} threads; {results['machine']['platform']}.", ""]
     for block in results["batches"]:
-        lines += [f"**batch {block['batch']}** ({block['visual_tokens_per_image']} visual tokens per image)", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        speed = ["| " + " | ".join(speed_head) + " |", "|" + "---|" * len(speed_head)]
+        cost = ["| " + " | ".join(cost_head) + " |", "|" + "---|" * len(cost_head)]
         for name, row in block["cases"].items():
-            kept = row["visual_tokens_kept"]
-            last = kept.get(next((k for k in kept if k.startswith("after_layer")), "llm_input"))
+            _, last = _last_stage(row)
             share_ideal = row.get("prefill_share_of_ideal")
             equiv = row.get("equivalent_tokens")
-            equiv_text = "-" if not equiv else f"{sum(equiv) / len(equiv):.1f}"
-            cells = [name, str(last[0] if len(set(last)) == 1 else last), equiv_text, _ms(row, "vision_s"),
-                     _ms(row, "localizer_s"), _ms(row, "prepare_s"), _ms(row, "prefill_s"),
-                     f"{row['prefill_speedup']:.2f}x", f"{row['prefill_speedup_analytic']:.2f}x",
-                     f"{100 * row['share_of_analytic']:.0f}%",
-                     "-" if share_ideal is None or row["method"] == "ideal" else f"{100 * share_ideal:.0f}%",
-                     _ms(row, "decode_s_per_token"), f"{row['decode_ratio']:.2f}", _ms(row, "end_to_end_s"),
-                     f"{row['end_to_end_speedup']:.2f}x", f"{100 * row['localizer_share_of_e2e']:.0f}%",
-                     f"{row['kv_cache_bytes'] / 2**20:.1f} MiB", f"{row['kv_vs_analytic']:.3f}",
-                     f"{row['throughput_per_s']:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+            interp = interpolated_share(block, name)
+            speed.append("| " + " | ".join([
+                name, str(last[0] if len(set(last)) == 1 else last),
+                "-" if not equiv else f"{sum(equiv) / len(equiv):.1f}", _ms(row, "prefill_s"),
+                f"{row['prefill_speedup']:.2f}x", f"{row['prefill_speedup_analytic']:.2f}x",
+                f"{100 * row['share_of_analytic']:.0f}%", "-" if interp is None else f"{100 * interp:.0f}%",
+                "-" if share_ideal is None or row["method"] == "ideal" else f"{100 * share_ideal:.0f}%",
+                _ms(row, "decode_s_per_token"), f"{row['decode_ratio']:.2f}"]) + " |")
+            cost.append("| " + " | ".join([
+                name, _ms(row, "vision_s"), _ms(row, "localizer_s"), _ms(row, "prepare_s"), _ms(row, "end_to_end_s"),
+                f"{row['end_to_end_speedup']:.2f}x", f"{100 * row['localizer_share_of_e2e']:.0f}%",
+                f"{row['kv_cache_bytes'] / 2**20:.1f} MiB", f"{row['kv_vs_analytic']:.3f}",
+                f"{row['throughput_per_s']:.2f}"]) + " |")
+        lines += [f"**batch {block['batch']}** ({block['visual_tokens_per_image']} visual tokens per image): prefill "
+                  "and decode", "", *speed, "", f"**batch {block['batch']}**: end to end (localizer included for "
+                  "CROP) and memory", "", *cost, ""]
     return "\n".join(lines)
 
 
