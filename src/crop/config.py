@@ -1,7 +1,8 @@
-"""CropConfig: what CROP does to a model, as plain validated data."""
+"""Method configs as plain validated data: CropConfig, and the helpers every method config shares."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -10,8 +11,48 @@ from crop.ops.selection import SCORES
 METHODS = ("ilp", "plc", "none")
 
 
+def check_keep_tokens(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` (keep everything) or a positive int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"keep_tokens must be a positive int or None, got {value!r}")
+
+
+def check_grid(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a region-grid side in ``[1, 64]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"grid must be an int in [1, 64], got {value!r}")
+
+
+def check_ratio(name: str, value: Any, low_open: bool = True) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in (0, 1] (or [0, 1] with ``low_open=False``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+
+
+class ConfigMixin:
+    """``to_dict`` / ``from_dict`` for method config dataclasses (tuples travel as lists)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: on unknown keys or invalid values.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass
-class CropConfig:
+class CropConfig(ConfigMixin):
     """Configuration of CROP's pruning stage.
 
     Args:
@@ -41,31 +82,11 @@ class CropConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.keep_tokens is not None and (isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int)
-                                             or self.keep_tokens <= 0):
-            raise ValueError(f"keep_tokens must be a positive int or None, got {self.keep_tokens!r}")
+        check_keep_tokens(self.keep_tokens)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"layer must be an int >= 1 (layers before it see every token), got {self.layer!r}")
-        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 64:
-            raise ValueError(f"grid must be an int in [1, 64], got {self.grid!r}")
+        check_grid(self.grid)
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
             raise ValueError(f"pool must be an int >= 1, got {self.pool!r}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CropConfig:
-        """Build from :meth:`to_dict` output.
-
-        Raises:
-            ValueError: on unknown keys or invalid values.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown CropConfig keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        return cls(**data)

@@ -16,14 +16,13 @@ All architecture access goes through :meth:`crop.models.base.VLMAdapter.attentio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, fields
 from typing import Any, ClassVar
 
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
+from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_ratio
 from crop.methods.base import InnerLLMMethod
 from crop.models.base import AttentionParts, VLMAdapter
 
@@ -167,42 +166,12 @@ def stage_counts(n_in: int, keep_tokens: int | None, layers: Sequence[int], num_
     return counts
 
 
-class BaselineConfigMixin:
-    """``to_dict``/``from_dict`` and shared checks for the baseline configs (dataclasses)."""
+class BaselineConfigMixin(ConfigMixin):
+    """Shared checks for the attention-scored baselines' configs (dataclasses)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        """Build from :meth:`to_dict` output.
-
-        Raises:
-            ValueError: on unknown keys or invalid values.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-    @staticmethod
-    def _check_keep(keep_tokens: Any) -> None:
-        if keep_tokens is not None and (isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int)
-                                        or keep_tokens <= 0):
-            raise ValueError(f"keep_tokens must be a positive int or None, got {keep_tokens!r}")
-
-    @staticmethod
-    def _check_ratio(name: str, value: Any, low_open: bool = True) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not (0 < value <= 1 if low_open else 0 <= value <= 1):
-            raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
-
-    @staticmethod
-    def _check_grid(grid: Any) -> None:
-        if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= 64:
-            raise ValueError(f"grid must be an int in [1, 64], got {grid!r}")
+    _check_keep = staticmethod(check_keep_tokens)
+    _check_ratio = staticmethod(check_ratio)
+    _check_grid = staticmethod(check_grid)
 
     @staticmethod
     def _check_layers(layers: Any) -> None:

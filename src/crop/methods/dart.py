@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from crop.config import ConfigMixin, check_grid, check_keep_tokens
 from crop.methods.base import METHODS, InnerLLMMethod
-from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
 from crop.ops.similarity import duplication_select
 
 PIVOT_SCORES = ("key_norm", "hidden_norm")
 
 
 @dataclass
-class DARTConfig:
+class DARTConfig(ConfigMixin):
     """Config of DART.
 
     Args:
@@ -47,15 +47,6 @@ class DARTConfig:
             raise ValueError(f"pivots must be an int >= 1, got {self.pivots!r}")
         if self.pivot_score not in PIVOT_SCORES:
             raise ValueError(f"unknown pivot_score {self.pivot_score!r}; choose one of {', '.join(PIVOT_SCORES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DARTConfig:
-        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
-        return config_from_dict(cls, data)
 
 
 @METHODS.register("dart")

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from crop.config import ConfigMixin, check_grid, check_keep_tokens
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.ops.grid_pool import pool_grid_to, split_budget
 
 
-def check_keep_tokens(value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is ``None`` or a positive int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"keep_tokens must be a positive int or None (keep everything), got {value!r}")
-
-
-def check_grid(value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is a region-grid side in ``[1, 64]``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"grid must be an int in [1, 64], got {value!r}")
-
-
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys (shared by the baseline configs)."""
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return cls(**data)
-
-
 @dataclass
-class PoolConfig:
+class PoolConfig(ConfigMixin):
     """Config of the uniform-pooling baseline.
 
     Args:
@@ -53,15 +33,6 @@ class PoolConfig:
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
         check_grid(self.grid)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PoolConfig:
-        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
-        return config_from_dict(cls, data)
 
 
 @METHODS.register("pool")

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from crop.config import ConfigMixin, check_grid, check_keep_tokens
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, InnerLLMMethod, PreLLMMethod
-from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
 from crop.models.base import ImageSpan, VLMAdapter
 
 STAGES = ("pre", "inner")
 
 
 @dataclass
-class RandomConfig:
+class RandomConfig(ConfigMixin):
     """Config of the random baseline.
 
     Args:
@@ -52,15 +51,6 @@ class RandomConfig:
     def method_name(self) -> str:
         """The registered method this config selects: ``random`` (before the LLM) or ``random-inner``."""
         return "random" if self.stage == "pre" else "random-inner"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RandomConfig:
-        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
-        return config_from_dict(cls, data)
 
 
 def random_keep(span: ImageSpan, budget: int | None, seed: int) -> torch.Tensor:

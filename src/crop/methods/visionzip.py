@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from crop.config import ConfigMixin, check_grid, check_keep_tokens
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, PreLLMMethod, PruneStats
-from crop.methods.pool import check_grid, check_keep_tokens, config_from_dict
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
 from crop.ops.similarity import merge_into_targets, spread_indices
 
 
 @dataclass
-class VisionZipConfig:
+class VisionZipConfig(ConfigMixin):
     """Config of VisionZip.
 
     Args:
@@ -47,15 +47,6 @@ class VisionZipConfig:
         """``(dominant, contextual)`` token counts for ``budget`` (at least one dominant token)."""
         contextual = min(round(budget * self.contextual_ratio), budget - 1)
         return budget - contextual, contextual
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VisionZipConfig:
-        """Build from :meth:`to_dict` output (unknown keys raise ``ValueError``)."""
-        return config_from_dict(cls, data)
 
 
 def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Tensor, keys: torch.Tensor,
