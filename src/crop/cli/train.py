@@ -22,8 +22,8 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget over all resumed runs; stops cleanly, then evaluates and saves")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-token probe losses (0 = off)")
-    p.add_argument("--attn-weight", type=float, default=1.0,
-                   help="weight of the attention supervision toward the question's region (0 = off)")
+    p.add_argument("--attn-weight", type=float, default=defaults.get("attn_weight", 1.0),
+                   help="weight of the attention supervision toward the question's region (0 = off; default %(default)s)")
     p.add_argument("--curriculum-fraction", type=float, default=0.1, help="share of steps on sparse scenes")
     p.add_argument("--shape", type=json.loads, default={}, metavar="JSON",
                    help="model size overrides, e.g. '{\"text_layers\": 2}'")
@@ -47,7 +47,8 @@ def register(subparsers) -> None:
         "evaluate them on the held-out split, and export safetensors weights + configs + model card."))
     sub = p.add_subparsers(dest="train_command", metavar="MODEL", required=True)
     a = sub.add_parser("answerer", help="the LLaVA-architecture answerer")
-    _add_common(a, "answerer", {"steps": 3000, "lr": 1.5e-3, "turns": 4})
+    # the shipped answerer's recipe: single-turn, no attention supervision (see its MODEL_CARD.md)
+    _add_common(a, "answerer", {"steps": 3000, "lr": 1.5e-3, "turns": 1, "attn_weight": 0.0})
     loc = sub.add_parser("localizer", help="the Qwen2-VL-architecture localizer")
     _add_common(loc, "localizer", {"steps": 3000, "lr": 1.5e-3})
     from crop.train.finetune_localizer import add_finetune_arguments
