@@ -58,31 +58,7 @@ def select_tokens(box: GridBox, rows: int, cols: int, budget: int | None,
         Sorted ``(k,)`` long tensor of row-major token indices, ``k = min(budget, rows*cols)``
         (or the region's size when ``budget`` is ``None``).
     """
-    n = rows * cols
-    if budget is not None and budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
-    if scores is None:
-        scores = center_scores(box, rows, cols)
-    if scores.shape != (n,):
-        raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
-    region = box.token_indices(rows, cols)  # (r,)
-    if budget is None:
-        return region
-    if budget >= n:
-        return torch.arange(n)
-    if region.numel() >= budget:
-        return _top(region, scores, budget).sort().values
-    inner, current = region, box
-    while True:
-        grown = current.grow(1)
-        outer = grown.token_indices(rows, cols)
-        if outer.numel() >= budget or grown == current:
-            break
-        inner, current = outer, grown
-    ring = outer[~torch.isin(outer, inner)]  # tokens added by the last growth step
-    fill = _top(ring, scores, budget - inner.numel())
-    return torch.cat([inner, fill]).sort().values
-
+    return select_tokens_multi(box, [(rows, cols)], budget, scores)  # one grid is the general case's simplest
 
 def _grid_indices(box: GridBox, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The box's tokens on every grid, as indices into the grids' concatenation."""
