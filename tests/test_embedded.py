@@ -64,14 +64,15 @@ def test_shipped_answerer_loads_and_answers(sample):
 def test_shipped_localizer_emits_a_box(sample):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from crop.localizers.vlm import VLMLocalizer
+    from crop.localizers import make_localizer
 
-    model, processor = load_embedded_localizer()
-    assert isinstance(model, Qwen2VLForConditionalGeneration)
-    (result,) = VLMLocalizer(model, processor, grid=8).localize([sample.image], [sample.question])
+    localizer = make_localizer("embedded")  # what `crop answer` uses
+    assert isinstance(localizer.model, Qwen2VLForConditionalGeneration)
+    (result,) = localizer.localize([sample.image], [sample.question])
     assert result.box.grid == 8
     meta = load_embedded_metadata("localizer")
     assert meta["architecture"] == "qwen2_vl" and meta["grid"] == 8
+    assert localizer.image_first == meta.get("image_first", True)
 
 
 def test_shipped_weights_are_small():

@@ -56,6 +56,18 @@ def test_vlm_localizer_parses_and_falls_back(caplog):
     assert "8x8 grid" in prompt and "What color is the star?" in prompt
 
 
+def test_vlm_localizer_text_first_layout():
+    """``image_first=False`` puts the question before the image, as the embedded localizer is trained."""
+    model, processor = tiny("tiny-random-qwen2-vl")
+    layouts = {}
+    for image_first in (True, False):
+        scripted = _ScriptedGenerate(model, processor.tokenizer, ["[1, 2, 5, 6]"])
+        VLMLocalizer(scripted, processor, image_first=image_first).localize([random_image(1)], ["What color is the star?"])
+        prompt = processor.batch_decode(scripted.calls[0]["input_ids"])[0]
+        layouts[image_first] = prompt.index("<|vision_start|>") < prompt.index("What color")
+    assert layouts == {True: True, False: False}
+
+
 def test_vlm_localizer_real_random_model_runs_end_to_end():
     """A random Qwen2-VL emits gibberish: the localizer must not crash, and must flag what it did."""
     model, processor = tiny("tiny-random-qwen2-vl")

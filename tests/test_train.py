@@ -81,6 +81,34 @@ def test_token_labels_mark_objects():
     assert (labels[0] == 0).sum() > 0 and np.all((labels[2] > 0) <= (labels[0] == SHAPE_CLASSES.index("card")))
 
 
+def test_token_probe_loss_balances_objects_and_background():
+    import torch.nn.functional as F
+    from torch import nn
+
+    from crop.train.common import token_probe_loss
+
+    torch.manual_seed(0)
+    heads = nn.ModuleDict({"shape": nn.Linear(8, 3)})
+    tokens = torch.randn(2, 10, 8)  # (B, N, D)
+    labels = torch.zeros(2, 1, 10, dtype=torch.long)  # (B, probes, N)
+    labels[0, 0, 3], labels[1, 0, 7] = 2, 1  # two object tokens among twenty
+    ce = F.cross_entropy(heads["shape"](tokens).flatten(0, 1), labels[:, 0].reshape(-1), reduction="none")
+    fg = labels[:, 0].reshape(-1) > 0
+    expected = (ce[fg].mean() + ce[~fg].mean()) / 2
+    assert torch.allclose(token_probe_loss(heads, ("shape",), tokens, labels), expected)
+    # all background: the plain mean
+    assert torch.allclose(token_probe_loss(heads, ("shape",), tokens, labels * 0),
+                          F.cross_entropy(heads["shape"](tokens).flatten(0, 1), labels.reshape(-1) * 0))
+
+
+def test_training_streams_carry_more_cards_than_the_benchmark():
+    from crop.data.synth import default_config
+    from crop.train.data import TRAIN_CARDS, stream_config
+
+    assert stream_config("train").n_cards == stream_config("train-easy").n_cards == TRAIN_CARDS
+    assert stream_config("test") == default_config("test") and stream_config("val") == default_config("val")
+
+
 def test_question_targets():
     from crop.train.common import COLOR_CLASSES, DIRECTION_CLASSES, question_targets
 

@@ -31,4 +31,9 @@ def make_localizer(spec: str, grid: int = 8) -> Localizer:
     from crop.models.loading import load_model
 
     model, processor = load_model(spec, role="localizer")
-    return VLMLocalizer(model, processor, grid=grid)
+    image_first = True
+    if spec == "embedded":  # the shipped toy localizer records the prompt layout it was trained with
+        from crop.embedded import load_embedded_metadata
+
+        image_first = load_embedded_metadata("localizer").get("image_first", True)
+    return VLMLocalizer(model, processor, grid=grid, image_first=image_first)

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from crop.localizers.base import Localization
-from crop.localizers.prompt import localizer_prompt
+from crop.localizers.prompt import localizer_messages
 from crop.regions import GridBox, parse_grid_box
 
 logger = logging.getLogger(__name__)
@@ -32,23 +32,24 @@ class VLMLocalizer:
         grid: the grid side the model was trained to answer on.
         max_new_tokens: decode budget for the box text (``"[7, 7, 7, 7]"`` is 12 byte tokens).
         batch_size: images per localizer ``generate`` call.
+        image_first: prompt layout, as the model was trained (see
+            :func:`crop.localizers.prompt.localizer_messages`).
     """
 
     name = "vlm"
 
-    def __init__(self, model: nn.Module, processor, grid: int = 8, max_new_tokens: int = 16, batch_size: int = 8):
+    def __init__(self, model: nn.Module, processor, grid: int = 8, max_new_tokens: int = 16, batch_size: int = 8,
+                 image_first: bool = True):
         self.model = model
+        self.image_first = image_first
         self.processor = processor
         self.grid = grid
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
 
     def _inputs(self, images: Sequence[Image.Image], questions: Sequence[str]):
-        texts = []
-        for question in questions:
-            messages = [{"role": "user", "content": [{"type": "image"},
-                                                     {"type": "text", "text": localizer_prompt(question, self.grid)}]}]
-            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+        texts = [self.processor.apply_chat_template(localizer_messages(q, self.grid, self.image_first),
+                                                    add_generation_prompt=True) for q in questions]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
         try:

@@ -17,6 +17,7 @@ from crop.models.tokenizers import (
     QWEN_CHAT_TEMPLATE,
     llama_byte_tokenizer,
     qwen_byte_tokenizer,
+    qwen_word_tokenizer,
 )
 
 TINY_MODEL_NAMES = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl")
@@ -209,10 +210,20 @@ class QwenShape:
     text_intermediate: int = 128
     min_pixels: int = 56 * 56
     max_pixels: int = 336 * 336
+    tokenizer: str = "bytes"  # "bytes" or "words" (byte-level plus one token per benchmark word)
+
+
+def qwen_tokenizer(kind: str = "bytes"):
+    """The code-built Qwen2 tokenizer of ``kind``: ``"bytes"`` or ``"words"`` (see :mod:`crop.models.tokenizers`)."""
+    if kind == "bytes":
+        return qwen_byte_tokenizer()
+    if kind == "words":
+        return qwen_word_tokenizer()
+    raise ValueError(f"unknown tokenizer {kind!r}; use 'bytes' or 'words'")
 
 
 def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
-    """An image-only Qwen2-VL / Qwen2.5-VL processor with the byte tokenizer."""
+    """An image-only Qwen2-VL / Qwen2.5-VL processor with the tokenizer ``shape.tokenizer`` names."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -221,15 +232,15 @@ def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
         min_pixels=shape.min_pixels, max_pixels=shape.max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
     )
     return _qwen_image_only_processor_class(base)(
-        image_processor=image_processor, tokenizer=qwen_byte_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE
+        image_processor=image_processor, tokenizer=qwen_tokenizer(shape.tokenizer), chat_template=QWEN_CHAT_TEMPLATE
     )
 
 
 def qwen_config(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
-    """A ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` sized to the byte tokenizer."""
+    """A ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` sized to the tokenizer ``shape.tokenizer`` names."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    tok = qwen_byte_tokenizer()
+    tok = qwen_tokenizer(shape.tokenizer)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     head_dim = shape.text_hidden // shape.text_heads
     half = head_dim // 2  # mrope_section must sum to head_dim / 2

@@ -38,6 +38,7 @@ from crop.train.common import (
     question_targets,
     region_token_target,
     token_labels,
+    token_probe_loss,
     use_capture_attention,
 )
 from crop.train.data import stream_sample
@@ -203,8 +204,7 @@ class AnswererTask:
         total = ans
         if aux_weight > 0:
             vis = feats["vis"].reshape(batch["aux"].shape[0], -1, feats["vis"].shape[-1])  # (B, N, D)
-            aux = sum(F.cross_entropy(heads[name](vis).flatten(0, 1), batch["aux"][:, k].reshape(-1))
-                      for k, name in enumerate(("shape", "color", "digit")))
+            aux = token_probe_loss(heads, ("shape", "color", "digit"), vis, batch["aux"])
             pos = batch["probe_pos"]  # (Q, 2)
             hidden = feats["q"][pos[:, 0], pos[:, 1]]  # (Q, D)
             qloss = question_probe_loss(heads, hidden, batch["probe_targets"]) if "qfamily" in heads else aux * 0

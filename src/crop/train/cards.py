@@ -81,7 +81,11 @@ def localizer_card(summary: dict, shape: dict) -> str:
         "`crop.localizers.prompt.localizer_prompt(question, 8)` with the region as `[x0, y0, x1, y1]` on the 8x8 "
         "grid (`format_box`) followed by `<|im_end|>` (the CROP paper's localizer recipe, at toy scale). Images are "
         "resized to 224x224: 16x16 patches of 14 px, 8x8 merged tokens, one per grid cell. Global questions answer "
-        "`[0, 0, 7, 7]`. Serve it with `crop.localizers.vlm.VLMLocalizer(model, processor, grid=8)`.\n\n"
+        "`[0, 0, 7, 7]`. The prompt is text-first (`localizer_messages(question, 8, image_first=False)`), so the "
+        "causal LLM lets every image token read the question; the tokenizer is Qwen2's byte-level BPE plus one "
+        "token per benchmark word (`crop.models.tokenizers.qwen_word_tokenizer`, built in code). Serve it with "
+        "`crop.localizers.make_localizer(\"embedded\")` (or `VLMLocalizer(model, processor, grid=8, "
+        "image_first=False)`).\n\n"
         + _common(summary, shape)
         + f"\n## Evaluation ({m['split']} split, seed {m['seed']}, {m['n']} samples, greedy, via `VLMLocalizer`)\n\n"
         f"Mean IoU with the ground-truth grid box: **{m['mean_iou']:.3f}**; ground truth inside the prediction: "

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from crop.data.region_vqa import RegionSample
-from crop.localizers.prompt import format_box, localizer_prompt
+from crop.localizers.prompt import format_box, localizer_messages
 from crop.localizers.vlm import VLMLocalizer
 
 logger = logging.getLogger(__name__)
@@ -92,9 +92,7 @@ class FinetuneConfig:
 
 def _prompt_inputs(processor, images: list[Image.Image], questions: list[str], grid: int):
     """Processor inputs of the localization prompts (what the localizer sees before it answers)."""
-    texts = [processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": localizer_prompt(q, grid)}]}], add_generation_prompt=True)
-        for q in questions]
+    texts = [processor.apply_chat_template(localizer_messages(q, grid), add_generation_prompt=True) for q in questions]
     return [processor(images=[im], text=[t], return_tensors="pt") for im, t in zip(images, texts, strict=True)]
 
 

@@ -7,12 +7,20 @@ Its processor resizes every image to 224x224 (``min_pixels = max_pixels = 224 * 
 vision tower sees 16x16 patches of 14 px and the LLM 8x8 merged tokens: exactly one token per
 cell of the region grid. Global questions are trained to answer the full box ``[0, 0, 7, 7]``.
 
+The prompt is text-first (:data:`IMAGE_FIRST` is False): the question precedes the image, so
+in the causal LLM every image token can read the question and decide whether it belongs to the
+asked-about region; the box is then a read-out over the flagged tokens. (Image-first, the
+answer position alone must match the question against all 64 tokens; two from-scratch runs of
+that layout stayed on a constant-box plateau.) The tokenizer is Qwen2's byte-level BPE plus one
+token per benchmark word (``QwenShape.tokenizer = "words"``), which makes the prompt about 60
+tokens instead of about 190.
+
 Auxiliary losses (training only, not exported): probes on the merged visual tokens predict the
-shape/colour of the object in each cell, and probes on the image-token hidden states after the
-LLM's second layer predict each token's row and column. Qwen2-VL's vision tower has no absolute
-position embedding (2-D RoPE only) and the LLM sees positions only through M-RoPE, so a
-from-scratch model must first learn where its image tokens are before it can write a
-coordinate; the position probes teach that directly.
+shape/colour of the object in each cell; probes on the image-token hidden states after the
+LLM's second layer predict each token's row, column, and whether it lies in the question's
+region. Qwen2-VL's vision tower has no absolute position embedding (2-D RoPE only) and the LLM
+sees positions only through M-RoPE, so a from-scratch model must first learn where its image
+tokens are before it can write a coordinate; the position probes teach that directly.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crop.data.synth import FAMILIES
-from crop.localizers.prompt import format_box, localizer_prompt
+from crop.localizers.prompt import format_box, localizer_messages
 from crop.train.common import (
     AttentionCapture,
     Capture,
@@ -41,6 +49,7 @@ from crop.train.common import (
     question_probe_loss,
     question_targets,
     token_labels,
+    token_probe_loss,
     use_capture_attention,
 )
 from crop.train.data import stream_sample
@@ -63,13 +72,14 @@ LOCALIZER_IMAGE_SIZE = 224
 LOCALIZER_SHAPE = dict(
     vision_hidden=64, vision_layers=3, vision_heads=4, text_hidden=96, text_layers=4, text_heads=4,
     text_kv_heads=2, text_intermediate=192, min_pixels=LOCALIZER_IMAGE_SIZE ** 2, max_pixels=LOCALIZER_IMAGE_SIZE ** 2,
+    tokenizer="words",
 )
+IMAGE_FIRST = False  # text-first prompt: the causal LLM lets each image token read the question
 
 
 def localizer_chat(processor, question: str) -> str:
     """The chat-template prompt the localizer is trained and served with (as in ``VLMLocalizer``)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": localizer_prompt(question, GRID)}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor.apply_chat_template(localizer_messages(question, GRID, IMAGE_FIRST), add_generation_prompt=True)
 
 
 class LocalizerTask:
@@ -107,7 +117,7 @@ class LocalizerTask:
     def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
         """Content probes on merged visual tokens; row/column probes on LLM image tokens."""
         dim = model.config.text_config.hidden_size
-        heads = make_aux_heads(dim, {"row": GRID, "col": GRID})
+        heads = make_aux_heads(dim, {"row": GRID, "col": GRID, "region": 2})
         return heads
 
     def collate(self, items: list[tuple[str, int]]) -> dict:
@@ -185,8 +195,7 @@ class LocalizerTask:
         if aux_weight > 0:
             bsz = batch["aux"].shape[0]
             vis = feats["vis"].reshape(bsz, GRID * GRID, -1)  # (B, 64, D)
-            aux = sum(F.cross_entropy(heads[name](vis).flatten(0, 1), batch["aux"][:, k].reshape(-1))
-                      for k, name in enumerate(("shape", "color")))
+            aux = token_probe_loss(heads, ("shape", "color"), vis, batch["aux"][:, :2])
             hidden = feats["pos"]  # (B, L, D)
             img = hidden[batch["input_ids"] == self.image_token_id].reshape(bsz, GRID * GRID, -1)  # (B, 64, D)
             cells = torch.arange(GRID * GRID)
@@ -194,6 +203,9 @@ class LocalizerTask:
             cols = (cells % GRID).repeat(bsz)
             aux = aux + F.cross_entropy(heads["row"](img).flatten(0, 1), rows) \
                 + F.cross_entropy(heads["col"](img).flatten(0, 1), cols)
+            if not IMAGE_FIRST and "region" in heads:  # each image token: am I in the question's region?
+                inside = (batch["attn_targets"] > 0).long()  # (B, 64)
+                aux = aux + F.cross_entropy(heads["region"](img).flatten(0, 1), inside.reshape(-1))
             pos = batch["probe_pos"]  # (B, 2)
             qloss = question_probe_loss(heads, hidden[pos[:, 0], pos[:, 1]], batch["probe_targets"])
             logs["aux"] = float(aux.detach())
@@ -231,6 +243,7 @@ class LocalizerTask:
         from crop.train.cards import localizer_card
 
         meta = {"kind": self.kind, "prompt": "crop.localizers.prompt.localizer_prompt(question, 8)", "grid": GRID,
+                "image_first": IMAGE_FIRST,
                 "image_size": LOCALIZER_IMAGE_SIZE, "training": {k: v for k, v in summary.items() if k != "history"}}
         save_embedded(model, self.architecture, asdict(self.shape), out_dir, meta, localizer_card(summary, asdict(self.shape)))
 
@@ -260,7 +273,7 @@ def evaluate_localizer(model: nn.Module, processor: Any, split: str = "test", n:
     from crop.regions import GridBox
 
     model.eval()
-    localizer = VLMLocalizer(model, processor, grid=GRID, batch_size=batch_size)
+    localizer = VLMLocalizer(model, processor, grid=GRID, batch_size=batch_size, image_first=IMAGE_FIRST)
     samples = list(generate(n, seed, split))
     stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     examples = []
@@ -357,7 +370,7 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
         am, ap = answerer
         lm.eval()
         am.eval()
-        loc = VLMLocalizer(lm, lp, grid=GRID, batch_size=1)
+        loc = VLMLocalizer(lm, lp, grid=GRID, batch_size=1, image_first=IMAGE_FIRST)
         samples = list(generate(n + 1, seed, "test"))
         t_loc, t_gen, t_pre, t_fwd, new_tokens = [], [], [], [], []
         for i, s in enumerate(samples):
