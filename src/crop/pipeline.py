@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,10 @@ from crop.errors import CropInputError
 from crop.io import check_question, load_image
 from crop.localizers.base import Localization, Localizer
 from crop.methods import InnerLLMMethod
+from crop.models.base import get_adapter
+from crop.regions import GridBox
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +31,9 @@ class CropResult:
 
     Attributes:
         answer: the generated text.
-        box: the region used, ``[x0, y0, x1, y1]`` on the grid.
+        box: the localizer's region on the image, ``[x0, y0, x1, y1]`` on the grid. If the
+            model sees a padded or cropped view (LLaVA-1.5 centre-crops non-square images), the
+            box used on that view is ``extra["model_view_box"]``.
         grid: the grid side.
         method, layer, keep_tokens: the settings used (``layer``: the pruning layer of a
             single-stage inner-LLM method, else ``None``).
@@ -118,11 +125,21 @@ class CropPipeline:
         self.processor = processor
         self.localizer = localizer
         self.config = config or CropConfig()
+        self.adapter = get_adapter(model)
         grid = getattr(self.config, "grid", localizer.grid)  # region-free configs need not carry one
         if localizer.grid != grid:
             raise ValueError(f"localizer answers on a {localizer.grid}x{localizer.grid} grid but the config says {grid}")
         # validate the config against this model once (e.g. ILP layer within depth)
         PruningHandle(model, self.config).remove()
+
+    def _view_box(self, box: GridBox, image_size: tuple[int, int]) -> GridBox:
+        """The localizer's box mapped onto the view the model sees; the full view if it fell outside."""
+        view = self.adapter.view_box(box, image_size, getattr(self.processor, "image_processor", None))
+        if view is None:
+            logger.warning("region %s lies outside the part of the %dx%d image the model sees; using all of it",
+                           box, *image_size)
+            return GridBox.full(box.grid)
+        return view
 
     def prompt(self, question: str) -> str:
         """The chat-formatted prompt for one image + question."""
@@ -174,10 +191,11 @@ class CropPipeline:
         finally:
             tokenizer.padding_side = side
 
+        view_boxes = [self._view_box(loc.box, im.size) for loc, im in zip(localizations, pil_images, strict=True)]
         clock = _FirstTokenClock()
         with PruningHandle(self.model, self.config) as handle:
             t0 = time.perf_counter()
-            run_inputs = handle.prepare(inputs, [loc.box for loc in localizations])
+            run_inputs = handle.prepare(inputs, view_boxes)
             out = self.model.generate(**run_inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
                                       pad_token_id=tokenizer.pad_token_id)
@@ -198,7 +216,7 @@ class CropPipeline:
         method_name = getattr(self.config, "method", None) or handle.method.name
         layers = handle.method.stage_layers() if isinstance(handle.method, InnerLLMMethod) else []
         results = []
-        for i, (answer, loc) in enumerate(zip(answers, localizations, strict=True)):
+        for i, (answer, loc, view) in enumerate(zip(answers, localizations, view_boxes, strict=True)):
             results.append(CropResult(
                 answer=answer.strip(),
                 box=loc.box.as_list(),
@@ -216,6 +234,7 @@ class CropPipeline:
                 token_grid=list(stats.token_grids[i]),
                 full_resolution_tokens=stats.full_resolution[i],
                 extra={"batch_size": batch, "equivalent_tokens": stats.equivalent_tokens[i],
-                       **({"layers": layers} if len(layers) > 1 else {})},
+                       **({"layers": layers} if len(layers) > 1 else {}),
+                       **({"model_view_box": view.as_list()} if view != loc.box else {})},
             ))
         return results

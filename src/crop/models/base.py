@@ -236,6 +236,23 @@ class VLMAdapter(ABC):
         return AttentionParts(block.input_layernorm, attn.q_proj, attn.k_proj, heads, kv_heads, head_dim,
                               float(getattr(attn, "scaling", head_dim ** -0.5)))
 
+    def view_box(self, box: GridBox, image_size: tuple[int, int], image_processor: Any) -> GridBox | None:
+        """``box`` (on the whole image) as a box on the image the model actually sees.
+
+        A localizer looks at the whole image; a processor may pad or crop it before the vision
+        tower. The default is for processors that only resize (Qwen2-VL, LLaVA-NeXT): the box is
+        unchanged.
+
+        Args:
+            box: the region on the original image.
+            image_size: the original ``(width, height)``.
+            image_processor: the model's image processor (its geometry settings are read).
+
+        Returns:
+            The region on the model's view, or ``None`` if none of it is visible there.
+        """
+        return box
+
     @abstractmethod
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         """Every image's visual-token span in the batch, in the order the images were given."""

@@ -12,6 +12,50 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
+from crop.regions import GridBox
+
+
+def _size_field(size: Any, name: str) -> int | None:
+    """A field of a processor's ``size``/``crop_size`` (a ``SizeDict`` or a plain dict)."""
+    value = size.get(name) if isinstance(size, Mapping) else getattr(size, name, None)
+    return int(value) if value else None
+
+
+def llava_view_transform(image_size: tuple[int, int], image_processor: Any) -> tuple[float, float, float, float, int, int]:
+    """Where original pixels land in the square a LLaVA-1.5 image processor produces.
+
+    The processor optionally pads to a square (centred), resizes (shortest edge, or to a fixed
+    height/width), then optionally centre-crops, so original ``(x, y)`` maps to
+    ``(x * sx + ox, y * sy + oy)`` in a ``view_w x view_h`` image.
+
+    Args:
+        image_size: the original ``(width, height)``.
+        image_processor: a LLaVA image processor (``do_pad``, ``size``, ``do_center_crop``, ``crop_size``).
+
+    Returns:
+        ``(sx, sy, ox, oy, view_w, view_h)``.
+    """
+    w, h = image_size
+    ox = oy = 0.0
+    if getattr(image_processor, "do_pad", False) and w != h:  # pad_to_square, the image centred
+        side = max(w, h)
+        ox, oy = (side - w) // 2, (side - h) // 2
+        w = h = side
+    sx = sy = 1.0
+    if getattr(image_processor, "do_resize", True):
+        size = image_processor.size
+        short = _size_field(size, "shortest_edge")
+        if short:  # shortest edge -> ``short``, the other edge scaled and truncated
+            new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        else:
+            new_w, new_h = _size_field(size, "width") or w, _size_field(size, "height") or h
+        sx, sy = new_w / w, new_h / h
+        ox, oy, w, h = ox * sx, oy * sy, new_w, new_h
+    if getattr(image_processor, "do_center_crop", False):
+        crop = image_processor.crop_size
+        cw, ch = _size_field(crop, "width") or w, _size_field(crop, "height") or h
+        ox, oy, w, h = ox - (w - cw) // 2, oy - (h - ch) // 2, cw, ch
+    return sx, sy, ox, oy, w, h
 
 
 @ADAPTERS.register("llava")
@@ -35,6 +79,20 @@ class LlavaAdapter(VLMAdapter):
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.language_model.layers
+
+    def view_box(self, box: GridBox, image_size: tuple[int, int], image_processor: Any) -> GridBox | None:
+        """The box on the square LLaVA-1.5 sees: padding shifts it, a centre crop can cut it."""
+        if image_processor is None:
+            return box
+        w, h = image_size
+        sx, sy, ox, oy, view_w, view_h = llava_view_transform(image_size, image_processor)
+        left, top, right, bottom = box.fractions()
+        x0, x1 = max(left * w * sx + ox, 0.0), min(right * w * sx + ox, float(view_w))
+        y0, y1 = max(top * h * sy + oy, 0.0), min(bottom * h * sy + oy, float(view_h))
+        x0, y0, x1, y1 = (round(v, 6) for v in (x0, y0, x1, y1))  # 0.75 * 300 * 1.12 must be 252, not 252.0000001
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return GridBox.from_pixels((x0, y0, x1, y1), view_w, view_h, box.grid)
 
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         spans = []
