@@ -203,11 +203,18 @@ class LocalizerTask:
             cols = (cells % GRID).repeat(bsz)
             aux = aux + F.cross_entropy(heads["row"](img).flatten(0, 1), rows) \
                 + F.cross_entropy(heads["col"](img).flatten(0, 1), cols)
-            if not IMAGE_FIRST and "region" in heads:  # each image token: am I in the question's region?
-                inside = (batch["attn_targets"] > 0).long()  # (B, 64)
-                aux = aux + F.cross_entropy(heads["region"](img).flatten(0, 1), inside.reshape(-1))
             pos = batch["probe_pos"]  # (B, 2)
             qloss = question_probe_loss(heads, hidden[pos[:, 0], pos[:, 1]], batch["probe_targets"])
+            if not IMAGE_FIRST and "region" in heads:
+                # text-first, each image token can read the question: teach it to (1) know what is
+                # asked (the question probes, on every image token) and (2) whether it is in the
+                # asked-about region (class-balanced: a region is a few of 64 cells)
+                inside = (batch["attn_targets"] > 0).long()[:, None]  # (B, 1, 64)
+                region = token_probe_loss(heads, ("region",), img, inside)
+                logs["region"] = float(region.detach())
+                aux = aux + region
+                qloss = qloss + question_probe_loss(heads, img.flatten(0, 1),
+                                                    batch["probe_targets"].repeat_interleave(GRID * GRID, 0))
             logs["aux"] = float(aux.detach())
             logs["qaux"] = float(qloss.detach())
             total = total + aux_weight * (aux + qloss)
