@@ -14,6 +14,7 @@ import torch
 
 from crop.models.tokenizers import (
     LLAVA_CHAT_TEMPLATE,
+    LLAVA_QUESTION_FIRST_CHAT_TEMPLATE,
     QWEN_CHAT_TEMPLATE,
     llama_byte_tokenizer,
     qwen_byte_tokenizer,
@@ -40,6 +41,7 @@ class LlavaShape:
     max_positions: int = 4096
     vision_intermediate: int = 0  # 0: twice vision_hidden
     vocab_size: int = 0  # 0: the byte tokenizer's size; larger pads the embedding (realistic LM-head cost)
+    question_first: bool = False  # chat template "USER: q\n<image>\nq ASSISTANT:" (the embedded answerer)
 
 
 # CLIP ViT-L/14-336-shaped tower, LLaVA-1.5 projector, a ~0.5B-parameter Llama LM (576 visual tokens):
@@ -98,7 +100,7 @@ def llava_processor(shape: LlavaShape = LlavaShape()):
         patch_size=shape.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
+        chat_template=LLAVA_QUESTION_FIRST_CHAT_TEMPLATE if shape.question_first else LLAVA_CHAT_TEMPLATE,
     )
 
 

@@ -13,6 +13,17 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
+# The same roles, but a user turn with an image renders its text, the image, then its text again:
+# "USER: q\n<image>\nq ASSISTANT:". In a causal LLM the image tokens then see the question (the
+# embedded answerer is trained so), and the question still follows the image for methods that
+# rate visual tokens by the attention of later text tokens.
+LLAVA_QUESTION_FIRST_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% set texts = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
+    "{% if m['content'] | selectattr('type', 'equalto', 'image') | list %}{{ texts }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}{% endif %}{{ texts }}"
+    "{% if not loop.last %} {% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
 QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
