@@ -44,7 +44,9 @@ def answerer_card(summary: dict, shape: dict) -> str:
         f"A `LlavaForConditionalGeneration` (CLIP vision tower, 2-layer projector, Llama LM) trained from scratch "
         f"on this repository's synthetic benchmark. {shape['image_size']} px input, {shape['patch_size']} px patches: "
         f"{grid}x{grid} = {grid * grid} visual tokens (2x2 per cell of the 8x8 region grid). Byte-level tokenizer "
-        "and chat template built in code (`crop.models.tiny.llava_processor`).\n\n"
+        "and chat template built in code (`crop.models.tiny.llava_processor`)"
+        + ("; the template is question-first, `USER: q\\n<image>\\nq ASSISTANT:`, so the image tokens see the "
+           "question" if shape.get("question_first") else "") + ".\n\n"
         "A toy model for demonstrating and measuring token pruning offline; it knows only this benchmark's "
         "shapes, colours, digits and counts.\n\n"
         + _common(summary, shape)
