@@ -7,10 +7,12 @@ CROP=.venv/bin/crop
 ALL=full,crop-ilp,crop-plc,fastv,pdrop,sparsevlm,visionzip,dart,random,random-inner,pool
 
 # accuracy on the synthetic benchmark, embedded answerer; the embedded localizer, then the oracle box (the ceiling)
-$CROP eval --split test --n 200 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded \
+$CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded \
     --out results/eval-embedded-localizer
-$CROP eval --split test --n 200 --methods full,crop-ilp,crop-plc,random-inner --keep-tokens 64,128,192 \
+$CROP eval --split test --n 400 --methods full,crop-ilp,crop-plc,random-inner --keep-tokens 64,128,192 \
     --localizer oracle --out results/eval-oracle-localizer
+.venv/bin/python scripts/readme_accuracy_table.py results/eval-embedded-localizer/results.json \
+    results/eval-oracle-localizer/results.json   # the README's accuracy table
 
 # efficiency on a LLaVA-1.5-shaped model with a ~0.5B LM (random weights, realistic proportions)
 $CROP bench --model llava-shape-0.5b --localizer embedded --methods full,crop-ilp,crop-plc \
