@@ -43,6 +43,8 @@ from crop.train.common import (
     TrainConfig,
     attention_loss,
     image_positions,
+    llm_layer,
+    llm_layer_index,
     make_aux_heads,
     question_probe_loss,
     question_targets,
@@ -52,16 +54,6 @@ from crop.train.common import (
     use_capture_attention,
 )
 from crop.train.data import stream_sample
-
-
-def _layer_index(model: nn.Module, index: int) -> int:
-    return min(index, len(model.model.language_model.layers) - 1)
-
-
-def _layer(model: nn.Module, index: int) -> nn.Module:
-    """LLM decoder layer ``index``, clamped to the model's depth (tiny test models are shallow)."""
-    layers = model.model.language_model.layers
-    return layers[min(index, len(layers) - 1)]
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +186,9 @@ class AnswererTask:
         caps = {}
         if capture:
             caps["vis"] = Capture(model.model.multi_modal_projector)
-            caps["q"] = Capture(_layer(model, self.config.question_layer))
+            caps["q"] = Capture(llm_layer(model, self.config.question_layer))
         try:
-            layer = _layer_index(model, self.config.attn_layer)
+            layer = llm_layer_index(model, self.config.attn_layer)
             with AttentionCapture(layer if capture and self.config.attn_weight > 0 else None,
                                   batch.get("probe_pos")) as att:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -317,6 +317,16 @@ def token_probe_loss(heads: nn.ModuleDict, names: tuple[str, ...], tokens: torch
     return total
 
 
+def llm_layer_index(model: nn.Module, index: int) -> int:
+    """``index`` clamped to the LLM's depth (tiny test models are shallower than the recipes assume)."""
+    return min(index, len(model.model.language_model.layers) - 1)
+
+
+def llm_layer(model: nn.Module, index: int) -> nn.Module:
+    """LLM decoder layer ``index``, clamped to the model's depth (see :func:`llm_layer_index`)."""
+    return model.model.language_model.layers[llm_layer_index(model, index)]
+
+
 class Capture:
     """Keeps the output of one module during a forward pass (an instance-level hook).
 
