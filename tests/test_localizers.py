@@ -74,3 +74,48 @@ def test_vlm_localizer_real_random_model_runs_end_to_end():
     results = VLMLocalizer(model, processor).localize([random_image(5)], ["Where is the dog?"])
     assert len(results) == 1 and isinstance(results[0].raw, str)
     assert results[0].fallback or results[0].box.grid == 8
+
+
+class _ForcedGenerate(torch.nn.Module):
+    """A real tiny Qwen2-VL whose real ``generate`` is forced to emit ``script`` and then ``filler`` forever."""
+
+    def __init__(self, model, script: list[int], filler: int):
+        super().__init__()
+        self.inner, self.script, self.filler = model, script, filler
+
+    def generate(self, input_ids, **kwargs):
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        start, script, filler = input_ids.shape[1], self.script, self.filler
+
+        class Force(LogitsProcessor):
+            def __call__(self, ids, scores):
+                step = ids.shape[1] - start
+                forced = torch.full_like(scores, float("-inf"))
+                forced[:, script[step] if step < len(script) else filler] = 0.0
+                return forced
+
+        return self.inner.generate(input_ids=input_ids, logits_processor=LogitsProcessorList([Force()]), **kwargs)
+
+
+def test_vlm_localizer_stops_at_the_box_end():
+    """Decoding stops on the token that closes the box: one prefill and one step for corner tokens."""
+    from crop.embedded import build_from_shape
+
+    model, processor = build_from_shape("qwen2_vl", {"vision_hidden": 32, "vision_layers": 1, "text_hidden": 32,
+                                                     "text_layers": 1, "text_intermediate": 64,
+                                                     "max_pixels": 112 * 112, "tokenizer": "words+corners"})
+    tok = processor.tokenizer
+    box = tok("[1, 2, 5, 6]", add_special_tokens=False)["input_ids"]
+    filler = tok(" star", add_special_tokens=False)["input_ids"][0]
+    assert len(box) == 2
+    images, questions = [random_image(1), random_image(2)], ["What color is the star?"] * 2
+    forced = _ForcedGenerate(model, box, filler)
+    localizer = VLMLocalizer(forced, processor, max_new_tokens=6)
+    new = localizer.generate(localizer.prepare(images, questions))
+    assert new.tolist() == [box, box]
+    assert [r.box.as_list() for r in localizer.localize(images, questions)] == [[1, 2, 5, 6]] * 2
+    # without the stop, the same model runs on to the decode budget (and the parser still reads the box)
+    endless = VLMLocalizer(forced, processor, max_new_tokens=6, stop_at_box_end=False)
+    assert endless.generate(endless.prepare(images, questions)).shape == (2, 6)
+    assert endless.localize(images[:1], questions[:1])[0].raw.startswith("[1, 2, 5, 6] star")

@@ -1,10 +1,10 @@
-"""The code-built tokenizers: exact round trips, and one token per benchmark word for ``words``."""
+"""The code-built tokenizers: exact round trips, one token per benchmark word, two per grid box."""
 
 from __future__ import annotations
 
 import pytest
 
-from crop.models.tokenizers import BENCHMARK_WORDS, qwen_byte_tokenizer, qwen_word_tokenizer
+from crop.models.tokenizers import BENCHMARK_WORDS, grid_corner_tokens, qwen_byte_tokenizer, qwen_word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,18 @@ def test_qwen_shape_selects_tokenizer():
     assert len(qwen_tokenizer("words")) > len(qwen_tokenizer("bytes"))
     with pytest.raises(ValueError, match="unknown tokenizer"):
         qwen_tokenizer("sentencepiece")
+
+
+def test_corner_tokens_make_every_box_two_tokens(words_tok):
+    from crop.localizers.prompt import format_box
+
+    tok = qwen_word_tokenizer(box_grid=8)
+    assert len(grid_corner_tokens(8)) == 128 and len(tok) == len(words_tok) + 128
+    for box in [(0, 0, 7, 7), (3, 6, 4, 7), (1, 2, 1, 2), (7, 0, 7, 3)]:
+        text = format_box(box)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == [f"[{box[0]}, {box[1]},", f" {box[2]}, {box[3]}]"]
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    # text without a box encodes as with the word tokenizer (same ids: the corners come last)
+    for text in _benchmark_text(4):
+        assert tok(text)["input_ids"] == words_tok(text)["input_ids"]

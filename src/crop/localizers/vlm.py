@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crop.localizers.base import Localization
 from crop.localizers.prompt import localizer_messages
@@ -34,20 +35,42 @@ class VLMLocalizer:
         batch_size: images per localizer ``generate`` call.
         image_first: prompt layout, as the model was trained (see
             :func:`crop.localizers.prompt.localizer_messages`).
+        stop_at_box_end: stop decoding a row as soon as it emits a token containing ``"]"``,
+            the end of the box; this saves the end-of-sequence step (one of the embedded
+            localizer's three decode steps; two of a real Qwen2-VL's thirteen).
     """
 
     name = "vlm"
 
     def __init__(self, model: nn.Module, processor, grid: int = 8, max_new_tokens: int = 16, batch_size: int = 8,
-                 image_first: bool = True):
+                 image_first: bool = True, stop_at_box_end: bool = True):
         self.model = model
         self.image_first = image_first
         self.processor = processor
         self.grid = grid
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.stop_at_box_end = stop_at_box_end
+        self._box_end_ids: torch.Tensor | None = None
 
-    def _inputs(self, images: Sequence[Image.Image], questions: Sequence[str]):
+    def _stopping_criteria(self) -> StoppingCriteriaList | None:
+        if not self.stop_at_box_end:
+            return None
+        if self._box_end_ids is None:
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+            vocab = tokenizer.get_vocab()  # token text -> id; "]" is itself in byte-level and sentencepiece vocabularies
+            self._box_end_ids = torch.tensor(sorted(i for t, i in vocab.items() if "]" in t), dtype=torch.long)
+        return StoppingCriteriaList([_LastTokenIn(self._box_end_ids)])
+
+    @torch.no_grad()
+    def generate(self, inputs) -> torch.Tensor:
+        """Greedy-decode the box for processed ``inputs``; returns the new tokens ``(B, T)``."""
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  stopping_criteria=self._stopping_criteria())
+        return out[:, inputs["input_ids"].shape[1]:]  # (B, T)
+
+    def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
+        """Processor inputs for the localization prompts of ``questions``, left-padded."""
         texts = [self.processor.apply_chat_template(localizer_messages(q, self.grid, self.image_first),
                                                     add_generation_prompt=True) for q in questions]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -64,9 +87,7 @@ class VLMLocalizer:
         for start in range(0, len(images), self.batch_size):
             chunk_images = images[start:start + self.batch_size]
             chunk_questions = questions[start:start + self.batch_size]
-            inputs = self._inputs(chunk_images, chunk_questions)
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, T)
+            new_tokens = self.generate(self.prepare(chunk_images, chunk_questions))  # (B, T)
             texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
             results.extend(self._parse(text) for text in texts)
         return results
@@ -77,3 +98,13 @@ class VLMLocalizer:
         except ValueError as exc:
             logger.warning("localizer output unusable (%s); using the full image", exc)
             return Localization(GridBox.full(self.grid), fallback=True, raw=text)
+
+
+class _LastTokenIn(StoppingCriteria):
+    """Done for each row whose last token is one of ``ids``."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids  # (K,)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.isin(input_ids[:, -1], self.ids.to(input_ids.device))  # (B,)

@@ -212,16 +212,24 @@ class QwenShape:
     text_intermediate: int = 128
     min_pixels: int = 56 * 56
     max_pixels: int = 336 * 336
-    tokenizer: str = "bytes"  # "bytes" or "words" (byte-level plus one token per benchmark word)
+    # "bytes", "words" (byte-level plus one token per benchmark word) or "words+corners" (plus
+    # two tokens per 8x8-grid box, see crop.models.tokenizers.grid_corner_tokens)
+    tokenizer: str = "bytes"
 
 
 def qwen_tokenizer(kind: str = "bytes"):
-    """The code-built Qwen2 tokenizer of ``kind``: ``"bytes"`` or ``"words"`` (see :mod:`crop.models.tokenizers`)."""
+    """The code-built Qwen2 tokenizer of ``kind``: ``"bytes"``, ``"words"`` or ``"words+corners"``.
+
+    See :mod:`crop.models.tokenizers`; ``"words+corners"`` adds the box-corner tokens of the
+    8x8 region grid.
+    """
     if kind == "bytes":
         return qwen_byte_tokenizer()
     if kind == "words":
         return qwen_word_tokenizer()
-    raise ValueError(f"unknown tokenizer {kind!r}; use 'bytes' or 'words'")
+    if kind == "words+corners":
+        return qwen_word_tokenizer(box_grid=8)
+    raise ValueError(f"unknown tokenizer {kind!r}; use 'bytes', 'words' or 'words+corners'")
 
 
 def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):

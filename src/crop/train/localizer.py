@@ -12,8 +12,11 @@ in the causal LLM every image token can read the question and decide whether it 
 asked-about region; the box is then a read-out over the flagged tokens. (Image-first, the
 answer position alone must match the question against all 64 tokens; two from-scratch runs of
 that layout stayed on a constant-box plateau.) The tokenizer is Qwen2's byte-level BPE plus one
-token per benchmark word (``QwenShape.tokenizer = "words"``), which makes the prompt about 60
-tokens instead of about 190.
+token per benchmark word, which makes the prompt about 60 tokens instead of about 190, plus two
+tokens per grid box, its top-left ``"[x0, y0,"`` and bottom-right ``" x1, y1]"`` corner
+(``QwenShape.tokenizer = "words+corners"``): the box decodes in two steps instead of twelve,
+and ``VLMLocalizer`` stops at the ``"]"``, so the whole localization is one prefill and one
+decode step.
 
 Auxiliary losses (training only, not exported): probes on the merged visual tokens predict the
 shape/colour of the object in each cell; probes on the image-token hidden states after the
@@ -64,7 +67,7 @@ LOCALIZER_IMAGE_SIZE = 224
 LOCALIZER_SHAPE = dict(
     vision_hidden=64, vision_layers=3, vision_heads=4, text_hidden=96, text_layers=4, text_heads=4,
     text_kv_heads=2, text_intermediate=192, min_pixels=LOCALIZER_IMAGE_SIZE ** 2, max_pixels=LOCALIZER_IMAGE_SIZE ** 2,
-    tokenizer="words",
+    tokenizer="words+corners",
 )
 IMAGE_FIRST = False  # text-first prompt: the causal LLM lets each image token read the question
 
@@ -376,9 +379,9 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
             t0 = time.perf_counter()
             loc.localize([s.image], [s.question])
             t1 = time.perf_counter()
-            inputs = lp(images=[s.image], text=[localizer_chat(lp, s.question)], return_tensors="pt")
+            inputs = loc.prepare([s.image], [s.question])
             t2 = time.perf_counter()
-            out = lm.generate(**inputs, max_new_tokens=loc.max_new_tokens, do_sample=False)
+            new = loc.generate(inputs)  # (1, T)
             t3 = time.perf_counter()
             a_in = ap(images=[s.image], text=[answerer_prompt(ap, s.question)], return_tensors="pt")
             t4 = time.perf_counter()
@@ -390,7 +393,7 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
             t_gen.append(t3 - t2)
             t_pre.append(t4 - t3)
             t_fwd.append(t5 - t4)
-            new_tokens.append(out.shape[1] - inputs["input_ids"].shape[1])
+            new_tokens.append(new.shape[1])
         med = lambda v: float(np.median(v)) * 1000  # noqa: E731
         n_new = float(np.mean(new_tokens))
         loc_flops = _analytic_flops(lm, lm.model.visual, int(inputs["pixel_values"].shape[0]),
