@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from crop.models.tokenizers import BENCHMARK_WORDS, grid_corner_tokens, qwen_byte_tokenizer, qwen_word_tokenizer
+from crop.models.tokenizers import (
+    BENCHMARK_WORDS,
+    grid_corner_tokens,
+    qwen_byte_tokenizer,
+    qwen_word_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def qwen_byte_tokenizer():
     Returns:
         A ``Qwen2Tokenizer`` of 263 tokens; eos ``<|im_end|>``, pad ``<|endoftext|>``.
     """
-    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers import Qwen2Tokenizer
 
     tok = Qwen2Tokenizer(
         vocab={c: i for i, c in enumerate(_gpt2_byte_alphabet())},
