@@ -50,6 +50,16 @@ def test_answerer_trains_checkpoints_resumes_and_exports(tmp_path):
     assert "accuracy" in (tmp_path / "out" / "MODEL_CARD.md").read_text().lower()
     assert all(torch.equal(model.state_dict()[k], a[k]) for k in a)
 
+    # a warm start continues from the exported weights (a vanishing LR keeps them), and its card says so
+    warm_cfg = _config(TINY_ANSWERER, steps=1, lr=1e-9, curriculum_fraction=0.0, init_from=str(tmp_path / "out"),
+                       digit_weight=3.0)
+    train(AnswererTask(warm_cfg), warm_cfg, tmp_path / "warm", tmp_path / "warm-out", progress=False)
+    warm = torch.load(tmp_path / "warm" / "checkpoint.pt", weights_only=False)
+    assert warm["config"]["init_from"] == str(tmp_path / "out")
+    assert all(torch.allclose(warm["model"][k], a[k], atol=1e-6) for k in a)
+    card = (tmp_path / "warm-out" / "MODEL_CARD.md").read_text()
+    assert "Warm start" in card and "digit probe weighted 3x" in card
+
 
 def test_localizer_trains_and_exports(tmp_path):
     from crop.train.localizer import LocalizerTask
@@ -96,6 +106,7 @@ def test_token_probe_loss_balances_objects_and_background():
     fg = labels[:, 0].reshape(-1) > 0
     expected = (ce[fg].mean() + ce[~fg].mean()) / 2
     assert torch.allclose(token_probe_loss(heads, ("shape",), tokens, labels), expected)
+    assert torch.allclose(token_probe_loss(heads, ("shape",), tokens, labels, weights=(3.0,)), 3 * expected)
     # all background: the plain mean
     assert torch.allclose(token_probe_loss(heads, ("shape",), tokens, labels * 0),
                           F.cross_entropy(heads["shape"](tokens).flatten(0, 1), labels.reshape(-1) * 0))

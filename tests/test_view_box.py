@@ -58,6 +58,10 @@ def test_llava_view_box_matches_the_processor(size, pad):
         assert mapped in _where_it_lands(image_processor, _painted(size, box), 8), box
         checked += mapped is not None
     assert checked >= 6
+    for box in (GridBox(2, 1, 5, 6), GridBox(0, 0, 3, 7)):  # the picture drawn under the tokens is that view
+        view = adapter.view_image(_painted(size, box), image_processor)
+        assert view.size == (336, 336)
+        assert adapter.view_box(box, size, image_processor) in _where_it_lands(image_processor, view, 8), box
     if size == (336, 336):  # a square image at the model's size: identity
         assert adapter.view_box(GridBox(1, 2, 3, 4), size, image_processor) == GridBox(1, 2, 3, 4)
 
@@ -66,6 +70,8 @@ def test_qwen_view_box_is_identity():
     model, processor = tiny("tiny-random-qwen2-vl")
     box = GridBox(0, 1, 2, 3)
     assert get_adapter(model).view_box(box, (640, 200), processor.image_processor) == box
+    image = Image.new("RGB", (640, 200))
+    assert get_adapter(model).view_image(image, processor.image_processor) is image
 
 
 def test_pipeline_uses_the_view_box_and_falls_back_when_cropped_away(caplog):

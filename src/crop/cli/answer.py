@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a PLC budget below the pooled context of this image's token grid
         raise CropInputError(str(exc)) from None
     if args.overlay:
-        _write_overlay(args.overlay, image, result, args.grid)
+        view = pipeline.adapter.view_image(image, getattr(processor, "image_processor", None))
+        _write_overlay(args.overlay, view, result, args.grid)
     note = None
     if args.model in TINY_MODEL_NAMES:
         note = f"{args.model} has random weights: its answer is gibberish by design (use it for smoke tests)"
@@ -110,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_overlay(path: str, image, result, grid: int) -> None:
-    """Save the region + kept-token drawing for ``result``."""
+def _write_overlay(path: str, view, result, grid: int) -> None:
+    """Save the region + kept-token drawing for ``result`` over ``view``, the picture the model's tokens cover."""
     from crop.regions import GridBox
     from crop.viz import draw_overlay
 
-    picture = draw_overlay(image, GridBox(*result.box, grid=grid), tuple(result.token_grid),
-                           result.full_resolution_tokens)
+    box = result.extra.get("model_view_box", result.box)  # the region where the model sees it
+    picture = draw_overlay(view, GridBox(*box, grid=grid), tuple(result.token_grid), result.full_resolution_tokens)
     try:
         picture.save(path)
     except (OSError, ValueError) as exc:

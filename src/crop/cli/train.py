@@ -25,6 +25,11 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
     p.add_argument("--attn-weight", type=float, default=defaults.get("attn_weight", 1.0),
                    help="weight of the attention supervision toward the question's region (0 = off; default %(default)s)")
     p.add_argument("--curriculum-fraction", type=float, default=0.1, help="share of steps on sparse scenes")
+    p.add_argument("--digit-weight", type=float, default=1.0,
+                   help="weight of the digit probe among the per-token probes (answerer; default %(default)s)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from the weights of an exported model (e.g. the shipped one) instead of random "
+                        "ones; probes, optimizer and schedule start fresh")
     p.add_argument("--shape", type=json.loads, default={}, metavar="JSON",
                    help="model size overrides, e.g. '{\"text_layers\": 2}'")
     p.add_argument("--turns", type=int, default=defaults.get("turns", 1),
@@ -70,7 +75,8 @@ def _config(args: argparse.Namespace):
         data_seed=args.data_seed, eval_seed=args.eval_seed, eval_split=args.eval_split, eval_n=args.eval_n,
         val_every=args.val_every, val_n=args.val_n, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         aux_weight=args.aux_weight, attn_weight=args.attn_weight, curriculum_fraction=args.curriculum_fraction, threads=args.threads,
-        workers=args.workers, turns=args.turns, shape=args.shape,
+        workers=args.workers, turns=args.turns, shape=args.shape, digit_weight=args.digit_weight,
+        init_from=args.init_from,
     )
 
 

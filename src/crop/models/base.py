@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from crop.ops.selection import select_tokens, select_tokens_multi
@@ -252,6 +253,15 @@ class VLMAdapter(ABC):
             The region on the model's view, or ``None`` if none of it is visible there.
         """
         return box
+
+    def view_image(self, image: Image.Image, image_processor: Any) -> Image.Image:
+        """The picture the model's token grid covers (for drawing), at the view's own size.
+
+        The default is for processors that only resize: the whole image. Adapters whose
+        processor pads or crops (LLaVA-1.5) return that padded or cropped view, so kept tokens
+        and ``extra["model_view_box"]`` can be drawn where they are.
+        """
+        return image
 
     @abstractmethod
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -93,6 +94,17 @@ class LlavaAdapter(VLMAdapter):
         if x1 <= x0 or y1 <= y0:
             return None
         return GridBox.from_pixels((x0, y0, x1, y1), view_w, view_h, box.grid)
+
+    def view_image(self, image: Image.Image, image_processor: Any) -> Image.Image:
+        """The padded (grey) and/or centre-cropped square the processor makes of ``image``."""
+        if image_processor is None:
+            return image
+        sx, sy, ox, oy, view_w, view_h = llava_view_transform(image.size, image_processor)
+        w, h = image.size
+        view = Image.new("RGB", (view_w, view_h), (127, 127, 127))
+        resized = image.convert("RGB").resize((max(1, round(w * sx)), max(1, round(h * sy))))
+        view.paste(resized, (round(ox), round(oy)))  # negative offsets crop
+        return view
 
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         spans = []

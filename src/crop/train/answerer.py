@@ -210,7 +210,8 @@ class AnswererTask:
         total = ans
         if aux_weight > 0:
             vis = feats["vis"].reshape(batch["aux"].shape[0], -1, feats["vis"].shape[-1])  # (B, N, D)
-            aux = token_probe_loss(heads, ("shape", "color", "digit"), vis, batch["aux"])
+            aux = token_probe_loss(heads, ("shape", "color", "digit"), vis, batch["aux"],
+                                   weights=(1.0, 1.0, self.config.digit_weight))
             pos = batch["probe_pos"]  # (Q, 2)
             hidden = feats["q"][pos[:, 0], pos[:, 1]]  # (Q, D)
             qloss = question_probe_loss(heads, hidden, batch["probe_targets"]) if "qfamily" in heads else aux * 0

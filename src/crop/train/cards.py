@@ -21,12 +21,19 @@ def _common(summary: dict, shape: dict) -> str:
         f"{' (progress = max(step, wall-time) fraction)' if cfg.get('time_aware_schedule') and cfg.get('max_minutes') else ''}, "
         f"grad clip {cfg['grad_clip']}, seed {cfg['seed']}.\n"
         f"- Auxiliary per-visual-token probe losses (weight {cfg['aux_weight']}, object and background tokens "
-        f"weighted half each), training only; the probes are not part of the shipped weights.\n"
-        f"- Wall time: {summary['train_wall_minutes']} min training + {summary['eval_wall_minutes']} min evaluation, "
+        f"weighted half each{_digit_weight(cfg)}), training only; the probes are not part of the shipped weights.\n"
+        + (f"- Warm start: the weights were initialized from `{cfg['init_from']}` (see the notes below); the "
+           "steps above are this run's only.\n" if cfg.get("init_from") else "")
+        + f"- Wall time: {summary['train_wall_minutes']} min training + {summary['eval_wall_minutes']} min evaluation, "
         f"{cfg['threads']} torch thread(s) on a shared 2-core CPU "
         f"(torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}).\n"
         f"- Parameters: {summary['parameters']:,}. Sizes: `{json.dumps(shape)}`.\n"
     )
+
+
+def _digit_weight(cfg: dict) -> str:
+    weight = cfg.get("digit_weight", 1.0)
+    return "" if weight == 1.0 else f"; the digit probe weighted {weight:g}x"
 
 
 def _notes(summary: dict) -> str:
@@ -86,7 +93,11 @@ def localizer_card(summary: dict, shape: dict) -> str:
         "resized to 224x224: 16x16 patches of 14 px, 8x8 merged tokens, one per grid cell. Global questions answer "
         "`[0, 0, 7, 7]`. The prompt is text-first (`localizer_messages(question, 8, image_first=False)`), so the "
         "causal LLM lets every image token read the question; the tokenizer is Qwen2's byte-level BPE plus one "
-        "token per benchmark word (`crop.models.tokenizers.qwen_word_tokenizer`, built in code). Serve it with "
+        "token per benchmark word (`crop.models.tokenizers.qwen_word_tokenizer`, built in code)"
+        + ("" if shape.get("tokenizer") != "words+corners" else
+           " plus two tokens per box, its corners `[x0, y0,` and ` x1, y1]` (`grid_corner_tokens`): `VLMLocalizer` "
+           "stops at the `]`, so a box costs one prefill and one decode step")
+        + ". Serve it with "
         "`crop.localizers.make_localizer(\"embedded\")` (or `VLMLocalizer(model, processor, grid=8, "
         "image_first=False)`).\n\n"
         + _common(summary, shape)

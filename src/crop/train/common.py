@@ -80,6 +80,11 @@ class TrainConfig:
             Without it a from-scratch model sits on a plateau where its answer ignores the
             image (a constant box, a prior-guess answer) for many hundreds of steps.
         attn_layer: the supervised LLM layer.
+        digit_weight: weight of the digit probe among the per-token probes (shape and colour
+            weigh 1); reading digits is what a from-scratch answerer learns last.
+        init_from: folder of an exported model (:func:`crop.embedded.save_embedded`) whose
+            weights start the run instead of random ones: a warm-started continuation with
+            fresh probes, optimizer and schedule. Its sizes must match ``shape``.
         shape: the model sizes (fields of ``LlavaShape`` / ``QwenShape``).
     """
 
@@ -108,6 +113,8 @@ class TrainConfig:
     question_layer: int = 1
     attn_weight: float = 1.0
     attn_layer: int = 2
+    digit_weight: float = 1.0
+    init_from: str | None = None
     shape: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -292,7 +299,8 @@ def make_aux_heads(dim: int, extra: dict[str, int] | None = None, question: bool
     return nn.ModuleDict(heads)
 
 
-def token_probe_loss(heads: nn.ModuleDict, names: tuple[str, ...], tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_probe_loss(heads: nn.ModuleDict, names: tuple[str, ...], tokens: torch.Tensor, labels: torch.Tensor,
+                     weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """Class-balanced cross-entropy of per-token probes: object tokens and background weigh half each.
 
     Objects cover a small share of the tokens (a digit card is 2-6 of 256), so a plain mean is
@@ -303,17 +311,19 @@ def token_probe_loss(heads: nn.ModuleDict, names: tuple[str, ...], tokens: torch
         names: probes to apply; ``labels[:, k]`` holds the classes of ``names[k]`` (0 = background).
         tokens: ``(B, N, D)`` token features.
         labels: ``(B, len(names), N)`` class indices.
+        weights: per-probe weights (default all 1).
 
     Returns:
-        The sum over probes of ``(mean CE over object tokens + mean CE over background) / 2``.
+        The weighted sum over probes of ``(mean CE over object tokens + mean CE over background) / 2``.
     """
     total = tokens.new_zeros(())
     for k, name in enumerate(names):
+        weight = 1.0 if weights is None else weights[k]
         target = labels[:, k].reshape(-1)  # (B * N,)
         ce = F.cross_entropy(heads[name](tokens).flatten(0, 1), target, reduction="none")  # (B * N,)
         fg = target > 0
         parts = [ce[m].mean() for m in (fg, ~fg) if m.any()]
-        total = total + sum(parts) / len(parts)
+        total = total + weight * sum(parts) / len(parts)
     return total
 
 
@@ -455,6 +465,12 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
         heads = nn.ModuleDict({k: v for k, v in heads.items() if k in saved_heads})
     optimizer = torch.optim.AdamW(_param_groups(model, heads, config.weight_decay), lr=config.lr, betas=(0.9, 0.98))
     step, elapsed_before, history = 0, 0.0, []
+    if state is None and config.init_from:
+        from crop.embedded import load_embedded_from
+
+        warm, _ = load_embedded_from(config.init_from)
+        model.load_state_dict(warm.state_dict())
+        logger.info("weights initialized from %s", config.init_from)
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
