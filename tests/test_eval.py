@@ -59,3 +59,18 @@ def test_answer_overlay_png(tmp_path, capsys):
     inside = sum(picture.getpixel((x, y))[0] for x in range(20, 90, 7) for y in range(20, 90, 7))
     outside = sum(picture.getpixel((x, y))[0] for x in range(300, 370, 7) for y in range(300, 370, 7))
     assert inside > 1.5 * outside
+
+
+def test_answer_overlay_draws_the_cropped_view_llava_sees(tmp_path):
+    """A wide image is centre-cropped by LLaVA-1.5: the overlay shows that square and the box where it lands."""
+    from PIL import Image
+
+    img = tmp_path / "wide.png"
+    Image.new("RGB", (672, 336), (60, 60, 200)).save(img)  # the crop keeps x in [168, 504)
+    png = tmp_path / "overlay.png"
+    assert main(["answer", str(img), "What is it?", "--model", "tiny-random-llava", "--localizer", "box:2,0,3,1",
+                 "--keep-tokens", "36", "--overlay", str(png)]) == 0
+    picture = Image.open(png).convert("RGB")
+    red = lambda xy: picture.getpixel(xy)[0] > 200 and picture.getpixel(xy)[1] < 80  # noqa: E731
+    # on the view the box is [0, 0, 3, 1]: its left edge is the picture's left edge, not x = 2/8 of it
+    assert red((1, 40)) and red((223, 40)) and not red((112, 40))
