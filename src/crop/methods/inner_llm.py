@@ -108,6 +108,12 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask == 0
 
 
+def layer_cache(kwargs: dict):
+    """The KV cache a decoder layer was called with: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 class InnerLLMPruner:
     """Hooks that prune the prompt at the input of decoder layer ``layer``.
 
@@ -174,7 +180,7 @@ class InnerLLMPruner:
             raise RuntimeError("CROP ILP is applied but no prompt was prepared: call handle.prepare(inputs, boxes) "
                                "and run the model on what it returns")
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, L, D)
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         if cache is None or cache.get_seq_length(self.layer) == 0:
             hidden = self._prefill(ctx, hidden, kwargs)
         else:

@@ -11,6 +11,7 @@ from torch import nn
 
 from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin, scaled_layers, stage_counts
 from crop.methods.base import METHODS
+from crop.methods.inner_llm import layer_cache
 
 # the paper's LLaVA-1.5-7B pruning layers: 2, 6 and 15 of 32
 PAPER_STAGE_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
@@ -189,7 +190,7 @@ class SparseVLM(AttentionScoredMethod):
 
         def hook(module, args, kwargs):
             merges = self._merges[stage]
-            cache = kwargs.get("past_key_values")
+            cache = layer_cache(kwargs)
             prefill = cache is None or cache.get_seq_length(layer) == 0
             if not merges or not prefill:
                 return None
