@@ -14,6 +14,7 @@ from crop.api import apply_crop
 from crop.config import CropConfig
 from crop.models.base import get_adapter
 from crop.ops.pooling import count_pooled
+from crop.pipeline import generated_cache
 from crop.regions import GridBox
 from tests.conftest import chat_inputs, random_image, tiny
 
@@ -103,7 +104,7 @@ def test_ilp_budget_and_kv_lengths(name, budget):
     assert stats.visual_tokens_in == [span.visual_tokens]
     newlines = span.length - span.visual_tokens
     survivors = prompt_len - span.length + kept[0] + _high_res_rows(span, stats.full_resolution[0])
-    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
     assert lengths == [prompt_len, prompt_len, survivors, survivors]
     assert newlines == (span.grids[1].rows if span.grids else 0)
 
@@ -171,7 +172,7 @@ def test_plc_tokens_are_region_plus_pooled_and_budget_met(name):
     widths = (run["attention_mask"].sum(1)).tolist()
     text = [int(m.sum()) - s.length for m, s in zip(inputs["attention_mask"], spans, strict=True)]
     assert widths == [t + p for t, p in zip(text, placeholders, strict=True)]
-    assert {layer.keys.shape[-2] for layer in out.past_key_values.layers} == {run["input_ids"].shape[1]}
+    assert {layer.keys.shape[-2] for layer in generated_cache(out).layers} == {run["input_ids"].shape[1]}
     budget = 200 if spans[0].grids else 64  # Qwen's images here have 126-130 tokens
     with apply_crop(model, CropConfig(method="plc", keep_tokens=budget)) as crop:
         run = crop.prepare(inputs, BOXES)

@@ -19,6 +19,7 @@ from crop.methods.fastv import FastV, FastVConfig
 from crop.methods.pdrop import PDropConfig, PyramidDrop
 from crop.methods.sparsevlm import SparseVLM, SparseVLMConfig, _apply, _Merge
 from crop.models.base import get_adapter
+from crop.pipeline import generated_cache
 from tests.conftest import chat_inputs, random_image, tiny
 
 ARCHS = ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]
@@ -106,7 +107,7 @@ def test_budget_honoured_in_stats_and_kv_lengths(name, method):
     kept_at = [visual] * adapter.num_layers
     for k, n in zip(layers, expected, strict=True):
         kept_at[k:] = [n] * (adapter.num_layers - k)
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [prompt - visual + n for n in kept_at]
+    assert [layer.keys.shape[-2] for layer in generated_cache(out).layers] == [prompt - visual + n for n in kept_at]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -22,6 +22,7 @@ from crop.models.clip_attention import clip_feature_layer
 from crop.models.qwen_vision_attention import received_attention, to_token_order
 from crop.ops.grid_pool import band_layout, pool_grid_to, split_budget
 from crop.ops.similarity import duplication_select, merge_into_targets, spread_indices
+from crop.pipeline import generated_cache
 from tests.conftest import chat_inputs, random_image, tiny
 
 ARCHS = ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]
@@ -116,7 +117,7 @@ def test_budget_honoured(name, method):
         assert stats.equivalent_tokens == [pytest.approx((2 * s.visual_tokens + (depth - 2) * BUDGET) / depth)
                                            for s in spans]
         assert all(len(k) == BUDGET for k in stats.full_resolution)
-        lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
         assert lengths[:2] == [run["input_ids"].shape[1]] * 2 and max(lengths[2:]) < lengths[0]
         return
     placeholders = (run["input_ids"] == adapter.image_token_id).sum(1).tolist()

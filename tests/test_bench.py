@@ -40,3 +40,14 @@ def test_bench_smoke(tmp_path, capsys):
     (out / "bench.md").unlink()
     assert main(["bench", "--render-only", "--out", str(out)]) == 0  # reports are rendered from the JSON alone
     assert "share of layer-interpolated" in (out / "bench.md").read_text()
+
+
+def test_bench_charges_the_embedded_localizer(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "tiny-random-llava", "--localizer", "embedded", "--methods", "crop-ilp",
+                 "--repeats", "1", "--new-tokens", "2", "--keep-tokens", "64", "--batch", "1", "--out", str(out)]) == 0
+    cases = json.loads((out / "bench.json").read_text())["batches"][0]["cases"]
+    ilp, full = cases["crop-ilp@64"], cases["full"]
+    assert ilp["timings"]["localizer_s"]["median"] > 0 and full["timings"]["localizer_s"]["median"] == 0
+    assert ilp["flops"]["localizer"] > 0 and full["flops"].get("localizer", 0) == 0
+    assert ilp["localizer_share_of_e2e"] > 0

@@ -7,6 +7,7 @@ import torch
 
 from crop.api import apply_crop
 from crop.config import CropConfig
+from crop.pipeline import generated_cache
 from crop.regions import GridBox
 from tests.conftest import chat_inputs, random_image, tiny
 
@@ -54,7 +55,7 @@ def test_kv_lengths_region_without_budget(llava):
     with apply_crop(model, CropConfig(method="ilp", layer=2)) as crop:
         out = model(**crop.prepare(inputs, [box]), use_cache=True)
         assert crop.stats.visual_tokens_kept == {"llm_input": [576], "after_layer_2": [144]}
-    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
     assert lengths == [prompt_len, prompt_len, text + 144, text + 144]
 
 
@@ -67,7 +68,7 @@ def test_budget_is_met_exactly(llava_sdpa, budget, box):
     with apply_crop(model, CropConfig(method="ilp", keep_tokens=budget, layer=2)) as crop:
         out = model(**crop.prepare(inputs, [box]), use_cache=True)
         assert crop.stats.visual_tokens_kept["after_layer_2"] == [budget]
-    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
     assert lengths == [prompt_len] * 2 + [prompt_len - 576 + budget] * 2
 
 

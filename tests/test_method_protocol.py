@@ -10,6 +10,7 @@ import torch
 from crop.api import apply_method
 from crop.methods import METHODS, InnerLLMMethod, method_for
 from crop.methods.base import equivalent_tokens
+from crop.pipeline import generated_cache
 from tests.conftest import chat_inputs, random_image
 
 
@@ -84,7 +85,7 @@ def test_two_stages_kv_lengths_stats_and_cache_consistency(llava):
         assert stats.visual_tokens_kept == {"llm_input": [576], "after_layer_1": [200], "after_layer_3": [50]}
         assert stats.equivalent_tokens == [pytest.approx((576 + 200 * 2 + 50) / 4)]
         assert len(stats.full_resolution[0]) == 50
-        lengths = [layer.keys.shape[-2] - 5 for layer in cached.past_key_values.layers]
+        lengths = [layer.keys.shape[-2] - 5 for layer in generated_cache(cached).layers]
         assert lengths == [prompt, text + 200, text + 200, text + 50]
         uncached = _gen(model, h.prepare(inputs), use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)

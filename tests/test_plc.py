@@ -8,6 +8,7 @@ import torch
 from crop.api import apply_crop
 from crop.config import CropConfig
 from crop.ops.pooling import count_pooled
+from crop.pipeline import generated_cache
 from crop.regions import GridBox
 from tests.conftest import chat_inputs, random_image
 
@@ -43,7 +44,7 @@ def test_tokens_reaching_llm_are_region_plus_pooled(llava_sdpa, pool):
     assert crop.stats.visual_tokens_kept["llm_input"] == [expected]
     assert int((run["input_ids"] == model.config.image_token_id).sum()) == expected
     text = inputs["input_ids"].shape[1] - 576
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [text + expected] * 4
+    assert [layer.keys.shape[-2] for layer in generated_cache(out).layers] == [text + expected] * 4
 
 
 @pytest.mark.parametrize("budget", [64, 128, 192])

@@ -93,12 +93,20 @@ class _FirstTokenClock(LogitsProcessor):
         return scores
 
 
-def _cache_after_prefill(cache: Any, decode_steps: int) -> tuple[list[int], int]:
-    """Per-layer lengths and total bytes of a cache as it was right after prefill.
+def generated_cache(out: Any) -> Any:
+    """The KV cache of a ``generate`` output: ``out.cache`` from transformers 5.24 (where reading
+    ``past_key_values`` logs a deprecation warning), ``out.past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_after_prefill(out: Any, decode_steps: int) -> tuple[list[int], int]:
+    """Per-layer lengths and total bytes of a ``generate`` output's cache as it was right after prefill.
 
     ``generate`` feeds every generated token but the last back through the model, so each
     layer grew by ``decode_steps = new_tokens - 1`` positions after prefill.
     """
+    cache = generated_cache(out)
     lengths, total = [], 0
     for layer in cache.layers:
         keys, values = layer.keys, layer.values  # (B, H, L, d) each
@@ -204,7 +212,7 @@ class CropPipeline:
         prompt_len = run_inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, prompt_len:]  # (B, T)
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        kv_lengths, kv_bytes = _cache_after_prefill(out.past_key_values, new_tokens.shape[1] - 1)
+        kv_lengths, kv_bytes = _cache_after_prefill(out, new_tokens.shape[1] - 1)
         first = clock.first if clock.first is not None else t_end
         batch = len(texts)
         timings = {

@@ -137,7 +137,7 @@ class _Bench:
                                   logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
                                   pad_token_id=self.pad_id)
         end = time.perf_counter()
-        lengths, kv_bytes = _cache_after_prefill(out.past_key_values, out.sequences.shape[1] -
+        lengths, kv_bytes = _cache_after_prefill(out, out.sequences.shape[1] -
                                                  run["input_ids"].shape[1] - 1)
         return {"prefill_s": clock.first - start, "decode_s_per_token": (end - clock.first) / (n - 1),
                 "kv_cache_lengths": lengths, "kv_cache_bytes": kv_bytes}
@@ -184,15 +184,20 @@ def _vision_flops(model, visual: int) -> int:
 
 
 def _localizer_flops(localizer: Localizer | None, question: str, image) -> int:
-    """Analytic FLOPs of one localization (vision + prefill + ~12 decoded box tokens), for VLM localizers."""
+    """Analytic FLOPs of one localization (vision + prefill + the box it decodes), for VLM localizers.
+
+    The localizer runs once here on the first sample to count the tokens it actually decodes
+    (2 for the embedded one, which stops at the box's ``]``; about 12 for a byte-level box).
+    """
     if not isinstance(localizer, VLMLocalizer):
         return 0
-    inputs = localizer._inputs([image], [question])
+    inputs = localizer.prepare([image], [question])
+    decoded = int(localizer.generate(inputs).shape[1])
     model = localizer.model
     dims = DecoderDims.from_config(model.config.get_text_config())
     prompt = int(inputs["input_ids"].shape[1])
     flops = prefill_flops(dims, [prompt] * dims.layers)
-    flops += sum(decode_flops(dims, [prompt + i] * dims.layers) for i in range(12))
+    flops += sum(decode_flops(dims, [prompt + i] * dims.layers) for i in range(max(decoded - 1, 0)))
     vc = model.config.vision_config
     hidden = int(getattr(vc, "embed_dim", 0) or vc.hidden_size)
     inter = int(getattr(vc, "intermediate_size", 0) or hidden * getattr(vc, "mlp_ratio", 4))
