@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from crop.api import apply_method
+from crop.hf_compat import generated_cache
 from crop.methods import config_for, method_for
 from crop.methods.attention import QKCapture, attention_rows, scaled_layers, stage_counts
 from crop.methods.fastv import FastV, FastVConfig
 from crop.methods.pdrop import PDropConfig, PyramidDrop
 from crop.methods.sparsevlm import SparseVLM, SparseVLMConfig, _apply, _Merge
 from crop.models.base import get_adapter
-from crop.pipeline import generated_cache
 from tests.conftest import chat_inputs, random_image, tiny
 
 ARCHS = ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]

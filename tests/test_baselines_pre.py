@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from crop.api import apply_method
+from crop.hf_compat import generated_cache
 from crop.methods import MethodOptions, config_for, method_for
 from crop.methods.dart import DART, DARTConfig
 from crop.methods.pool import PoolConfig, UniformPool
@@ -22,7 +23,6 @@ from crop.models.clip_attention import clip_feature_layer
 from crop.models.qwen_vision_attention import received_attention, to_token_order
 from crop.ops.grid_pool import band_layout, pool_grid_to, split_budget
 from crop.ops.similarity import duplication_select, merge_into_targets, spread_indices
-from crop.pipeline import generated_cache
 from tests.conftest import chat_inputs, random_image, tiny
 
 ARCHS = ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]

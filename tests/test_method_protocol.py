@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from crop.api import apply_method
+from crop.hf_compat import generated_cache
 from crop.methods import METHODS, InnerLLMMethod, method_for
 from crop.methods.base import equivalent_tokens
-from crop.pipeline import generated_cache
 from tests.conftest import chat_inputs, random_image
 
 

@@ -7,8 +7,8 @@ import torch
 
 from crop.api import apply_crop
 from crop.config import CropConfig
+from crop.hf_compat import generated_cache
 from crop.ops.pooling import count_pooled
-from crop.pipeline import generated_cache
 from crop.regions import GridBox
 from tests.conftest import chat_inputs, random_image
 

@@ -16,6 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from crop.api import PruningHandle
 from crop.config import CropConfig
 from crop.errors import CropInputError
+from crop.hf_compat import generated_cache
 from crop.io import check_question, load_image
 from crop.localizers.base import Localization, Localizer
 from crop.methods import InnerLLMMethod
@@ -91,13 +92,6 @@ class _FirstTokenClock(LogitsProcessor):
         if self.first is None:
             self.first = time.perf_counter()
         return scores
-
-
-def generated_cache(out: Any) -> Any:
-    """The KV cache of a ``generate`` output: ``out.cache`` from transformers 5.24 (where reading
-    ``past_key_values`` logs a deprecation warning), ``out.past_key_values`` before."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _cache_after_prefill(out: Any, decode_steps: int) -> tuple[list[int], int]:

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from crop.hf_compat import layer_cache
+
 Selector = Callable[[torch.Tensor, dict], Sequence[torch.Tensor]]
 
 
@@ -106,12 +108,6 @@ def _to_mask_format(allowed: torch.Tensor, like: torch.Tensor | None, eager: boo
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
     """Boolean view of a 4-D mask (bool: as is; float additive: 0 means attend)."""
     return mask if mask.dtype == torch.bool else mask == 0
-
-
-def layer_cache(kwargs: dict):
-    """The KV cache a decoder layer was called with: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 class InnerLLMPruner:

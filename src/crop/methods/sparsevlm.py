@@ -9,9 +9,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from crop.hf_compat import layer_cache
 from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin, scaled_layers, stage_counts
 from crop.methods.base import METHODS
-from crop.methods.inner_llm import layer_cache
 
 # the paper's LLaVA-1.5-7B pruning layers: 2, 6 and 15 of 32
 PAPER_STAGE_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
