@@ -23,6 +23,8 @@ TINY_LLAVA = asdict(LlavaShape(image_size=112, patch_size=14, vision_hidden=32, 
                                text_layers=2))
 TINY_QWEN = asdict(QwenShape(vision_hidden=32, text_hidden=32, text_heads=2, text_kv_heads=1, text_intermediate=64,
                              text_layers=2, min_pixels=112 * 112, max_pixels=112 * 112))
+# the shipped localizer's geometry: 28 px patches, no merge (one LLM token per patch)
+TINY_QWEN_P28 = dict(TINY_QWEN, patch_size=28, merge_size=1)
 
 
 def _shipped(kind: str) -> bool:
@@ -82,7 +84,8 @@ def test_shipped_weights_are_small():
             assert path.stat().st_size < 12 * 2**20, f"{kind} weights are {path.stat().st_size} bytes"
 
 
-@pytest.mark.parametrize("architecture,shape", [("llava", TINY_LLAVA), ("qwen2_vl", TINY_QWEN)])
+@pytest.mark.parametrize("architecture,shape", [("llava", TINY_LLAVA), ("qwen2_vl", TINY_QWEN),
+                                                ("qwen2_vl", TINY_QWEN_P28)])
 def test_save_load_round_trip(tmp_path, architecture, shape, sample):
     torch.manual_seed(0)
     model, processor = build_from_shape(architecture, shape)
@@ -102,6 +105,21 @@ def test_save_load_round_trip(tmp_path, architecture, shape, sample):
     inputs = processor2(images=[sample.image], text=[prompt(processor2, sample.question)], return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+
+
+@pytest.mark.parametrize("patch,merge", [(14, 2), (28, 1)])
+def test_qwen_shape_sets_the_token_grid(patch, merge, sample):
+    """Both geometries give one LLM token per 28 px square: 4x4 = 16 image tokens at 112 px."""
+    model, processor = build_from_shape("qwen2_vl", dict(TINY_QWEN, patch_size=patch, merge_size=merge))
+    assert model.config.vision_config.patch_size == patch
+    assert model.config.vision_config.spatial_merge_size == merge
+    from crop.train.localizer import localizer_chat
+
+    inputs = processor(images=[sample.image], text=[localizer_chat(processor, sample.question)], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (16 * merge * merge, 3 * 2 * patch * patch)  # (patches, C * T * p * p)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
 
 
 def test_missing_weights_raise_file_not_found(tmp_path):

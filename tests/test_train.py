@@ -161,14 +161,27 @@ def test_attention_capture_matches_eager_and_keeps_outputs():
     assert torch.allclose(cap.probs, expected, atol=1e-6)
 
 
-def test_measure_cost_reports_times_and_flops():
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_measure_cost_reports_times_and_flops(batch_size):
     from crop.embedded import build_from_shape
+    from crop.train.localizer import LOCALIZER_SHAPE, measure_cost
+
+    geometry = {k: LOCALIZER_SHAPE[k] for k in ("min_pixels", "max_pixels", "patch_size", "merge_size")}
+    loc = build_from_shape("qwen2_vl", dict(TINY_LOCALIZER, **geometry))
+    ans = build_from_shape("llava", TINY_ANSWERER)
+    cost = measure_cost(loc, ans, n=1, batch_size=batch_size)
+    assert cost["batch_size"] == batch_size
+    assert cost["localizer_ms"] > 0 and cost["answerer_prefill_ms"] > 0
+    assert cost["localizer_generate_ms"] < cost["localizer_ms"]  # end to end adds the preprocessing
+    assert cost["localizer_gflops"] > 0 and cost["answerer_prefill_gflops"] > 0
+    # the reported milliseconds are rounded, so compare the ratios relatively
+    assert cost["ratio_to_answerer_prefill"] == pytest.approx(cost["localizer_ms"] / cost["answerer_prefill_ms"], rel=0.02)
+    assert cost["ratio_generate_to_answerer_prefill"] == pytest.approx(
+        cost["localizer_generate_ms"] / cost["answerer_prefill_ms"], rel=0.02)
+
+
+def test_measure_cost_rejects_bad_batch():
     from crop.train.localizer import measure_cost
 
-    loc = build_from_shape("qwen2_vl", dict(TINY_LOCALIZER, min_pixels=224 * 224, max_pixels=224 * 224))
-    ans = build_from_shape("llava", TINY_ANSWERER)
-    cost = measure_cost(loc, ans, n=1)
-    assert cost["localizer_ms"] > 0 and cost["answerer_prefill_ms"] > 0
-    assert cost["localizer_gflops"] > 0 and cost["answerer_prefill_gflops"] > 0
-    # the reported milliseconds are rounded, so compare the ratio relatively
-    assert cost["ratio_to_answerer_prefill"] == pytest.approx(cost["localizer_ms"] / cost["answerer_prefill_ms"], rel=0.02)
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_cost((None, None), (None, None), batch_size=0)

@@ -61,7 +61,8 @@ def register(subparsers) -> None:
     add_finetune_arguments(loc)
     c = sub.add_parser("cost", help="time the localizer against the answerer's prefill and record it in its card")
     c.add_argument("--weights-dir", default=None, help="folder holding answerer/ and localizer/ (default: the package's)")
-    c.add_argument("--n", type=int, default=20)
+    c.add_argument("--n", type=int, default=20, help="timed batches per batch size (default %(default)s)")
+    c.add_argument("--batch", default="1,8", help="comma-separated batch sizes to time (default %(default)s)")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--no-write", action="store_true", help="print only; do not update the localizer's card")
     c.set_defaults(func=run_cost)
@@ -139,7 +140,11 @@ def run_cost(args: argparse.Namespace) -> int:
         ans = load_embedded_answerer(args.weights_dir)
     except FileNotFoundError as exc:
         raise CropInputError(str(exc)) from exc
-    cost = measure_cost(loc, ans, n=args.n, threads=args.threads)
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+        cost = [measure_cost(loc, ans, n=args.n, threads=args.threads, batch_size=b) for b in batches]
+    except ValueError as exc:
+        raise CropInputError(f"bad --batch/--n: {exc}") from exc
     print(json.dumps(cost, indent=2))
     if not args.no_write:
         folder = embedded_dir("localizer", args.weights_dir)

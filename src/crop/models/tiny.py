@@ -212,6 +212,10 @@ class QwenShape:
     text_intermediate: int = 128
     min_pixels: int = 56 * 56
     max_pixels: int = 336 * 336
+    # vision patch side in pixels and the patch merger's side: the LLM sees one token per
+    # (patch_size * merge_size)-pixel square (14 and 2, i.e. 28 px, in every real Qwen2-VL)
+    patch_size: int = 14
+    merge_size: int = 2
     # "bytes", "words" (byte-level plus one token per benchmark word) or "words+corners" (plus
     # two tokens per 8x8-grid box, see crop.models.tokenizers.grid_corner_tokens)
     tokenizer: str = "bytes"
@@ -239,7 +243,8 @@ def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
 
     base = Qwen2VLProcessor if version == "qwen2_vl" else Qwen2_5_VLProcessor
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=shape.min_pixels, max_pixels=shape.max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=shape.min_pixels, max_pixels=shape.max_pixels, patch_size=shape.patch_size,
+        merge_size=shape.merge_size, temporal_patch_size=2,
     )
     return _qwen_image_only_processor_class(base)(
         image_processor=image_processor, tokenizer=qwen_tokenizer(shape.tokenizer), chat_template=QWEN_CHAT_TEMPLATE
@@ -277,14 +282,15 @@ def qwen_config(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
     if version == "qwen2_vl":
         vision = dict(
             depth=shape.vision_layers, embed_dim=shape.vision_hidden, hidden_size=shape.text_hidden,
-            num_heads=shape.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            num_heads=shape.vision_heads, mlp_ratio=2, patch_size=shape.patch_size,
+            spatial_merge_size=shape.merge_size,
             temporal_patch_size=2, in_channels=3,
         )
         return Qwen2VLConfig(vision_config=vision, text_config=text, **common)
     vision = dict(
         depth=shape.vision_layers, hidden_size=shape.vision_hidden, out_hidden_size=shape.text_hidden,
-        intermediate_size=2 * shape.vision_hidden, num_heads=shape.vision_heads, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+        intermediate_size=2 * shape.vision_hidden, num_heads=shape.vision_heads, patch_size=shape.patch_size,
+        spatial_merge_size=shape.merge_size, temporal_patch_size=2, in_channels=3, window_size=112,
         fullatt_block_indexes=[shape.vision_layers - 1],
     )
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)

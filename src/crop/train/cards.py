@@ -65,6 +65,44 @@ def answerer_card(summary: dict, shape: dict) -> str:
     )
 
 
+def _cost_section(cost: dict | list[dict] | None) -> str:
+    """The card's cost table: one row per measured batch size (see ``crop train cost``)."""
+    if not cost:
+        return ""
+    runs = cost if isinstance(cost, list) else [cost]
+    rows = "\n".join(
+        "| {batch} | {localizer_ms} | {localizer_generate_ms} | {answerer_prefill_ms} | {answerer_preprocess_ms} "
+        "| **{ratio_generate_to_answerer_prefill}** | {ratio_to_answerer_prefill} | "
+        "{ratio_to_answerer_preprocess_and_prefill} |".format(
+            batch=r.get("batch_size", 1), ratio_generate_to_answerer_prefill=r.get(
+                "ratio_generate_to_answerer_prefill", round(r["localizer_generate_ms"] / r["answerer_prefill_ms"], 3)),
+            **{k: v for k, v in r.items() if k != "ratio_generate_to_answerer_prefill"})
+        for r in runs
+    )
+    first = runs[0]
+    return (
+        f"\n## Cost vs the answerer (ms per image, median of {first['n']} batches, {first['threads']} thread(s))\n\n"
+        "A = localizer prefill + box decode; P = answerer prefill over all visual tokens; L = localizer end to end "
+        "(A plus its preprocessing); Q = answerer preprocessing.\n\n"
+        "| batch | L | A | P | Q | A / P | L / P | L / (Q + P) |\n|---|---|---|---|---|---|---|---|\n"
+        f"{rows}\n\n"
+        "Localizer: {localizer_input_tokens} input tokens, {localizer_new_tokens:.1f} generated; answerer: "
+        "{answerer_input_tokens} input tokens. Analytic forward FLOPs: localizer {localizer_gflops} GFLOP vs "
+        "answerer prefill {answerer_prefill_gflops} GFLOP (ratio {flops_ratio}). At this toy scale wall time is "
+        "dominated by per-call and per-layer overhead, not arithmetic; batching amortizes it.\n"
+    ).format(**first)
+
+
+def _patch_text(shape: dict) -> str:
+    """How the localizer's vision tower cuts a 224 px image (``QwenShape.patch_size``/``merge_size``)."""
+    patch, merge = shape.get("patch_size", 14), shape.get("merge_size", 2)
+    side = 224 // patch
+    text = f"{side}x{side} patches of {patch} px"
+    if merge > 1:
+        text += f", merged {merge}x{merge} into {side // merge}x{side // merge} tokens"
+    return text
+
+
 def localizer_card(summary: dict, shape: dict) -> str:
     """``MODEL_CARD.md`` of the localizer."""
     m = summary["metrics"]
@@ -72,25 +110,13 @@ def localizer_card(summary: dict, shape: dict) -> str:
         f"| {f} | {v['mean_iou']:.3f} | {v['contains_rate']:.1%} | {v['exact_rate']:.1%} | {v['fallback_rate']:.1%} |"
         for f, v in m["per_family"].items()
     )
-    cost = summary.get("cost")
-    cost_txt = ""
-    if cost:
-        cost_txt = (
-            "\n## Cost vs the answerer (batch 1, median of {n}, {threads} thread(s))\n\n"
-            "| localizer end to end (preprocess + prefill + box decode) | answerer prefill, all tokens | ratio |\n"
-            "|---|---|---|\n| {localizer_ms} ms | {answerer_prefill_ms} ms | {ratio_to_answerer_prefill} |\n\n"
-            "Localizer: {localizer_input_tokens} input tokens, {localizer_new_tokens:.1f} generated; answerer: "
-            "{answerer_input_tokens} input tokens (answerer preprocessing, not in the ratio: {answerer_preprocess_ms} ms).\n"
-            "Analytic forward FLOPs: localizer {localizer_gflops} GFLOP vs answerer prefill {answerer_prefill_gflops} "
-            "GFLOP (ratio {flops_ratio}). At this toy scale wall time is dominated by per-call and per-decode-step "
-            "overhead, not arithmetic.\n"
-        ).format(**cost)
+    cost_txt = _cost_section(summary.get("cost"))
     return (
         "# crop embedded localizer\n\n"
         "A `Qwen2VLForConditionalGeneration` trained from scratch to answer "
         "`crop.localizers.prompt.localizer_prompt(question, 8)` with the region as `[x0, y0, x1, y1]` on the 8x8 "
         "grid (`format_box`) followed by `<|im_end|>` (the CROP paper's localizer recipe, at toy scale). Images are "
-        "resized to 224x224: 16x16 patches of 14 px, 8x8 merged tokens, one per grid cell. Global questions answer "
+        f"resized to 224x224: {_patch_text(shape)}, one LLM token per grid cell. Global questions answer "
         "`[0, 0, 7, 7]`. The prompt is text-first (`localizer_messages(question, 8, image_first=False)`), so the "
         "causal LLM lets every image token read the question; the tokenizer is Qwen2's byte-level BPE plus one "
         "token per benchmark word (`crop.models.tokenizers.qwen_word_tokenizer`, built in code)"

@@ -3,9 +3,12 @@
 The CROP paper's localizer recipe at toy scale: a real ``Qwen2VLForConditionalGeneration``
 (built by :mod:`crop.models.tiny`) is trained from scratch to answer
 ``localizer_prompt(question, 8)`` with ``format_box(box_grid)`` followed by ``<|im_end|>``.
-Its processor resizes every image to 224x224 (``min_pixels = max_pixels = 224 * 224``), so the
-vision tower sees 16x16 patches of 14 px and the LLM 8x8 merged tokens: exactly one token per
-cell of the region grid. Global questions are trained to answer the full box ``[0, 0, 7, 7]``.
+Its processor resizes every image to 224x224 (``min_pixels = max_pixels = 224 * 224``), and the
+vision tower cuts it into 8x8 patches of 28 px with no patch merging (``patch_size=28,
+merge_size=1``; a real Qwen2-VL uses 14 px patches merged 2x2, the same 28 px per LLM token):
+exactly one LLM token per cell of the region grid, and a vision tower that runs on 64 tokens
+instead of 256, which makes localization cheap next to the answerer's prefill (see
+:func:`measure_cost`). Global questions are trained to answer the full box ``[0, 0, 7, 7]``.
 
 The prompt is text-first (:data:`IMAGE_FIRST` is False): the question precedes the image, so
 in the causal LLM every image token can read the question and decide whether it belongs to the
@@ -65,9 +68,9 @@ IGNORE = -100
 GRID = 8
 LOCALIZER_IMAGE_SIZE = 224
 LOCALIZER_SHAPE = dict(
-    vision_hidden=64, vision_layers=3, vision_heads=4, text_hidden=96, text_layers=4, text_heads=4,
-    text_kv_heads=2, text_intermediate=192, min_pixels=LOCALIZER_IMAGE_SIZE ** 2, max_pixels=LOCALIZER_IMAGE_SIZE ** 2,
-    tokenizer="words+corners",
+    vision_hidden=64, vision_layers=2, vision_heads=4, text_hidden=64, text_layers=3, text_heads=4,
+    text_kv_heads=2, text_intermediate=128, min_pixels=LOCALIZER_IMAGE_SIZE ** 2, max_pixels=LOCALIZER_IMAGE_SIZE ** 2,
+    patch_size=28, merge_size=1, tokenizer="words+corners",
 )
 IMAGE_FIRST = False  # text-first prompt: the causal LLM lets each image token read the question
 
@@ -120,7 +123,8 @@ class LocalizerTask:
 
         Returns:
             ``input_ids``/``attention_mask``/``mm_token_type_ids``/``labels`` (B, L)
-            right-padded, ``pixel_values`` (B * 256, 1176), ``image_grid_thw`` (B, 3),
+            right-padded, ``pixel_values`` (B * 64, 4704) (8x8 patches of 2 x 3 x 28 x 28),
+            ``image_grid_thw`` (B, 3),
             ``aux`` (B, 3, 64) token labels, ``families``, ``boxes`` (B, 4).
         """
         cfg = self.config
@@ -340,31 +344,38 @@ def _analytic_flops(model: nn.Module, vision: nn.Module, vision_tokens: int, pro
 
 @torch.no_grad()
 def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, Any], n: int = 20, threads: int = 1,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, batch_size: int = 1) -> dict:
     """Wall time of the localizer (processor + prefill + box decode) vs the answerer's prefill.
 
-    Both run at batch 1 on the same test images, in this process, with ``threads`` torch
-    threads; each timing is the median over ``n`` images after one warm-up.
+    Both run on the same test images, ``batch_size`` at a time, interleaved in this process
+    (localizer batch, then answerer batch) with ``threads`` torch threads, so that both see the
+    same machine load; each timing is the median over ``n`` batches after one warm-up batch,
+    divided by ``batch_size`` (milliseconds per image).
 
     Args:
         localizer: ``(model, processor)`` of the localizer.
         answerer: ``(model, processor)`` of the answerer.
-        n: images to time.
+        n: batches to time.
         threads: torch threads during the measurement.
         seed: benchmark seed of the test images.
+        batch_size: images per localizer and answerer call (1 = latency, larger = throughput).
 
     Returns:
-        Medians in milliseconds: ``localizer_ms`` (end to end through ``VLMLocalizer``),
-        ``localizer_generate_ms`` (prefill + decode only), ``answerer_prefill_ms`` (one
-        forward over all visual tokens, preprocessing excluded), ``answerer_preprocess_ms``,
-        the ratios ``localizer_ms / answerer_prefill_ms`` and
-        ``localizer_ms / (answerer_preprocess_ms + answerer_prefill_ms)``, and an analytic
+        Per-image medians in milliseconds: ``localizer_ms`` (end to end through
+        ``VLMLocalizer``), ``localizer_generate_ms`` (its prefill + box decode only),
+        ``answerer_prefill_ms`` (one forward over all visual tokens, preprocessing excluded),
+        ``answerer_preprocess_ms``; the ratios ``ratio_to_answerer_prefill`` (localizer end to
+        end / answerer prefill: the strictest), ``ratio_generate_to_answerer_prefill``
+        (prefill + decode / prefill: preprocessing on neither side) and
+        ``ratio_to_answerer_preprocess_and_prefill`` (end to end on both sides); and an analytic
         FLOPs estimate of both (``flops_ratio``).
     """
     from crop.data.synth import generate
     from crop.localizers.vlm import VLMLocalizer
     from crop.train.answerer import answerer_prompt
 
+    if batch_size < 1 or n < 1:
+        raise ValueError(f"batch_size and n must be >= 1, got {batch_size} and {n}")
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -372,18 +383,21 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
         am, ap = answerer
         lm.eval()
         am.eval()
-        loc = VLMLocalizer(lm, lp, grid=GRID, batch_size=1, image_first=IMAGE_FIRST)
-        samples = list(generate(n + 1, seed, "test"))
+        loc = VLMLocalizer(lm, lp, grid=GRID, batch_size=batch_size, image_first=IMAGE_FIRST)
+        samples = list(generate((n + 1) * batch_size, seed, "test"))
+        batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
         t_loc, t_gen, t_pre, t_fwd, new_tokens = [], [], [], [], []
-        for i, s in enumerate(samples):
+        for i, batch in enumerate(batches):
+            images, questions = [s.image for s in batch], [s.question for s in batch]
             t0 = time.perf_counter()
-            loc.localize([s.image], [s.question])
+            loc.localize(images, questions)
             t1 = time.perf_counter()
-            inputs = loc.prepare([s.image], [s.question])
+            inputs = loc.prepare(images, questions)
             t2 = time.perf_counter()
-            new = loc.generate(inputs)  # (1, T)
+            new = loc.generate(inputs)  # (B, T)
             t3 = time.perf_counter()
-            a_in = ap(images=[s.image], text=[answerer_prompt(ap, s.question)], return_tensors="pt")
+            a_in = ap(images=images, text=[answerer_prompt(ap, q) for q in questions], padding=True,
+                      return_tensors="pt")
             t4 = time.perf_counter()
             am(**a_in)
             t5 = time.perf_counter()
@@ -394,23 +408,24 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
             t_pre.append(t4 - t3)
             t_fwd.append(t5 - t4)
             new_tokens.append(new.shape[1])
-        med = lambda v: float(np.median(v)) * 1000  # noqa: E731
+        med = lambda v: float(np.median(v)) * 1000 / batch_size  # noqa: E731  (ms per image)
         n_new = float(np.mean(new_tokens))
-        loc_flops = _analytic_flops(lm, lm.model.visual, int(inputs["pixel_values"].shape[0]),
+        loc_flops = _analytic_flops(lm, lm.model.visual, int(inputs["pixel_values"].shape[0]) // batch_size,
                                     int(inputs["input_ids"].shape[1]), n_new)
         ans_flops = _analytic_flops(am, am.model.vision_tower, am.config.vision_config.image_size ** 2
                                     // am.config.vision_config.patch_size ** 2 + 1,
                                     int(a_in["input_ids"].shape[1]), 0, extra=am.model.multi_modal_projector,
-                                    extra_tokens=int((a_in["input_ids"] == am.config.image_token_id).sum()))
-        loc_ms, fwd_ms, pre_ms = med(t_loc), med(t_fwd), med(t_pre)
+                                    extra_tokens=int((a_in["input_ids"][0] == am.config.image_token_id).sum()))
+        loc_ms, gen_ms, fwd_ms, pre_ms = med(t_loc), med(t_gen), med(t_fwd), med(t_pre)
         return {
-            "n": n, "threads": threads,
-            "localizer_ms": round(loc_ms, 2), "localizer_generate_ms": round(med(t_gen), 2),
-            "localizer_new_tokens": float(np.mean(new_tokens)),
+            "n": n, "threads": threads, "batch_size": batch_size,
+            "localizer_ms": round(loc_ms, 2), "localizer_generate_ms": round(gen_ms, 2),
+            "localizer_new_tokens": n_new,
             "localizer_input_tokens": int(inputs["input_ids"].shape[1]),
             "answerer_prefill_ms": round(fwd_ms, 2), "answerer_preprocess_ms": round(pre_ms, 2),
             "answerer_input_tokens": int(a_in["input_ids"].shape[1]),
             "ratio_to_answerer_prefill": round(loc_ms / fwd_ms, 3),
+            "ratio_generate_to_answerer_prefill": round(gen_ms / fwd_ms, 3),
             "ratio_to_answerer_preprocess_and_prefill": round(loc_ms / (fwd_ms + pre_ms), 3),
             "localizer_gflops": round(loc_flops / 1e9, 4), "answerer_prefill_gflops": round(ans_flops / 1e9, 4),
             "flops_ratio": round(loc_flops / ans_flops, 3),
