@@ -7,7 +7,15 @@ import json
 import pytest
 
 from crop.cli import main
-from crop.eval.flops import DecoderDims, kv_cache_bytes, prefill_flops
+from crop.eval.flops import (
+    DecoderDims,
+    decode_flops,
+    kv_cache_bytes,
+    llava_vision_flops,
+    localization_flops,
+    prefill_flops,
+    vit_flops,
+)
 
 
 def test_flops_ratios_follow_token_counts():
@@ -18,6 +26,24 @@ def test_flops_ratios_follow_token_counts():
     assert ideal < ilp < full
     assert full / ilp == pytest.approx(2 * full / (full + prefill_flops(dims, [100] * 4)), rel=1e-2)
     assert kv_cache_bytes(dims, [600, 600, 100, 100]) == 1400 * 2 * 2 * 16 * 4
+
+
+def test_vision_and_localization_flops_from_configs():
+    from crop.models.tiny import LlavaShape, QwenShape, llava_config, qwen_config
+
+    qwen = qwen_config("qwen2_vl", QwenShape(vision_hidden=32, vision_layers=2, text_hidden=32, text_heads=2,
+                                             text_kv_heads=1, text_intermediate=64, text_layers=3))
+    dims = DecoderDims.from_config(qwen.get_text_config())
+    vision = vit_flops(64, 32, 64, 2, 4704)  # Qwen2-VL vision: embed_dim 32, mlp_ratio 2, depth 2
+    one = localization_flops(qwen, 100, 64, 4704, 1)
+    assert one == prefill_flops(dims, [100] * 3) + vision  # one token: its logits come from the prefill
+    two = localization_flops(qwen, 100, 64, 4704, 2)
+    assert two - one == decode_flops(dims, [100] * 3)  # the second token is one decode step
+    llava = llava_config(LlavaShape(image_size=112, patch_size=14, vision_hidden=32, text_hidden=32,
+                                    text_intermediate=64, text_layers=2), 300, 299)
+    per_image = llava_vision_flops(llava, 64)
+    assert per_image > vit_flops(65, 32, 0, 0, 3 * 14 * 14)  # patch embedding (CLS included) plus blocks
+    assert llava_vision_flops(llava, 16) < per_image
 
 
 def test_bench_smoke(tmp_path, capsys):

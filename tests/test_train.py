@@ -172,7 +172,6 @@ def test_measure_cost_reports_times_and_flops(batch_size):
     cost = measure_cost(loc, ans, n=1, batch_size=batch_size)
     assert cost["batch_size"] == batch_size
     assert cost["localizer_ms"] > 0 and cost["answerer_prefill_ms"] > 0
-    assert cost["localizer_generate_ms"] < cost["localizer_ms"]  # end to end adds the preprocessing
     assert cost["localizer_gflops"] > 0 and cost["answerer_prefill_gflops"] > 0
     # the reported milliseconds are rounded, so compare the ratios relatively
     assert cost["ratio_to_answerer_prefill"] == pytest.approx(cost["localizer_ms"] / cost["answerer_prefill_ms"], rel=0.02)

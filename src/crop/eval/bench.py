@@ -33,7 +33,14 @@ from transformers import LogitsProcessorList
 
 from crop.api import PruningHandle
 from crop.data.synth import generate
-from crop.eval.flops import DecoderDims, decode_flops, kv_cache_bytes, prefill_flops, vit_flops
+from crop.eval.flops import (
+    DecoderDims,
+    decode_flops,
+    kv_cache_bytes,
+    llava_vision_flops,
+    localization_flops,
+    prefill_flops,
+)
 from crop.eval.runner import _git_hash, _versions, scale_budget
 from crop.localizers.base import Localizer
 from crop.localizers.vlm import VLMLocalizer
@@ -172,17 +179,6 @@ def _text_tokens(inputs, visual_in: list[int]) -> list[int]:
     return [int(n) - v for n, v in zip(lengths, visual_in, strict=True)]
 
 
-def _vision_flops(model, visual: int) -> int:
-    vc = model.config.vision_config
-    hidden = int(getattr(vc, "hidden_size", 0) or vc.embed_dim)
-    inter = int(getattr(vc, "intermediate_size", 0) or hidden * getattr(vc, "mlp_ratio", 4))
-    patch = int(vc.patch_size)
-    tokens = visual + 1  # CLS
-    text_hidden = int(model.config.get_text_config().hidden_size)
-    projector = 2 * visual * (hidden * text_hidden + text_hidden * text_hidden)
-    return vit_flops(tokens, hidden, inter, int(vc.num_hidden_layers), 3 * patch * patch) + projector
-
-
 def _localizer_flops(localizer: Localizer | None, question: str, image) -> int:
     """Analytic FLOPs of one localization (vision + prefill + the box it decodes), for VLM localizers.
 
@@ -193,17 +189,9 @@ def _localizer_flops(localizer: Localizer | None, question: str, image) -> int:
         return 0
     inputs = localizer.prepare([image], [question])
     decoded = int(localizer.generate(inputs).shape[1])
-    model = localizer.model
-    dims = DecoderDims.from_config(model.config.get_text_config())
-    prompt = int(inputs["input_ids"].shape[1])
-    flops = prefill_flops(dims, [prompt] * dims.layers)
-    flops += sum(decode_flops(dims, [prompt + i] * dims.layers) for i in range(max(decoded - 1, 0)))
-    vc = model.config.vision_config
-    hidden = int(getattr(vc, "embed_dim", 0) or vc.hidden_size)
-    inter = int(getattr(vc, "intermediate_size", 0) or hidden * getattr(vc, "mlp_ratio", 4))
-    patches = int(inputs["pixel_values"].shape[0])
-    flops += vit_flops(patches, hidden, inter, int(vc.depth), int(inputs["pixel_values"].shape[1]))
-    return flops
+    pixels = inputs["pixel_values"]  # (patches, values per patch)
+    return localization_flops(localizer.model.config, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]),
+                              int(pixels.shape[1]), decoded)
 
 
 def _visual_per_layer(kept: dict[str, list[int]], image: int, layers: int) -> list[int]:
@@ -316,7 +304,7 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
             "method": method, "keep_tokens_576": None if budget is None else budget[0],
             "keep_tokens": None if budget is None else budget[1],
             "visual_tokens_kept": kept, "equivalent_tokens": kept_info[name]["equivalent"], "timings": med,
-            "flops": {"vision": _vision_flops(model, bench.visual) * batch,
+            "flops": {"vision": llava_vision_flops(model.config, bench.visual) * batch,
                       "localizer": loc_flops * batch if kept_info[name]["uses_region"] else 0,
                       "llm_prefill": prefill, "decode_per_token": decode},
             "kv_cache_bytes": kv_info[name]["kv_cache_bytes"], "kv_cache_bytes_analytic": analytic_kv,

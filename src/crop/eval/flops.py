@@ -83,3 +83,42 @@ def vit_flops(tokens: int, hidden: int, intermediate: int, layers: int, patch_pi
     mlp = (3 if gated else 2) * hidden * intermediate
     per_layer = 2 * tokens * (4 * hidden * hidden + mlp) + 2 * 2 * tokens * tokens * hidden
     return embed + layers * per_layer
+
+
+def _vision_sizes(vision_config) -> tuple[int, int, int]:
+    """``(hidden, intermediate, layers)`` of a CLIP-style or Qwen2-VL-style vision config."""
+    hidden = int(getattr(vision_config, "embed_dim", 0) or vision_config.hidden_size)  # Qwen2-VL: embed_dim
+    inter = int(getattr(vision_config, "intermediate_size", 0) or hidden * getattr(vision_config, "mlp_ratio", 4))
+    layers = int(getattr(vision_config, "num_hidden_layers", 0) or vision_config.depth)
+    return hidden, inter, layers
+
+
+def llava_vision_flops(config, visual: int) -> int:
+    """FLOPs of a LLaVA vision tower (CLS + ``visual`` patches) and its 2-layer projector, per image.
+
+    Args:
+        config: the VLM's config (``vision_config`` + text config).
+        visual: visual tokens the tower produces for the LLM (CLS excluded).
+    """
+    hidden, inter, layers = _vision_sizes(config.vision_config)
+    patch = int(config.vision_config.patch_size)
+    text_hidden = int(config.get_text_config().hidden_size)
+    projector = 2 * visual * (hidden * text_hidden + text_hidden * text_hidden)
+    return vit_flops(visual + 1, hidden, inter, layers, 3 * patch * patch) + projector
+
+
+def localization_flops(config, prompt_tokens: int, patches: int, patch_pixels: int, decoded: int) -> int:
+    """FLOPs of one generative localization: vision tower, prefill, and the decode of the box.
+
+    Args:
+        config: the localizer VLM's config (Qwen2-VL style: ``vision_config.depth``).
+        prompt_tokens: the prompt's length, image tokens included.
+        patches: patches the vision tower processes (``pixel_values.shape[0]`` per image).
+        patch_pixels: values per patch (``pixel_values.shape[1]``).
+        decoded: tokens generated (the first comes from the prefill's logits).
+    """
+    dims = DecoderDims.from_config(config.get_text_config())
+    flops = prefill_flops(dims, [prompt_tokens] * dims.layers)
+    flops += sum(decode_flops(dims, [prompt_tokens + i] * dims.layers) for i in range(max(decoded - 1, 0)))
+    hidden, inter, layers = _vision_sizes(config.vision_config)
+    return flops + vit_flops(patches, hidden, inter, layers, patch_pixels)

@@ -305,43 +305,6 @@ def evaluate_localizer(model: nn.Module, processor: Any, split: str = "test", n:
     return out
 
 
-def _params(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if not any(k in n for k in skip))
-
-
-def _analytic_flops(model: nn.Module, vision: nn.Module, vision_tokens: int, prompt_tokens: int, new_tokens: float,
-                    extra: nn.Module | None = None, extra_tokens: int = 0) -> float:
-    """Rough forward FLOPs: 2 x weights x tokens per component, plus attention scores and mixing.
-
-    Args:
-        model: the VLM (its ``model.language_model`` and ``lm_head`` are counted).
-        vision: the vision tower (weights x ``vision_tokens``, plus its attention).
-        vision_tokens: tokens the vision tower processes.
-        prompt_tokens: LLM prefill length.
-        new_tokens: decoded tokens (each attends to the growing context).
-        extra: another module run on ``extra_tokens`` tokens (LLaVA's projector).
-        extra_tokens: its token count.
-
-    Returns:
-        FLOPs (multiply-adds count 2).
-    """
-    text = model.config.get_text_config()
-    vcfg = model.config.vision_config
-    v_hidden = getattr(vcfg, "embed_dim", None) or vcfg.hidden_size  # Qwen2-VL: embed_dim; CLIP: hidden_size
-    v_layers = getattr(vcfg, "num_hidden_layers", None) or vcfg.depth
-    flops = 2 * _params(vision) * vision_tokens + 4 * v_layers * vision_tokens ** 2 * v_hidden
-    if extra is not None:
-        flops += 2 * _params(extra) * extra_tokens
-    lm = model.model.language_model
-    lm_w = _params(lm, skip=("embed_tokens",))
-    d, layers = text.hidden_size, text.num_hidden_layers
-    flops += 2 * lm_w * prompt_tokens + 4 * layers * prompt_tokens ** 2 * d  # prefill
-    flops += 2 * _params(model.lm_head) * (1 + new_tokens)  # logits of the last prefill position + each step
-    steps = int(round(new_tokens))
-    flops += sum(2 * lm_w + 4 * layers * (prompt_tokens + i) * d for i in range(steps))  # decode
-    return float(flops)
-
-
 @torch.no_grad()
 def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, Any], n: int = 20, threads: int = 1,
                  seed: int = 0, batch_size: int = 1) -> dict:
@@ -371,6 +334,7 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
         FLOPs estimate of both (``flops_ratio``).
     """
     from crop.data.synth import generate
+    from crop.eval.flops import DecoderDims, llava_vision_flops, localization_flops, prefill_flops
     from crop.localizers.vlm import VLMLocalizer
     from crop.train.answerer import answerer_prompt
 
@@ -410,12 +374,13 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
             new_tokens.append(new.shape[1])
         med = lambda v: float(np.median(v)) * 1000 / batch_size  # noqa: E731  (ms per image)
         n_new = float(np.mean(new_tokens))
-        loc_flops = _analytic_flops(lm, lm.model.visual, int(inputs["pixel_values"].shape[0]) // batch_size,
-                                    int(inputs["input_ids"].shape[1]), n_new)
-        ans_flops = _analytic_flops(am, am.model.vision_tower, am.config.vision_config.image_size ** 2
-                                    // am.config.vision_config.patch_size ** 2 + 1,
-                                    int(a_in["input_ids"].shape[1]), 0, extra=am.model.multi_modal_projector,
-                                    extra_tokens=int((a_in["input_ids"][0] == am.config.image_token_id).sum()))
+        pixels = inputs["pixel_values"]  # (B * patches, values per patch)
+        loc_flops = localization_flops(lm.config, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]) // batch_size,
+                                       int(pixels.shape[1]), int(round(n_new)))
+        visual = int((a_in["input_ids"][0] == am.config.image_token_id).sum())
+        dims = DecoderDims.from_config(am.config.get_text_config())
+        ans_flops = llava_vision_flops(am.config, visual) + prefill_flops(
+            dims, [int(a_in["input_ids"].shape[1])] * dims.layers)
         loc_ms, gen_ms, fwd_ms, pre_ms = med(t_loc), med(t_gen), med(t_fwd), med(t_pre)
         return {
             "n": n, "threads": threads, "batch_size": batch_size,
