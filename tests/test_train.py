@@ -161,13 +161,12 @@ def test_attention_capture_matches_eager_and_keeps_outputs():
     assert torch.allclose(cap.probs, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_measure_cost_reports_times_and_flops(batch_size):
+@pytest.mark.parametrize("batch_size,geometry", [(1, {}), (2, {"patch_size": 28, "merge_size": 1})])
+def test_measure_cost_reports_times_and_flops(batch_size, geometry):
     from crop.embedded import build_from_shape
-    from crop.train.localizer import LOCALIZER_SHAPE, measure_cost
+    from crop.train.localizer import measure_cost
 
-    geometry = {k: LOCALIZER_SHAPE[k] for k in ("min_pixels", "max_pixels", "patch_size", "merge_size")}
-    loc = build_from_shape("qwen2_vl", dict(TINY_LOCALIZER, **geometry))
+    loc = build_from_shape("qwen2_vl", dict(TINY_LOCALIZER, min_pixels=224 * 224, max_pixels=224 * 224, **geometry))
     ans = build_from_shape("llava", TINY_ANSWERER)
     cost = measure_cost(loc, ans, n=1, batch_size=batch_size)
     assert cost["batch_size"] == batch_size
