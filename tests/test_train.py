@@ -183,3 +183,13 @@ def test_measure_cost_rejects_bad_batch():
 
     with pytest.raises(ValueError, match="batch_size"):
         measure_cost((None, None), (None, None), batch_size=0)
+
+
+@pytest.mark.parametrize("argv,message", [(["--batch", "x"], "comma-separated"), (["--batch", "0"], ">= 1"),
+                                          (["--n", "0"], ">= 1")])
+def test_cost_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, argv, message):
+    from crop.cli import main
+
+    # an empty weights folder: the argument check must come first, before the missing weights
+    assert main(["train", "cost", "--weights-dir", str(tmp_path), "--no-write", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -136,15 +136,17 @@ def run_cost(args: argparse.Namespace) -> int:
     from crop.train.localizer import measure_cost
 
     try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError as exc:
+        raise CropInputError(f"--batch takes comma-separated whole numbers, e.g. 1,8; got {args.batch!r}") from exc
+    if min(batches) < 1 or args.n < 1:
+        raise CropInputError(f"--batch sizes and --n must be >= 1, got --batch {args.batch} --n {args.n}")
+    try:
         loc = load_embedded_localizer(args.weights_dir)
         ans = load_embedded_answerer(args.weights_dir)
     except FileNotFoundError as exc:
         raise CropInputError(str(exc)) from exc
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-        cost = [measure_cost(loc, ans, n=args.n, threads=args.threads, batch_size=b) for b in batches]
-    except ValueError as exc:
-        raise CropInputError(f"bad --batch/--n: {exc}") from exc
+    cost = [measure_cost(loc, ans, n=args.n, threads=args.threads, batch_size=b) for b in batches]
     print(json.dumps(cost, indent=2))
     if not args.no_write:
         folder = embedded_dir("localizer", args.weights_dir)
