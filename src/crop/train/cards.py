@@ -65,32 +65,34 @@ def answerer_card(summary: dict, shape: dict) -> str:
     )
 
 
+def _cost_row(r: dict) -> str:
+    """One batch size's row; records from before batch timing lack ``batch_size`` and the A / P ratio."""
+    a_over_p = r.get("ratio_generate_to_answerer_prefill",
+                     round(r["localizer_generate_ms"] / r["answerer_prefill_ms"], 3))
+    return (f"| {r.get('batch_size', 1)} | {r['localizer_ms']} | {r['localizer_generate_ms']} | "
+            f"{r['answerer_prefill_ms']} | {r['answerer_preprocess_ms']} | **{a_over_p}** | "
+            f"{r['ratio_to_answerer_prefill']} | {r['ratio_to_answerer_preprocess_and_prefill']} |")
+
+
 def _cost_section(cost: dict | list[dict] | None) -> str:
     """The card's cost table: one row per measured batch size (see ``crop train cost``)."""
     if not cost:
         return ""
     runs = cost if isinstance(cost, list) else [cost]
-    rows = "\n".join(
-        "| {batch} | {localizer_ms} | {localizer_generate_ms} | {answerer_prefill_ms} | {answerer_preprocess_ms} "
-        "| **{ratio_generate_to_answerer_prefill}** | {ratio_to_answerer_prefill} | "
-        "{ratio_to_answerer_preprocess_and_prefill} |".format(
-            batch=r.get("batch_size", 1), ratio_generate_to_answerer_prefill=r.get(
-                "ratio_generate_to_answerer_prefill", round(r["localizer_generate_ms"] / r["answerer_prefill_ms"], 3)),
-            **{k: v for k, v in r.items() if k != "ratio_generate_to_answerer_prefill"})
-        for r in runs
-    )
     first = runs[0]
+    rows = "\n".join(_cost_row(r) for r in runs)
     return (
         f"\n## Cost vs the answerer (ms per image, median of {first['n']} batches, {first['threads']} thread(s))\n\n"
         "A = localizer prefill + box decode; P = answerer prefill over all visual tokens; L = localizer end to end "
         "(A plus its preprocessing); Q = answerer preprocessing.\n\n"
         "| batch | L | A | P | Q | A / P | L / P | L / (Q + P) |\n|---|---|---|---|---|---|---|---|\n"
         f"{rows}\n\n"
-        "Localizer: {localizer_input_tokens} input tokens, {localizer_new_tokens:.1f} generated; answerer: "
-        "{answerer_input_tokens} input tokens. Analytic forward FLOPs: localizer {localizer_gflops} GFLOP vs "
-        "answerer prefill {answerer_prefill_gflops} GFLOP (ratio {flops_ratio}). At this toy scale wall time is "
-        "dominated by per-call and per-layer overhead, not arithmetic; batching amortizes it.\n"
-    ).format(**first)
+        f"Localizer: {first['localizer_input_tokens']} input tokens, {first['localizer_new_tokens']:.1f} generated; "
+        f"answerer: {first['answerer_input_tokens']} input tokens. Analytic forward FLOPs: localizer "
+        f"{first['localizer_gflops']} GFLOP vs answerer prefill {first['answerer_prefill_gflops']} GFLOP (ratio "
+        f"{first['flops_ratio']}). At this toy scale wall time is dominated by per-call and per-layer overhead, not "
+        "arithmetic; batching amortizes it.\n"
+    )
 
 
 def _patch_text(shape: dict) -> str:
