@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crop.api import apply_crop
-from crop.config import CropConfig
+from crop.config import CropILPConfig, CropPLCConfig
 from crop.hf_compat import generated_cache
 from crop.models.base import get_adapter
 from crop.ops.pooling import count_pooled
@@ -50,12 +50,15 @@ def _reference(name: str, attn: str):
     return _REFS[(name, attn)]
 
 
+_CROP = {"ilp": CropILPConfig, "plc": CropPLCConfig}
+
+
 @pytest.mark.parametrize("method", ["ilp", "plc"])
 @pytest.mark.parametrize("name,attn", [(n, "sdpa") for n in ARCHS] + [("tiny-random-qwen2-vl", "eager")])
 def test_keep_all_is_bit_identical(name, attn, method):
     model, _ = tiny(name, attn)
     inputs, ref_logits, ref = _reference(name, attn)
-    with apply_crop(model, CropConfig(method=method)) as crop:
+    with apply_crop(model, _CROP[method]()) as crop:
         logits = model(**crop.prepare(inputs, [None, None])).logits
         assert crop.stats.visual_tokens_kept["llm_input"] == crop.stats.visual_tokens_in
         out = _gen(model, crop.prepare(inputs, [GridBox.full(), None]))
@@ -69,7 +72,7 @@ def test_removal_restores_model(name):
     model, proc = tiny(name)
     inputs, ref_logits, _ = _reference(name, "sdpa")
     layers = get_adapter(model).decoder_layers()
-    crop = apply_crop(model, CropConfig(method="ilp", keep_tokens=32))
+    crop = apply_crop(model, CropILPConfig(keep_tokens=32))
     pruned = model(**crop.prepare(inputs, BOXES)).logits
     assert not torch.allclose(pruned[:, -1], ref_logits[:, -1])  # pruning really changed the computation
     crop.remove()
@@ -94,7 +97,7 @@ def test_ilp_budget_and_kv_lengths(name, budget):
     inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
     prompt_len = inputs["input_ids"].shape[1]
     box = GridBox(2, 2, 5, 5)
-    with apply_crop(model, CropConfig(method="ilp", keep_tokens=budget, layer=2)) as crop:
+    with apply_crop(model, CropILPConfig(keep_tokens=budget, layer=2)) as crop:
         out = model(**crop.prepare(inputs, [box]), use_cache=True)
         stats = crop.stats
     span = get_adapter(model).image_spans(inputs)[0]
@@ -114,7 +117,7 @@ def test_ilp_budget_and_kv_lengths(name, budget):
 def test_cached_generation_matches_no_cache_greedy(name, method):
     model, proc = tiny(name)
     inputs = chat_inputs(proc, IMAGES[1:], QUESTIONS[1:])
-    with apply_crop(model, CropConfig(method=method, keep_tokens=64 if method == "ilp" else None)) as crop:
+    with apply_crop(model, _CROP[method](keep_tokens=64 if method == "ilp" else None)) as crop:
         run = crop.prepare(inputs, [GridBox(0, 4, 3, 7)])
         cached = _gen(model, run, use_cache=True)
         uncached = _gen(model, run, use_cache=False)
@@ -129,7 +132,7 @@ def test_batch_of_two_sizes_matches_one_by_one(name, method):
     batch_inputs = _reference(name, "sdpa")[0]
     spans = get_adapter(model).image_spans(batch_inputs)
     assert spans[0].length != spans[1].length  # different token counts per image
-    with apply_crop(model, CropConfig(method=method)) as crop:
+    with apply_crop(model, _CROP[method]()) as crop:
         batch = _gen(model, crop.prepare(batch_inputs, BOXES))
         kept = next(iter(crop.stats.visual_tokens_kept.values())) if method == "plc" else \
             crop.stats.visual_tokens_kept["after_layer_2"]
@@ -158,7 +161,7 @@ def test_plc_tokens_are_region_plus_pooled_and_budget_met(name):
             region = box.token_indices(grid.rows, grid.cols)
             total += region.numel() + count_pooled(grid.rows, grid.cols, region, 4)
         expected.append(total)
-    with apply_crop(model, CropConfig(method="plc", pool=4)) as crop:
+    with apply_crop(model, CropPLCConfig(pool=4)) as crop:
         run = crop.prepare(inputs, BOXES)
         out = model(**run, use_cache=True)
         stats = crop.stats
@@ -174,7 +177,7 @@ def test_plc_tokens_are_region_plus_pooled_and_budget_met(name):
     assert widths == [t + p for t, p in zip(text, placeholders, strict=True)]
     assert {layer.keys.shape[-2] for layer in generated_cache(out).layers} == {run["input_ids"].shape[1]}
     budget = 200 if spans[0].grids else 64  # Qwen's images here have 126-130 tokens
-    with apply_crop(model, CropConfig(method="plc", keep_tokens=budget)) as crop:
+    with apply_crop(model, CropPLCConfig(keep_tokens=budget)) as crop:
         run = crop.prepare(inputs, BOXES)
         assert crop.stats.visual_tokens_kept["llm_input"] == [budget, budget]
     newlines = (run["input_ids"] == adapter.image_token_id).sum(1) - budget
@@ -187,7 +190,7 @@ def test_qwen_plc_keeps_original_mrope_positions(name):
     inputs = _reference(name, "sdpa")[0]
     adapter = get_adapter(model)
     old = adapter.original_positions(inputs)  # (3, B, L)
-    with apply_crop(model, CropConfig(method="plc")) as crop:
+    with apply_crop(model, CropPLCConfig()) as crop:
         run = crop.prepare(inputs, BOXES)
     new = run["position_ids"]  # (3, B, L')
     assert new.shape == (3, 2, run["input_ids"].shape[1])
@@ -234,7 +237,7 @@ def test_qwen_ilp_kept_tokens_keep_original_mrope_cos_sin(name):
     handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
     model(**inputs)  # stock: the model's own M-RoPE cos for every prompt position
     handle.remove()
-    with apply_crop(model, CropConfig(method="ilp", layer=2)) as crop:
+    with apply_crop(model, CropILPConfig(layer=2)) as crop:
         handle = layer.register_forward_pre_hook(capture, with_kwargs=True)  # runs after CROP's hook
         try:
             model(**crop.prepare(inputs, [GridBox(2, 1, 5, 6)]))

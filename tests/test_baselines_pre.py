@@ -16,7 +16,13 @@ from crop.hf_compat import generated_cache
 from crop.methods import MethodOptions, config_for, method_for
 from crop.methods.dart import DART, DARTConfig
 from crop.methods.pool import PoolConfig, UniformPool
-from crop.methods.random_prune import RandomConfig, RandomPrune, RandomPruneInner, random_keep
+from crop.methods.random_prune import (
+    RandomConfig,
+    RandomInnerConfig,
+    RandomPrune,
+    RandomPruneInner,
+    random_keep,
+)
 from crop.methods.visionzip import VisionZip, VisionZipConfig, visionzip_image
 from crop.models.base import ImageSpan, TokenGrid, VLMAdapter, get_adapter
 from crop.models.clip_attention import clip_feature_layer
@@ -34,7 +40,7 @@ BUDGET = 40
 CONFIGS = {
     "pool": lambda keep, seed=0: PoolConfig(keep_tokens=keep),
     "random": lambda keep, seed=0: RandomConfig(keep_tokens=keep, seed=seed),
-    "random-inner": lambda keep, seed=0: RandomConfig(keep_tokens=keep, stage="inner", seed=seed),
+    "random-inner": lambda keep, seed=0: RandomInnerConfig(keep_tokens=keep, seed=seed),
     "visionzip": lambda keep, seed=0: VisionZipConfig(keep_tokens=keep),
     "dart": lambda keep, seed=0: DARTConfig(keep_tokens=keep),
 }
@@ -187,7 +193,7 @@ def test_removal_restores_model(name, method):
 
 
 @pytest.mark.parametrize("name,cls,config_cls", [("pool", UniformPool, PoolConfig), ("random", RandomPrune, RandomConfig),
-                                                 ("random-inner", RandomPruneInner, RandomConfig),
+                                                 ("random-inner", RandomPruneInner, RandomInnerConfig),
                                                  ("visionzip", VisionZip, VisionZipConfig), ("dart", DART, DARTConfig)])
 def test_selectable_by_name_and_config_round_trip(name, cls, config_cls):
     config = config_for(name, 64, MethodOptions(layer=3, seed=7))
@@ -199,19 +205,17 @@ def test_selectable_by_name_and_config_round_trip(name, cls, config_cls):
     with pytest.raises(ValueError, match="keep_tokens"):
         config_cls(keep_tokens=0)
     if name.startswith("random"):
-        assert (config.layer, config.seed, config.stage) == (3, 7, "pre" if name == "random" else "inner")
+        assert config.seed == 7 and getattr(config, "layer", 3) == 3
         assert config.method_name == name
     if name == "dart":
         assert config.layer == 3
 
 
 def test_bad_fields_raise():
-    with pytest.raises(ValueError, match="stage"):
-        RandomConfig(stage="middle")
     with pytest.raises(ValueError, match="seed"):
         RandomConfig(seed=-1)
-    with pytest.raises(ValueError, match="method_for"):
-        RandomPrune(get_adapter(tiny("tiny-random-llava")[0]), RandomConfig(stage="inner"))
+    with pytest.raises(ValueError, match="layer"):
+        RandomInnerConfig(layer=0)
     with pytest.raises(ValueError, match="contextual_ratio"):
         VisionZipConfig(contextual_ratio=1.0)
     with pytest.raises(ValueError, match="pivots"):
@@ -288,8 +292,8 @@ def test_random_pre_and_inner_keep_the_same_tokens():
     model, _ = tiny("tiny-random-llava")
     inputs, _ = _reference("tiny-random-llava")
     kept = []
-    for stage in ("pre", "inner"):
-        with apply_method(model, RandomConfig(keep_tokens=50, stage=stage, seed=3)) as h:
+    for config_cls in (RandomConfig, RandomInnerConfig):
+        with apply_method(model, config_cls(keep_tokens=50, seed=3)) as h:
             model(**h.prepare(inputs))
             kept.append(h.stats.full_resolution)
     assert kept[0] == kept[1]

@@ -35,7 +35,7 @@ def test_answer_json_contract_ilp_budget_64(image_path):
     for key in ["answer", "box", "grid", "method", "layer", "visual_tokens_in", "visual_tokens_kept",
                 "kv_cache_lengths", "kv_cache_bytes", "timings"]:
         assert key in out
-    assert out["box"] == [2, 2, 5, 5] and out["grid"] == 8 and out["method"] == "ilp" and out["layer"] == 2
+    assert out["box"] == [2, 2, 5, 5] and out["grid"] == 8 and out["method"] == "crop-ilp" and out["layer"] == 2
     assert out["visual_tokens_in"] == 576
     assert out["visual_tokens_kept"] == {"llm_input": 576, "after_layer_2": 64}
     lengths = out["kv_cache_lengths"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crop.api import apply_crop
-from crop.config import CropConfig
+from crop.config import CropILPConfig
 from crop.hf_compat import generated_cache
 from crop.regions import GridBox
 from tests.conftest import chat_inputs, random_image, tiny
@@ -23,7 +23,7 @@ def test_keep_all_is_bit_identical_forward_and_generate(llava):
     inputs = chat_inputs(proc, [random_image(1)], ["What is in the image?"])
     ref_logits = model(**inputs).logits
     ref = _gen(model, inputs)
-    with apply_crop(model, CropConfig(method="ilp", keep_tokens=None)) as crop:
+    with apply_crop(model, CropILPConfig(keep_tokens=None)) as crop:
         run = crop.prepare(inputs, [GridBox.full()])
         assert torch.equal(model(**run).logits, ref_logits)
         out = _gen(model, crop.prepare(inputs, [None]))
@@ -37,7 +37,7 @@ def test_removal_restores_model_bit_identically(llava):
     inputs = chat_inputs(proc, [random_image(2)], ["Where is the cat?"])
     before = model(**inputs).logits
     hooks_before = [len(layer._forward_pre_hooks) for layer in model.model.language_model.layers]
-    crop = apply_crop(model, CropConfig(method="ilp", keep_tokens=64))
+    crop = apply_crop(model, CropILPConfig(keep_tokens=64))
     pruned = model(**crop.prepare(inputs, [GridBox(1, 1, 3, 3)])).logits
     assert not torch.allclose(pruned[:, -1], before[:, -1])  # the pruning really changed the computation
     crop.remove()
@@ -52,7 +52,7 @@ def test_kv_lengths_region_without_budget(llava):
     prompt_len = inputs["input_ids"].shape[1]
     text = prompt_len - 576
     box = GridBox(2, 2, 5, 5)  # 4x4 cells = 12x12 = 144 tokens
-    with apply_crop(model, CropConfig(method="ilp", layer=2)) as crop:
+    with apply_crop(model, CropILPConfig(layer=2)) as crop:
         out = model(**crop.prepare(inputs, [box]), use_cache=True)
         assert crop.stats.visual_tokens_kept == {"llm_input": [576], "after_layer_2": [144]}
     lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
@@ -65,7 +65,7 @@ def test_budget_is_met_exactly(llava_sdpa, budget, box):
     model, proc = llava_sdpa
     inputs = chat_inputs(proc, [random_image(4)], ["What number is on the card?"])
     prompt_len = inputs["input_ids"].shape[1]
-    with apply_crop(model, CropConfig(method="ilp", keep_tokens=budget, layer=2)) as crop:
+    with apply_crop(model, CropILPConfig(keep_tokens=budget, layer=2)) as crop:
         out = model(**crop.prepare(inputs, [box]), use_cache=True)
         assert crop.stats.visual_tokens_kept["after_layer_2"] == [budget]
     lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
@@ -75,7 +75,7 @@ def test_budget_is_met_exactly(llava_sdpa, budget, box):
 def test_cached_generation_matches_no_cache_greedy(llava):
     model, proc = llava
     inputs = chat_inputs(proc, [random_image(5)], ["What shape is left of the red circle?"])
-    with apply_crop(model, CropConfig(method="ilp", keep_tokens=64, layer=2)) as crop:
+    with apply_crop(model, CropILPConfig(keep_tokens=64, layer=2)) as crop:
         run = crop.prepare(inputs, [GridBox(0, 4, 3, 7)])
         cached = _gen(model, run, use_cache=True)
         uncached = _gen(model, run, use_cache=False)
@@ -89,7 +89,7 @@ def test_batch_of_two_matches_one_by_one(llava):
     images = [random_image(6), random_image(7, (336, 500))]
     questions = ["What color is the star?", "How many circles are there in this picture?"]
     boxes = [GridBox(0, 0, 2, 2), GridBox(3, 1, 7, 6)]  # 81 vs 270 region tokens: ragged kept sets
-    config = CropConfig(method="ilp", layer=2)
+    config = CropILPConfig(layer=2)
     with apply_crop(model, config) as crop:
         batch = _gen(model, crop.prepare(chat_inputs(proc, images, questions), boxes))
         assert crop.stats.visual_tokens_kept["after_layer_2"] == [81, 270]
@@ -104,7 +104,7 @@ def test_batch_of_two_matches_one_by_one(llava):
 def test_unprepared_call_raises_clear_error(llava_sdpa):
     model, proc = llava_sdpa
     inputs = chat_inputs(proc, [random_image(8)], ["q?"])
-    with apply_crop(model, CropConfig(method="ilp")):
+    with apply_crop(model, CropILPConfig()):
         with pytest.raises(RuntimeError, match="prepare"):
             model(**inputs)
 
@@ -112,9 +112,9 @@ def test_unprepared_call_raises_clear_error(llava_sdpa):
 def test_layer_outside_depth_and_box_count(llava_sdpa):
     model, proc = llava_sdpa
     with pytest.raises(ValueError, match="outside the model's depth"):
-        apply_crop(model, CropConfig(method="ilp", layer=4))
+        apply_crop(model, CropILPConfig(layer=4))
     inputs = chat_inputs(proc, [random_image(9)], ["q?"])
-    with apply_crop(model, CropConfig(method="ilp")) as crop, pytest.raises(ValueError, match="boxes for 1 images"):
+    with apply_crop(model, CropILPConfig()) as crop, pytest.raises(ValueError, match="boxes for 1 images"):
         crop.prepare(inputs, [None, None])
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
 

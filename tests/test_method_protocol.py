@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -20,11 +21,12 @@ class NormConfig:
 
     layers: tuple[int, ...] = (2,)
     keep: tuple[int | None, ...] = (64,)
-    method_name: str = "test-norm"
+    method_name: ClassVar[str] = "test-norm"
 
 
 class NormMethod(InnerLLMMethod):
     name = "test-norm"
+    config_class = NormConfig
 
     def stage_layers(self):
         return list(self.config.layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crop.config import CropConfig
+from crop.config import CropILPConfig, CropPLCConfig, NoPruningConfig
 from crop.errors import CropInputError
 from crop.localizers import FixedBoxLocalizer, FullImageLocalizer
 from crop.pipeline import CropPipeline
@@ -14,7 +14,7 @@ from tests.conftest import random_image
 
 def test_pipeline_reports_tokens_kv_and_timings(llava_sdpa):
     model, proc = llava_sdpa
-    pipe = CropPipeline(model, proc, FixedBoxLocalizer(GridBox(2, 2, 5, 5)), CropConfig(method="ilp", keep_tokens=64))
+    pipe = CropPipeline(model, proc, FixedBoxLocalizer(GridBox(2, 2, 5, 5)), CropILPConfig(keep_tokens=64))
     result = pipe(random_image(31), "What is this?", max_new_tokens=4)
     assert result.box == [2, 2, 5, 5] and result.visual_tokens_in == 576
     assert result.visual_tokens_kept == {"llm_input": 576, "after_layer_2": 64}
@@ -28,7 +28,7 @@ def test_pipeline_reports_tokens_kv_and_timings(llava_sdpa):
 
 def test_pipeline_batch_equals_single_answers(llava_sdpa):
     model, proc = llava_sdpa
-    pipe = CropPipeline(model, proc, FullImageLocalizer(), CropConfig(method="plc", keep_tokens=100))
+    pipe = CropPipeline(model, proc, FullImageLocalizer(), CropPLCConfig(keep_tokens=100))
     images = [random_image(32), random_image(33, (300, 500))]
     questions = ["What color is the star?", "How many circles?"]
     batch = pipe.answer_batch(images, questions, max_new_tokens=6)
@@ -39,7 +39,7 @@ def test_pipeline_batch_equals_single_answers(llava_sdpa):
 
 def test_pipeline_bad_inputs(llava_sdpa, tmp_path):
     model, proc = llava_sdpa
-    pipe = CropPipeline(model, proc, FullImageLocalizer(), CropConfig(method="none"))
+    pipe = CropPipeline(model, proc, FullImageLocalizer(), NoPruningConfig())
     with pytest.raises(CropInputError, match="empty"):
         pipe(random_image(1), "")
     with pytest.raises(CropInputError, match="not found"):
@@ -47,4 +47,4 @@ def test_pipeline_bad_inputs(llava_sdpa, tmp_path):
     with pytest.raises(CropInputError, match="2 images but 1 questions"):
         pipe.answer_batch([random_image(1), random_image(2)], ["q?"])
     with pytest.raises(ValueError, match="grid"):
-        CropPipeline(model, proc, FullImageLocalizer(grid=4), CropConfig())
+        CropPipeline(model, proc, FullImageLocalizer(grid=4), CropILPConfig())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crop.api import apply_crop
-from crop.config import CropConfig
+from crop.config import CropPLCConfig
 from crop.hf_compat import generated_cache
 from crop.ops.pooling import count_pooled
 from crop.regions import GridBox
@@ -19,7 +19,7 @@ def test_keep_all_is_bit_identical(llava):
     ref_logits = model(**inputs).logits
     ref = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
-    with apply_crop(model, CropConfig(method="plc")) as crop:
+    with apply_crop(model, CropPLCConfig()) as crop:
         run = crop.prepare(inputs, [None])
         assert crop.stats.visual_tokens_kept["llm_input"] == [576]
         assert torch.equal(model(**run).logits, ref_logits)
@@ -37,7 +37,7 @@ def test_tokens_reaching_llm_are_region_plus_pooled(llava_sdpa, pool):
     box = GridBox(1, 2, 3, 4)  # 9x9 = 81 tokens
     region = box.token_indices(24, 24)
     expected = 81 + count_pooled(24, 24, region, pool)
-    with apply_crop(model, CropConfig(method="plc", pool=pool)) as crop:
+    with apply_crop(model, CropPLCConfig(pool=pool)) as crop:
         run = crop.prepare(inputs, [box])
         out = model(**run, use_cache=True)
     assert crop.stats.region_tokens == [81]
@@ -51,7 +51,7 @@ def test_tokens_reaching_llm_are_region_plus_pooled(llava_sdpa, pool):
 def test_budget_counts_region_plus_pooled(llava_sdpa, budget):
     model, proc = llava_sdpa
     inputs = chat_inputs(proc, [random_image(13)], ["What color is the star?"])
-    with apply_crop(model, CropConfig(method="plc", keep_tokens=budget)) as crop:
+    with apply_crop(model, CropPLCConfig(keep_tokens=budget)) as crop:
         run = crop.prepare(inputs, [GridBox(5, 5, 6, 6)])
         model.generate(**run, max_new_tokens=3, do_sample=False)
     assert crop.stats.visual_tokens_kept["llm_input"] == [budget]
@@ -61,7 +61,7 @@ def test_budget_counts_region_plus_pooled(llava_sdpa, budget):
 def test_budget_below_pooled_context_is_a_clear_error(llava_sdpa):
     model, proc = llava_sdpa
     inputs = chat_inputs(proc, [random_image(14)], ["q?"])
-    with apply_crop(model, CropConfig(method="plc", keep_tokens=10, pool=4)) as crop:
+    with apply_crop(model, CropPLCConfig(keep_tokens=10, pool=4)) as crop:
         with pytest.raises(ValueError, match="cannot meet keep_tokens=10"):
             crop.prepare(inputs, [GridBox(0, 0, 0, 0)])
 
@@ -72,7 +72,7 @@ def test_batch_matches_one_by_one(llava_sdpa):
     questions = ["What color is the star?", "What shape is left of the red circle?"]
     boxes = [GridBox(0, 0, 1, 1), GridBox(2, 2, 7, 7)]
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with apply_crop(model, CropConfig(method="plc")) as crop:
+    with apply_crop(model, CropPLCConfig()) as crop:
         batch = model.generate(**crop.prepare(chat_inputs(proc, images, questions), boxes), **kw)
         singles = [model.generate(**crop.prepare(chat_inputs(proc, [im], [q]), [b]), **kw)
                    for im, q, b in zip(images, questions, boxes, strict=True)]

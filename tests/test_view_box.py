@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crop.config import CropConfig
+from crop.config import CropILPConfig
 from crop.localizers import FixedBoxLocalizer
 from crop.models.base import get_adapter
 from crop.pipeline import CropPipeline
@@ -77,10 +77,10 @@ def test_qwen_view_box_is_identity():
 def test_pipeline_uses_the_view_box_and_falls_back_when_cropped_away(caplog):
     model, processor = tiny("tiny-random-llava")
     wide = Image.new("RGB", (672, 336), (90, 120, 200))  # the centre crop keeps x in [168, 504)
-    pipe = CropPipeline(model, processor, FixedBoxLocalizer(GridBox(2, 0, 3, 1)), CropConfig(method="ilp", keep_tokens=64))
+    pipe = CropPipeline(model, processor, FixedBoxLocalizer(GridBox(2, 0, 3, 1)), CropILPConfig(keep_tokens=64))
     result = pipe(wide, "What is here?", max_new_tokens=2)
     assert result.box == [2, 0, 3, 1] and result.extra["model_view_box"] == [0, 0, 3, 1]
-    off = CropPipeline(model, processor, FixedBoxLocalizer(GridBox(0, 0, 0, 7)), CropConfig(method="ilp", keep_tokens=64))
+    off = CropPipeline(model, processor, FixedBoxLocalizer(GridBox(0, 0, 0, 7)), CropILPConfig(keep_tokens=64))
     with caplog.at_level(logging.WARNING):
         result = off(wide, "What is here?", max_new_tokens=2)
     assert result.extra["model_view_box"] == [0, 0, 7, 7]

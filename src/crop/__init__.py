@@ -2,7 +2,8 @@
 
 Public API (imported lazily so ``import crop`` stays light):
 
-- :class:`CropConfig`, :func:`apply_crop` / :class:`CropHandle`: apply CROP to a model, reversibly;
+- :class:`CropILPConfig`, :class:`CropPLCConfig`, :func:`apply_crop` / :class:`CropHandle`: apply
+  CROP to a model, reversibly (any method: :func:`apply_method` with its config);
 - :class:`CropPipeline`, :class:`CropResult`: localize -> prune -> generate, with stats;
 - :class:`GridBox`, :func:`parse_grid_box`: regions on the localizer's grid.
 """
@@ -15,8 +16,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CropConfig": "crop.config",
+    "CropILPConfig": "crop.config",
+    "CropPLCConfig": "crop.config",
+    "NoPruningConfig": "crop.config",
     "apply_crop": "crop.api",
+    "apply_method": "crop.api",
     "CropHandle": "crop.api",
     "PruneStats": "crop.api",
     "CropPipeline": "crop.pipeline",

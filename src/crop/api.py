@@ -2,7 +2,7 @@
 
 Typical use::
 
-    with apply_crop(model, CropConfig(method="ilp", keep_tokens=64)) as crop:
+    with apply_crop(model, CropILPConfig(keep_tokens=64)) as crop:
         batch = crop.prepare(processor(images=img, text=prompt, return_tensors="pt"), [GridBox(2, 2, 5, 5)])
         out = model.generate(**batch, max_new_tokens=16)
         print(crop.stats.visual_tokens_kept)
@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from crop.config import CropConfig
+from crop.config import CropILPConfig, CropPLCConfig
 from crop.methods import PruneStats, method_for
 from crop.models.base import VLMAdapter, get_adapter
 from crop.regions import DEFAULT_GRID, GridBox
@@ -34,7 +34,7 @@ class PruningHandle:
 
     Args:
         model: a supported ``*ForConditionalGeneration`` model.
-        config: a method config (:class:`crop.config.CropConfig` or a baseline's config).
+        config: a method config (:class:`crop.config.CropILPConfig`, a baseline's config, ...).
         adapter: the model's adapter (found from ``model.config.model_type`` if omitted).
 
     Raises:
@@ -103,19 +103,22 @@ def apply_method(model: nn.Module, config: Any) -> PruningHandle:
 
     Args:
         model: a supported ``*ForConditionalGeneration`` model.
-        config: the method's config; its type (and ``CropConfig.method``) selects the method.
+        config: the method's config; its class selects the method.
     """
     return PruningHandle(model, config)
 
 
-def apply_crop(model: nn.Module, config: CropConfig | None = None) -> PruningHandle:
+def apply_crop(model: nn.Module, config: CropILPConfig | CropPLCConfig | None = None) -> PruningHandle:
     """Apply CROP to ``model`` (in place, reversibly) and return the handle.
 
     Args:
         model: a supported ``*ForConditionalGeneration`` model.
-        config: defaults to ``CropConfig()`` (ILP at layer 2, the region's tokens only).
+        config: defaults to ``CropILPConfig()`` (ILP at layer 2, the region's tokens only).
 
     Returns:
         A :class:`PruningHandle`; use its ``prepare`` before each forward/generate call.
     """
-    return PruningHandle(model, config or CropConfig())
+    if config is not None and not isinstance(config, (CropILPConfig, CropPLCConfig)):
+        raise ValueError(f"apply_crop takes a CropILPConfig or CropPLCConfig, got {type(config).__name__}; "
+                         "use apply_method for other methods")
+    return PruningHandle(model, config or CropILPConfig())

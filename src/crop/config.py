@@ -1,14 +1,16 @@
-"""Method configs as plain validated data: CropConfig, and the helpers every method config shares."""
+"""Method configs as plain validated data: CROP's configs, and the helpers every method config shares.
+
+Every method config is a dataclass with a ``method_name`` class attribute (its registry name);
+``to_dict()`` records that name under ``"method"``, so :func:`crop.methods.config_from_dict`
+rebuilds any config from its dict alone, and the method a config selects is found from the
+config's class (:func:`crop.methods.method_for`).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
-
-from crop.ops.selection import SCORES
-
-METHODS = ("ilp", "plc", "none")
+from typing import Any, ClassVar
 
 
 def check_keep_tokens(value: Any) -> None:
@@ -31,19 +33,30 @@ def check_ratio(name: str, value: Any, low_open: bool = True) -> None:
 
 
 class ConfigMixin:
-    """``to_dict`` / ``from_dict`` for method config dataclasses (tuples travel as lists)."""
+    """``to_dict`` / ``from_dict`` for method config dataclasses (tuples travel as lists).
+
+    Subclasses set the class attribute ``method_name`` (the registry name of their method).
+    """
+
+    method_name: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """A JSON-ready dict of the fields, plus ``"method"``: the method's registry name."""
+        fields_ = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"method": self.method_name, **fields_}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        """Build from :meth:`to_dict` output.
+        """Build from :meth:`to_dict` output (the ``"method"`` key, if present, must name this config's method).
 
         Raises:
-            ValueError: on unknown keys or invalid values.
+            ValueError: on unknown keys, another method's name, or invalid values.
         """
+        data = dict(data)
+        method = data.pop("method", cls.method_name)
+        if method != cls.method_name:
+            raise ValueError(f"a {cls.__name__} is for method {cls.method_name!r}, not {method!r}; "
+                             "use crop.methods.config_from_dict to rebuild any method's config")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -51,42 +64,74 @@ class ConfigMixin:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def check_layer(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a pruning layer K >= 1 (layers before it see every token)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"layer must be an int >= 1 (layers before it see every token), got {value!r}")
+
+
 @dataclass
-class CropConfig(ConfigMixin):
-    """Configuration of CROP's pruning stage.
+class CropILPConfig(ConfigMixin):
+    """Configuration of CROP's inner-LLM pruning (ILP).
 
     Args:
-        method: ``"ilp"`` (inner-LLM pruning: all tokens for layers < ``layer``, then only text
-            and kept visual tokens), ``"plc"`` (pre-LLM compression: region tokens at full
-            resolution, the rest average-pooled, before the LLM) or ``"none"`` (no pruning).
-        keep_tokens: visual tokens per image that survive layer ``layer`` (ILP) or reach the
-            LLM (PLC, region + pooled). ``None`` keeps exactly the region's tokens (plus, for
-            PLC, the pooled context). Larger regions are trimmed by ``score``; smaller ones grown.
-        layer: ILP's pruning layer K (>= 1): layers ``0..K-1`` see every token.
+        keep_tokens: visual tokens per image that survive layer ``layer``. ``None`` keeps
+            exactly the region's tokens (the paper's pure variant). Larger regions are trimmed,
+            smaller ones grown (:mod:`crop.ops.selection`).
+        layer: K (>= 1): layers ``0..K-1`` see every token, later ones text + kept visual tokens.
         grid: side of the region grid the localizer answers on (the paper uses 8).
-        pool: PLC's pooling block, in tokens, for the tokens outside the region (4 = 4x4).
-        score: how tokens are ranked when a region is trimmed or grown; ``"center"`` ranks by
-            distance to the region's centre.
 
     Raises:
         ValueError: on any invalid field.
     """
 
-    method: str = "ilp"
     keep_tokens: int | None = None
     layer: int = 2
     grid: int = 8
-    pool: int = 4
-    score: str = "center"
+    method_name: ClassVar[str] = "crop-ilp"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check_keep_tokens(self.keep_tokens)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1 (layers before it see every token), got {self.layer!r}")
+        check_layer(self.layer)
+        check_grid(self.grid)
+
+
+@dataclass
+class CropPLCConfig(ConfigMixin):
+    """Configuration of CROP's pre-LLM compression (PLC), training-free.
+
+    Args:
+        keep_tokens: visual tokens per image that reach the LLM (region + pooled). ``None``
+            keeps the region's tokens plus the pooled context.
+        grid: side of the region grid the localizer answers on.
+        pool: pooling block, in tokens, for the tokens outside the region (4 = 4x4).
+
+    Raises:
+        ValueError: on any invalid field.
+    """
+
+    keep_tokens: int | None = None
+    grid: int = 8
+    pool: int = 4
+    method_name: ClassVar[str] = "crop-plc"
+
+    def __post_init__(self) -> None:
+        check_keep_tokens(self.keep_tokens)
         check_grid(self.grid)
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
             raise ValueError(f"pool must be an int >= 1, got {self.pool!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
+
+
+@dataclass
+class NoPruningConfig(ConfigMixin):
+    """The unpruned model (the reference every method is compared with).
+
+    Args:
+        grid: side of the region grid of the boxes handed to ``prepare`` (ignored).
+    """
+
+    grid: int = 8
+    method_name: ClassVar[str] = "none"
+
+    def __post_init__(self) -> None:
+        check_grid(self.grid)

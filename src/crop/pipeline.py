@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from crop.api import PruningHandle
-from crop.config import CropConfig
+from crop.config import CropILPConfig
 from crop.errors import CropInputError
 from crop.hf_compat import generated_cache
 from crop.io import check_question, load_image
@@ -118,15 +118,16 @@ class CropPipeline:
         model: the answering VLM (any supported ``*ForConditionalGeneration``).
         processor: its processor (with a chat template).
         localizer: finds the region for each question (its cost is part of every timing).
-        config: the pruning configuration (a :class:`CropConfig` or any method config);
-            ``CropConfig(method="none")`` runs the unpruned model.
+        config: the pruning configuration (any method config; default
+            :class:`crop.config.CropILPConfig`); :class:`crop.config.NoPruningConfig` runs the
+            unpruned model.
     """
 
     def __init__(self, model: nn.Module, processor, localizer: Localizer, config: Any = None) -> None:
         self.model = model
         self.processor = processor
         self.localizer = localizer
-        self.config = config or CropConfig()
+        self.config = config or CropILPConfig()
         self.adapter = get_adapter(model)
         grid = getattr(self.config, "grid", localizer.grid)  # region-free configs need not carry one
         if localizer.grid != grid:
@@ -215,7 +216,7 @@ class CropPipeline:
             "decode_s": (t_end - first) / batch,
         }
         timings["total_s"] = timings["localizer_s"] + timings["prefill_s"] + timings["decode_s"]
-        method_name = getattr(self.config, "method", None) or handle.method.name
+        method_name = handle.method.name
         layers = handle.method.stage_layers() if isinstance(handle.method, InnerLLMMethod) else []
         results = []
         for i, (answer, loc, view) in enumerate(zip(answers, localizations, view_boxes, strict=True)):

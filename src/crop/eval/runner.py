@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class EvalSpec:
     max_new_tokens: int = 8
     layer: int = 2
     pool: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         known = set(method_names()) | set(ALIASES)

@@ -14,10 +14,10 @@ from crop.methods.base import (
     PruningMethod,
 )
 
-__all__ = ["METHODS", "InnerLLMMethod", "MethodOptions", "NoPruning", "PreLLMMethod", "PruneStats", "PruningMethod",
-           "config_for", "method_for", "method_names"]
+__all__ = ["ALIASES", "METHODS", "InnerLLMMethod", "MethodOptions", "NoPruning", "PreLLMMethod", "PruneStats",
+           "PruningMethod", "canonical_name", "config_for", "config_from_dict", "method_for", "method_names"]
 
-# short names accepted wherever a method name is (CLI, evaluation)
+# short names accepted wherever a method name is (CLI, evaluation); translated once, by canonical_name
 ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc"}
 
 
@@ -38,9 +38,23 @@ def _register_builtin() -> None:
 
 
 def method_names() -> list[str]:
-    """Every registered method name (plus the aliases ``full``, ``ilp``, ``plc``)."""
+    """Every registered method name (the aliases ``full``, ``ilp``, ``plc`` are in :data:`ALIASES`)."""
     _register_builtin()
     return METHODS.names()
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for ``name`` or its alias (``full`` -> ``none``, ``ilp`` -> ``crop-ilp`` ...).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    _register_builtin()
+    registered = ALIASES.get(name, name)
+    if registered not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS.names())} "
+                         f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})")
+    return registered
 
 
 def config_for(name: str, keep_tokens: int | None = None, options: MethodOptions | None = None) -> Any:
@@ -54,22 +68,26 @@ def config_for(name: str, keep_tokens: int | None = None, options: MethodOptions
     Raises:
         ValueError: for an unknown name (listing the known ones) or invalid options.
     """
-    _register_builtin()
-    return METHODS.get(ALIASES.get(name, name)).config_from_options(keep_tokens, options or MethodOptions())
+    return METHODS.get(canonical_name(name)).config_from_options(keep_tokens, options or MethodOptions())
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    """Rebuild any method's config from its ``to_dict()`` (the ``"method"`` key names the method).
+
+    Raises:
+        ValueError: for a missing or unknown method, unknown keys or invalid values.
+    """
+    if "method" not in data:
+        raise ValueError("a method config dict needs a 'method' key (config.to_dict() writes it)")
+    cls = METHODS.get(canonical_name(str(data["method"]))).config_class
+    return cls.from_dict({**data, "method": cls.method_name})
 
 
 def method_for(config: Any) -> type[PruningMethod]:
-    """The method class a config selects (``CropConfig.method`` or a baseline config's ``method_name``).
+    """The method class a config selects (each method has its own config class).
 
     Raises:
-        ValueError: for an unknown method, listing the known ones.
+        ValueError: for an object that is no registered method's config.
     """
-    from crop.config import CropConfig
-
     _register_builtin()
-    if isinstance(config, CropConfig):
-        return METHODS.get({"ilp": "crop-ilp", "plc": "crop-plc", "none": "none"}[config.method])
-    name = getattr(config, "method_name", None)
-    if name is None:
-        raise ValueError(f"{type(config).__name__} is not a method config (it has no method_name)")
-    return METHODS.get(name)
+    return METHODS.for_config(config)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from crop.config import NoPruningConfig
 from crop.methods.inner_llm import InnerLLMPruner
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
 from crop.regions import GridBox
@@ -102,11 +103,13 @@ class PruningMethod(ABC):
         config: the method's config dataclass.
 
     Class attributes:
-        name: the registry name.
+        name: the registry name (the same as ``config_class.method_name``).
+        config_class: the config dataclass that selects this method (one class per method).
         uses_region: whether the method follows the localizer's region (CROP) or ignores it.
     """
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type] = type(None)
     uses_region: ClassVar[bool] = False
 
     def __init__(self, adapter: VLMAdapter, config: Any) -> None:
@@ -145,12 +148,11 @@ class NoPruning(PruningMethod):
     """The unpruned model (the reference every method is compared with)."""
 
     name = "none"
+    config_class = NoPruningConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
-        from crop.config import CropConfig
-
-        return CropConfig(method="none", grid=options.grid)
+        return NoPruningConfig(grid=options.grid)
 
     def prepare(self, inputs, spans, boxes):
         return dict(inputs), PruneStats.start(spans, boxes)
@@ -316,4 +318,46 @@ class InnerLLMMethod(PruningMethod):
         return select
 
 
-METHODS: Registry[type[PruningMethod]] = Registry("method")
+class MethodRegistry(Registry[type[PruningMethod]]):
+    """The method registry: names -> method classes, and each method's config class -> its method.
+
+    Registering checks that the class's ``name`` and its config's ``method_name`` agree with
+    the registered name and that no other method uses the same config class, so a config
+    always selects exactly one method.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("method")
+        self._by_config: dict[type, type[PruningMethod]] = {}
+
+    def register(self, name: str):
+        add_name = super().register(name)
+
+        def add(cls: type[PruningMethod]) -> type[PruningMethod]:
+            config_cls = cls.config_class
+            if cls.name != name or getattr(config_cls, "method_name", None) != name:
+                raise ValueError(f"method {name!r}: the class's name ({cls.name!r}) and its config's method_name "
+                                 f"({getattr(config_cls, 'method_name', None)!r}) must both be {name!r}")
+            if config_cls in self._by_config:
+                raise ValueError(f"config class {config_cls.__name__} already selects method "
+                                 f"{self._by_config[config_cls].name!r}")
+            add_name(cls)
+            self._by_config[config_cls] = cls
+            return cls
+
+        return add
+
+    def for_config(self, config: Any) -> type[PruningMethod]:
+        """The method class that ``config``'s class selects.
+
+        Raises:
+            ValueError: if no registered method takes this config class.
+        """
+        cls = self._by_config.get(type(config))
+        if cls is None:
+            raise ValueError(f"{type(config).__name__} is not a method config; known configs: "
+                             f"{', '.join(sorted(c.__name__ for c in self._by_config))}")
+        return cls
+
+
+METHODS = MethodRegistry()

@@ -71,6 +71,7 @@ class DART(InnerLLMMethod):
     """
 
     name = "dart"
+    config_class = DARTConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):

@@ -61,6 +61,7 @@ class FastV(AttentionScoredMethod):
     """
 
     name = "fastv"
+    config_class = FastVConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):

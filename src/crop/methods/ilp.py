@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from crop.config import CropILPConfig
 from crop.methods.base import METHODS, InnerLLMMethod
 
 
@@ -14,17 +15,16 @@ class CropILP(InnerLLMMethod):
     Training-free. The selection is known before the forward (the localizer's region mapped
     onto the token grid, trimmed or grown to ``keep_tokens`` by :mod:`crop.ops.selection`), so
     kept tokens keep their original positions and the first K layers' cache stays complete.
-    Config: :class:`crop.config.CropConfig`.
+    Config: :class:`crop.config.CropILPConfig`.
     """
 
     name = "crop-ilp"
+    config_class = CropILPConfig
     uses_region = True
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
-        from crop.config import CropConfig
-
-        return CropConfig(method="ilp", keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
+        return CropILPConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
     def keep_before_forward(self, inputs, spans, boxes):
         keep = [self.adapter.select(span, box, self.config.keep_tokens) for span, box in zip(spans, boxes, strict=True)]

@@ -74,6 +74,7 @@ class PyramidDrop(AttentionScoredMethod):
     """
 
     name = "pdrop"
+    config_class = PDropConfig
     capture_before = False
 
     @classmethod

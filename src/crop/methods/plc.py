@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from crop.config import CropPLCConfig
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
 from crop.ops.pooling import count_pooled, pool_outside
@@ -101,18 +102,17 @@ class CropPLC(PreLLMMethod):
     Paper: Contextual Region-Oriented Visual Token Pruning, EMNLP 2025 (arXiv 2505.21233),
     section 3 (PLC). Stage: before the LLM. The paper's PLC is trained (learnable queries with
     the region tokens as anchors); this variant replaces the learned compressor by average
-    pooling, so it needs no training. Config: :class:`crop.config.CropConfig` (``keep_tokens``
+    pooling, so it needs no training. Config: :class:`crop.config.CropPLCConfig` (``keep_tokens``
     counts region + pooled tokens).
     """
 
     name = "crop-plc"
+    config_class = CropPLCConfig
     uses_region = True
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
-        from crop.config import CropConfig
-
-        return CropConfig(method="plc", keep_tokens=keep_tokens, pool=options.pool, grid=options.grid)
+        return CropPLCConfig(keep_tokens=keep_tokens, pool=options.pool, grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
         keep = region_share(self.adapter, span, box, self.config.keep_tokens, self.config.pool)

@@ -51,6 +51,7 @@ class UniformPool(PreLLMMethod):
     """
 
     name = "pool"
+    config_class = PoolConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):

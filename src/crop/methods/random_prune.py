@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens
+from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_layer
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, InnerLLMMethod, PreLLMMethod
-from crop.models.base import ImageSpan, VLMAdapter
-
-STAGES = ("pre", "inner")
+from crop.models.base import ImageSpan
 
 
 @dataclass
 class RandomConfig(ConfigMixin):
-    """Config of the random baseline.
+    """Config of the random baseline before the LLM (``random``).
 
     Args:
         keep_tokens: visual tokens kept per image; ``None`` keeps every token.
-        stage: ``"pre"`` drops tokens before the LLM (the prompt is rebuilt); ``"inner"`` keeps
-            every token for layers ``< layer`` and drops them at ``layer`` (like CROP's ILP).
-        layer: the pruning layer K of the ``"inner"`` stage (ignored for ``"pre"``).
         seed: image ``i`` of a batch draws its tokens with a generator seeded ``seed + i``.
         grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
             regions; the field lets a pipeline pair it with any localizer, as with CROP).
@@ -32,25 +28,34 @@ class RandomConfig(ConfigMixin):
     """
 
     keep_tokens: int | None = 64
-    stage: str = "pre"
-    layer: int = 2
     seed: int = 0
     grid: int = 8
+    method_name: ClassVar[str] = "random"
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
         check_grid(self.grid)
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1, got {self.layer!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
 
-    @property
-    def method_name(self) -> str:
-        """The registered method this config selects: ``random`` (before the LLM) or ``random-inner``."""
-        return "random" if self.stage == "pre" else "random-inner"
+
+@dataclass
+class RandomInnerConfig(RandomConfig):
+    """Config of the random baseline inside the LLM (``random-inner``): the same draw, dropped at layer K.
+
+    Args:
+        keep_tokens: visual tokens per image that survive layer ``layer``.
+        layer: the pruning layer K (>= 1).
+        seed: as :class:`RandomConfig`.
+        grid: as :class:`RandomConfig`.
+    """
+
+    layer: int = 2
+    method_name: ClassVar[str] = "random-inner"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_layer(self.layer)
 
 
 def random_keep(span: ImageSpan, budget: int | None, seed: int) -> torch.Tensor:
@@ -72,38 +77,28 @@ def random_keep(span: ImageSpan, budget: int | None, seed: int) -> torch.Tensor:
     return visual[pick].sort().values
 
 
-def _check_stage(config: RandomConfig, stage: str, cls: type) -> None:
-    if config.stage != stage:
-        raise ValueError(f"{cls.__name__} runs stage {stage!r} but the config says {config.stage!r}; "
-                         "use method_for(config) to pick the class")
-
-
 @METHODS.register("random")
 class RandomPrune(PreLLMMethod):
     """Random: keep a seeded uniform random subset of keep_tokens visual tokens per image, before the LLM.
 
     The sanity baseline of the token-pruning literature (FastV, SparseVLM and VisionZip all
     compare with it): a method worth using must beat it at the same budget. Stage: before the
-    LLM (the prompt is rebuilt around the kept tokens); ``RandomConfig(stage="inner")`` selects
+    LLM (the prompt is rebuilt around the kept tokens); :class:`RandomInnerConfig` selects
     :class:`RandomPruneInner` (registered as ``random-inner``) instead. Image ``i`` of a batch
     draws with seed ``seed + i``, so a run is reproducible and a batch equals one-by-one runs
     with seeds ``seed, seed + 1, ...``. Config: :class:`RandomConfig`.
 
     Args:
         adapter: the model's adapter.
-        config: a :class:`RandomConfig` with ``stage="pre"``.
+        config: a :class:`RandomConfig`.
     """
 
     name = "random"
-
-    def __init__(self, adapter: VLMAdapter, config: RandomConfig) -> None:
-        _check_stage(config, "pre", type(self))
-        super().__init__(adapter, config)
+    config_class = RandomConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
-        return RandomConfig(keep_tokens=keep_tokens, stage="pre", layer=options.layer, seed=options.seed,
-                            grid=options.grid)
+        return RandomConfig(keep_tokens=keep_tokens, seed=options.seed, grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
         budget = self.config.keep_tokens
@@ -119,23 +114,19 @@ class RandomPruneInner(InnerLLMMethod):
 
     Same draw as :class:`RandomPrune` (seed ``seed + i`` for image ``i``), applied where CROP's
     ILP prunes, so it is ILP's budget-matched control. Stage: inside the LLM, once, at layer K
-    (``config.layer``). Config: :class:`RandomConfig` with ``stage="inner"``.
+    (``config.layer``). Config: :class:`RandomInnerConfig`.
 
     Args:
         adapter: the model's adapter.
-        config: a :class:`RandomConfig` with ``stage="inner"``.
+        config: a :class:`RandomInnerConfig`.
     """
 
     name = "random-inner"
-
-    def __init__(self, adapter: VLMAdapter, config: RandomConfig) -> None:
-        _check_stage(config, "inner", type(self))
-        super().__init__(adapter, config)
+    config_class = RandomInnerConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):
-        return RandomConfig(keep_tokens=keep_tokens, stage="inner", layer=options.layer, seed=options.seed,
-                            grid=options.grid)
+        return RandomInnerConfig(keep_tokens=keep_tokens, layer=options.layer, seed=options.seed, grid=options.grid)
 
     def keep_before_forward(self, inputs, spans, boxes):
         return [random_keep(span, self.config.keep_tokens, self.config.seed + i) for i, span in enumerate(spans)]

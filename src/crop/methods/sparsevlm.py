@@ -98,6 +98,7 @@ class SparseVLM(AttentionScoredMethod):
     """
 
     name = "sparsevlm"
+    config_class = SparseVLMConfig
 
     @classmethod
     def config_from_options(cls, keep_tokens, options):

@@ -126,6 +126,7 @@ class VisionZip(PreLLMMethod):
     """
 
     name = "visionzip"
+    config_class = VisionZipConfig
 
     def __init__(self, adapter: VLMAdapter, config: VisionZipConfig) -> None:
         super().__init__(adapter, config)

@@ -188,7 +188,6 @@ class VLMAdapter(ABC):
         model: a ``*ForConditionalGeneration`` instance of a supported ``model_type``.
     """
 
-    model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

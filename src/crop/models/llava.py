@@ -67,7 +67,6 @@ class LlavaAdapter(VLMAdapter):
     checkpoints); LM positions are 1-D, so compressed prompts simply get compact positions.
     """
 
-    model_types = ("llava",)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -59,7 +59,6 @@ class LlavaNextAdapter(VLMAdapter):
         ValueError: for a ``vision_feature_select_strategy`` other than ``"default"``.
     """
 
-    model_types = ("llava_next",)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -45,7 +45,6 @@ class Qwen2VLAdapter(VLMAdapter):
         model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
     """
 
-    model_types = ("qwen2_vl", "qwen2_5_vl")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -17,8 +17,6 @@ import torch
 
 from crop.regions import GridBox
 
-SCORES = ("center",)
-
 
 def center_scores(box: GridBox, rows: int, cols: int) -> torch.Tensor:
     """Score = minus the distance of each token's centre to the box's centre (in image fractions).

@@ -3,24 +3,22 @@
 The model is a real ``LlavaForConditionalGeneration`` (CLIP vision tower with learned absolute
 position embeddings, 2-layer GELU projector, Llama LM) built by :mod:`crop.models.tiny` at
 336 px with 21 px patches, i.e. a 16x16 = 256-token visual grid (2x2 tokens per cell of the
-8x8 region grid). The prompt is the processor's chat template with one image and the
-question, ``add_generation_prompt=True``; the target is ``" " + answer`` followed by ``</s>``,
-and the language-model loss is taken on the answer tokens only.
+8x8 region grid), and a 12-layer language model, so that an inner-LLM pruning layer K = 2 is
+early (1/6 of the depth; LLaVA-1.5-7B: 2 of 32). The prompt is the standard image-first
+LLaVA-1.5 layout, ``"USER: <image>\nq ASSISTANT:"`` (the processor's chat template,
+``add_generation_prompt=True``); the target is ``" " + answer`` followed by ``</s>``, and the
+language-model loss is taken on the answer tokens only.
 
-The chat template is question-first (``LlavaShape.question_first``): ``"USER: q\n<image>\nq
-ASSISTANT:"``. In the causal LLM the image tokens then see the question and can tell whether they
-are part of the asked-about region; the question is repeated after the image so that methods
-which rate visual tokens by the attention of later text tokens (FastV, PDrop, SparseVLM) see it
-as they would in LLaVA. An image-first answerer (the first shipped one) stayed near 34% after
-2150 steps: its answer position alone has to match the question against 256 tokens.
-
-Auxiliary losses (training only, not exported): linear probes on the projector's output predict,
-for every visual token, the shape, colour and digit of the object covering it (object and
-background tokens weighted half each). This dense signal teaches the vision tower local features
-in a few hundred steps, where the answer-token loss alone (5 tokens per sample) leaves a
-from-scratch model near chance for a long time. With the question first, probes on the image
-tokens after the LLM's second layer also predict what the question asks and whether the token
-lies in the question's region.
+This model is the judge of every pruning method, so it is trained with **no signal derived
+from the question's region or from any method**: no attention supervision, no
+region-membership probes, nothing on the image tokens that depends on the question. What it
+does get besides the answer loss is question-independent dense supervision of the visual
+features, standing in for a pretrained vision tower: linear probes on the projector's output
+predict, for every visual token, the shape, colour and digit of the object covering it (object
+and background tokens weighted half each). Optional probes at each answer's first position
+predict what the question asks (family, shape, colour, direction words of the question text);
+they read the question, never the image's region. The vision tower and projector may be warm
+started from an earlier answerer (``init_parts="vision"``): the tower never sees the question.
 """
 
 from __future__ import annotations
@@ -38,20 +36,14 @@ from torch import nn
 
 from crop.data.synth import FAMILIES, answers_match, scene_questions
 from crop.train.common import (
-    AttentionCapture,
     Capture,
     TrainConfig,
-    attention_loss,
-    image_positions,
     llm_layer,
-    llm_layer_index,
     make_aux_heads,
     question_probe_loss,
     question_targets,
-    region_token_target,
     token_labels,
     token_probe_loss,
-    use_capture_attention,
 )
 from crop.train.data import stream_sample
 
@@ -60,8 +52,7 @@ logger = logging.getLogger(__name__)
 IGNORE = -100
 ANSWERER_SHAPE = dict(
     image_size=336, patch_size=21, vision_hidden=128, vision_layers=4, vision_heads=4,
-    text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=256,
-    question_first=True,
+    text_hidden=128, text_layers=12, text_heads=4, text_kv_heads=2, text_intermediate=256,
 )
 
 
@@ -100,14 +91,17 @@ class AnswererTask:
         from crop.embedded import build_from_shape
 
         torch.manual_seed(config.seed)
-        model, processor = build_from_shape(self.architecture, asdict(self.shape))
         if config.attn_weight > 0:
-            use_capture_attention(model)  # SDPA that also keeps the supervised head's probabilities
-        return model, processor
+            raise ValueError("the answerer is trained without attention supervision (it judges region pruning); "
+                             "use attn_weight=0")
+        if self.shape.question_first:
+            raise ValueError("the answerer uses the standard image-first LLaVA template; question_first is not "
+                             "supported by this recipe")
+        return build_from_shape(self.architecture, asdict(self.shape))
 
     def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
-        """Probes on the projector output (text width); a region probe when the question comes first."""
-        return make_aux_heads(model.config.text_config.hidden_size, {"region": 2} if self.shape.question_first else None)
+        """Per-token probes on the projector output (text width) and question probes at the answer position."""
+        return make_aux_heads(model.config.text_config.hidden_size)
 
     # -- data ---------------------------------------------------------------------------------
     def _prompt_ids(self, question: str) -> list[int]:
@@ -145,19 +139,18 @@ class AnswererTask:
         cfg = self.config
         samples = [stream_sample(s, i, cfg.data_seed, cfg.eval_seed, self.shape.image_size) for s, i in items]
         pixel_values = self.processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
-        seqs, labels, probe_pos, probe_targets, attn_targets = [], [], [], [], []
+        seqs, labels, probe_pos, probe_targets = [], [], [], []
         for b, (s, (stream, index)) in enumerate(zip(samples, items, strict=True)):
-            turns = [(s.family, s.question, s.answer, s.box_px), *self._extra_questions(s, stream, index)]
+            turns = [(s.family, s.question, s.answer), *(q[:3] for q in self._extra_questions(s, stream, index))]
             ids: list[int] = []
             lab: list[int] = []
-            for t, (family, question, answer, box_px) in enumerate(turns):
+            for t, (family, question, answer) in enumerate(turns):
                 p = self._prompt_ids(question) if t == 0 else self._turn_ids(question)
                 a = self._answer_ids(answer)
                 ids += p
                 lab += [IGNORE] * len(p)
                 probe_pos.append((b, len(ids)))
                 probe_targets.append(question_targets(question, family))
-                attn_targets.append(region_token_target(box_px, self.shape.image_size, self.grid))
                 ids += a
                 lab += a
             seqs.append(ids)
@@ -173,12 +166,8 @@ class AnswererTask:
         aux = torch.from_numpy(
             np.stack([token_labels(s.objects, self.shape.image_size, self.grid, self.grid) for s in samples])
         )  # (B, 3, N)
-        region = torch.from_numpy(np.stack([region_token_target(s.box_px, self.shape.image_size, self.grid) > 0
-                                            for s in samples])).long()  # (B, N): the first question's region
-        first = torch.tensor([question_targets(s.question, s.family) for s in samples])  # (B, 4)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values,
                 "aux": aux, "probe_pos": torch.tensor(probe_pos), "probe_targets": torch.tensor(probe_targets),
-                "attn_targets": torch.from_numpy(np.stack(attn_targets)), "region": region, "first_targets": first,
                 "families": [s.family for s in samples]}
 
     # -- loss ---------------------------------------------------------------------------------
@@ -188,21 +177,20 @@ class AnswererTask:
             caps["vis"] = Capture(model.model.multi_modal_projector)
             caps["q"] = Capture(llm_layer(model, self.config.question_layer))
         try:
-            layer = llm_layer_index(model, self.config.attn_layer)
-            with AttentionCapture(layer if capture and self.config.attn_weight > 0 else None,
-                                  batch.get("probe_pos")) as att:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"])
             feats = {k: c.pop() for k, c in caps.items()}
-            if att.probs is not None:
-                feats["attn"] = att.probs  # (Q, L)
         finally:
             for c in caps.values():
                 c.remove()
         return out.logits, feats  # (B, L, V), {"vis": (B, N, D), "q": (B, L, D)}
 
     def loss(self, model: nn.Module, heads: nn.ModuleDict, batch: dict, aux_weight: float):
-        """Answer-token cross-entropy plus ``aux_weight`` x the visual-token and question probe losses."""
+        """Answer-token cross-entropy plus ``aux_weight`` x the per-token and question probe losses.
+
+        Nothing here depends on the question's region: the per-token probes label what object
+        covers each token (the same for every question), the question probes read the question.
+        """
         logits, feats = self._forward(model, batch, capture=aux_weight > 0)
         labels = batch["labels"][:, 1:]  # (B, L-1): token t+1 is predicted at t
         ans = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
@@ -215,23 +203,9 @@ class AnswererTask:
             pos = batch["probe_pos"]  # (Q, 2)
             hidden = feats["q"][pos[:, 0], pos[:, 1]]  # (Q, D)
             qloss = question_probe_loss(heads, hidden, batch["probe_targets"]) if "qfamily" in heads else aux * 0
-            if "region" in heads:
-                # question first: each image token can read the question; teach it what is asked
-                # and whether it is in the asked-about region (as the localizer recipe does)
-                bsz, n = batch["region"].shape
-                img = feats["q"][batch["input_ids"] == self.image_token_id].reshape(bsz, n, -1)  # (B, N, D)
-                region = token_probe_loss(heads, ("region",), img, batch["region"][:, None])
-                logs["region"] = float(region.detach())
-                aux = aux + region
-                qloss = qloss + question_probe_loss(heads, img.flatten(0, 1), batch["first_targets"].repeat_interleave(n, 0))
             logs["aux"] = float(aux.detach())
             logs["qaux"] = float(qloss.detach())
             total = total + aux_weight * (aux + qloss)
-            if "attn" in feats:
-                img = image_positions(batch["input_ids"], self.image_token_id, self.n_image_tokens)  # (B, N)
-                att = attention_loss(feats["attn"], pos[:, 0], img, batch["attn_targets"])
-                logs["att"] = float(att.detach())
-                total = total + self.config.attn_weight * att
         logs["loss"] = float(total.detach())
         return total, logs
 

@@ -84,7 +84,10 @@ class TrainConfig:
             weigh 1); reading digits is what a from-scratch answerer learns last.
         init_from: folder of an exported model (:func:`crop.embedded.save_embedded`) whose
             weights start the run instead of random ones: a warm-started continuation with
-            fresh probes, optimizer and schedule. Its sizes must match ``shape``.
+            fresh probes, optimizer and schedule. Its sizes must match ``shape`` (for the parts loaded).
+        init_parts: what ``init_from`` initializes: ``"all"`` (every weight), or ``"vision"``
+            (the vision tower and the projector only; the language model starts random). The
+            vision tower never sees the question, so a new answerer may reuse an earlier one's.
         shape: the model sizes (fields of ``LlavaShape`` / ``QwenShape``).
     """
 
@@ -115,6 +118,7 @@ class TrainConfig:
     attn_layer: int = 2
     digit_weight: float = 1.0
     init_from: str | None = None
+    init_parts: str = "all"
     shape: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,6 +132,45 @@ class TrainConfig:
             raise ValueError("curriculum_fraction must be in [0, 1)")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if self.init_parts not in WARM_START_PARTS:
+            raise ValueError(f"init_parts must be one of {sorted(WARM_START_PARTS)}, got {self.init_parts!r}")
+
+
+# state-dict prefixes each ``init_parts`` value loads (None: everything)
+WARM_START_PARTS: dict[str, tuple[str, ...] | None] = {
+    "all": None,
+    "vision": ("model.vision_tower.", "model.multi_modal_projector.", "model.visual."),
+}
+
+
+def warm_start(model: nn.Module, warm: nn.Module, parts: str = "all") -> list[str]:
+    """Copy ``warm``'s weights into ``model``: all of them, or only the parts ``parts`` names.
+
+    Args:
+        model: the freshly built model.
+        warm: a trained model of the same architecture (same sizes for the copied parts).
+        parts: a key of :data:`WARM_START_PARTS`.
+
+    Returns:
+        The names of the copied tensors.
+
+    Raises:
+        ValueError: if a copied tensor's shape differs, or ``parts`` selects nothing.
+    """
+    prefixes = WARM_START_PARTS[parts]
+    source = warm.state_dict()
+    if prefixes is None:
+        model.load_state_dict(source)
+        return list(source)
+    chosen = {k: v for k, v in source.items() if k.startswith(prefixes)}
+    if not chosen:
+        raise ValueError(f"init_parts={parts!r} matched no weights of the warm-start model")
+    own = model.state_dict()
+    bad = [k for k, v in chosen.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"warm-start tensors missing or of another shape in the new model: {bad[:4]}")
+    model.load_state_dict(chosen, strict=False)
+    return list(chosen)
 
 
 class Task(Protocol):
@@ -469,8 +512,8 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
         from crop.embedded import load_embedded_from
 
         warm, _ = load_embedded_from(config.init_from)
-        model.load_state_dict(warm.state_dict())
-        logger.info("weights initialized from %s", config.init_from)
+        copied = warm_start(model, warm, config.init_parts)
+        logger.info("%d weight tensors (%s) initialized from %s", len(copied), config.init_parts, config.init_from)
     if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
