@@ -17,7 +17,7 @@ from crop.hf_compat import generated_cache
 from crop.methods import config_for, method_for
 from crop.methods.attention import QKCapture, attention_rows, scaled_layers, stage_counts
 from crop.methods.fastv import FastV, FastVConfig
-from crop.methods.pdrop import PDropConfig, PyramidDrop
+from crop.methods.pdrop import PDropConfig, PyramidDrop, pdrop_schedule
 from crop.methods.sparsevlm import SparseVLM, SparseVLMConfig, _apply, _Merge
 from crop.models.base import get_adapter
 from tests.conftest import chat_inputs, random_image, tiny
@@ -99,6 +99,11 @@ def test_budget_honoured_in_stats_and_kv_lengths(name, method):
         stats, layers = h.stats, h.method.stage_layers()
     if method == "fastv":
         expected = [config.keep_tokens]
+    elif method == "pdrop":
+        sched_layers, expected = pdrop_schedule(visual, config.keep_tokens, adapter.num_layers)
+        assert sched_layers == layers
+        # floors of N * lambda**s: at most one token per stage under the equivalent budget, never over
+        assert config.keep_tokens - len(layers) <= stats.equivalent_tokens[0] <= config.keep_tokens
     else:
         expected = stage_counts(visual, config.keep_tokens, layers, adapter.num_layers, config.ratio)
         assert stats.equivalent_tokens[0] <= config.keep_tokens + 0.5 * len(layers)  # the equivalent budget is met
@@ -151,12 +156,14 @@ def test_two_images_in_one_prompt_are_ranked_separately(method):
     model, proc = tiny("tiny-random-llava")
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}]
     inputs = proc(images=IMAGES, text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], return_tensors="pt")
-    with apply_method(model, config_for(method, 40)) as h:
+    budget = 160 if method == "pdrop" else 40  # PDrop's first stage (layer 1 of 4) alone costs 144 of 576
+    with apply_method(model, config_for(method, budget)) as h:
         cached = _gen(model, h.prepare(inputs))
         kept = h.stats.visual_tokens_kept
         uncached = _gen(model, h.prepare(inputs), use_cache=False)
     layers = h.method.stage_layers()
-    assert [kept[f"after_layer_{k}"] for k in layers] == [[n, n] for n in stage_counts(576, 40, layers, 4, 0.5)]
+    counts = pdrop_schedule(576, budget, 4)[1] if method == "pdrop" else stage_counts(576, budget, layers, 4, 0.5)
+    assert [kept[f"after_layer_{k}"] for k in layers] == [[n, n] for n in counts]
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -255,16 +262,16 @@ def test_pdrop_first_stage_keeps_the_top_ranked_by_its_own_layer():
     # PDrop ranks with the stage layer's own attention: plant at layer 1 (the first stage layer)
     handles = _plant(model, 1, {span.start + i: 10.0 * 0.85 ** r for r, i in enumerate(ranking)},
                      inputs["input_ids"].shape[1])
-    config = PDropConfig(keep_tokens=150, layers=(1, 2, 3))
-    counts = stage_counts(576, 150, [1, 2, 3], 4, 0.5)
-    assert counts == [14, 7, 3]
+    config = PDropConfig(layers=(1, 2, 3), ratio=0.03)
+    # the official counts: floor(576 * 0.03 ** s), at least one token
+    assert pdrop_schedule(576, None, 4, (1, 2, 3), 0.03) == ([1, 2, 3], [17, 1, 1])
     try:
         with apply_method(model, config) as h:
             model(**h.prepare(inputs))
             after = h.stats.visual_tokens_kept
-            assert [after[f"after_layer_{k}"] for k in (1, 2, 3)] == [[14], [7], [3]]
-            assert set(h.stats.full_resolution[0]) <= set(ranking[:14])
-            assert h.stats.equivalent_tokens == [pytest.approx((576 + 14 + 7 + 3) / 4)]
+            assert [after[f"after_layer_{k}"] for k in (1, 2, 3)] == [[17], [1], [1]]
+            assert set(h.stats.full_resolution[0]) <= set(ranking[:17])
+            assert h.stats.equivalent_tokens == [pytest.approx((576 + 17 + 1 + 1) / 4)]
     finally:
         for handle in handles:
             handle.remove()
@@ -272,7 +279,7 @@ def test_pdrop_first_stage_keeps_the_top_ranked_by_its_own_layer():
     handles = _plant(model, 1, {span.start + i: 10.0 * 0.85 ** r for r, i in enumerate(ranking)},
                      inputs["input_ids"].shape[1])
     try:
-        with apply_method(model, PDropConfig(keep_tokens=150, layers=(1,))) as h:
+        with apply_method(model, PDropConfig(layers=(1,), ratio=0.03)) as h:
             model(**h.prepare(inputs))
             n1 = h.stats.visual_tokens_kept["after_layer_1"][0]
             assert h.stats.full_resolution == [sorted(ranking[:n1])]

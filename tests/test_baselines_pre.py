@@ -42,7 +42,9 @@ CONFIGS = {
     "random": lambda keep, seed=0: RandomConfig(keep_tokens=keep, seed=seed),
     "random-inner": lambda keep, seed=0: RandomInnerConfig(keep_tokens=keep, seed=seed),
     "visionzip": lambda keep, seed=0: VisionZipConfig(keep_tokens=keep),
-    "dart": lambda keep, seed=0: DARTConfig(keep_tokens=keep),
+    # DART's official budget keeps its image pivots on top of keep_tokens; the matrix checks the exact one
+    # (the official counts are checked against the official rule in tests/test_reference_dart.py)
+    "dart": lambda keep, seed=0: DARTConfig(keep_tokens=keep, budget="exact"),
 }
 INNER = {"random-inner", "dart"}
 
@@ -218,8 +220,10 @@ def test_bad_fields_raise():
         RandomInnerConfig(layer=0)
     with pytest.raises(ValueError, match="contextual_ratio"):
         VisionZipConfig(contextual_ratio=1.0)
-    with pytest.raises(ValueError, match="pivots"):
-        DARTConfig(pivots=0)
+    with pytest.raises(ValueError, match="image_pivots"):
+        DARTConfig(image_pivots=0)
+    with pytest.raises(ValueError, match="budget"):
+        DARTConfig(budget="bogus")
     with pytest.raises(ValueError, match="layer"):
         DARTConfig(layer=0)
     model, _ = tiny("tiny-random-llava")
@@ -328,9 +332,14 @@ def test_visionzip_keeps_the_most_attended_and_merges_duplicates():
     assert dominant == [3, 9, 14]
     assert image.source.tolist() == [0, 3, 4, 7, 9, 11, 14] and image.visual_tokens == 7
     rows = dict(zip(image.source.tolist(), image.tokens, strict=True))
-    torch.testing.assert_close(rows[0], (features[0] + features[1]) / 2)  # the duplicate merged into its target
+    # official merge: the target plus the mean of the tokens that joined it
+    torch.testing.assert_close(rows[0], features[0] + features[1])  # the duplicate merged into its target
     for s in (3, 9, 14, 4, 7):
         assert torch.equal(rows[s], features[s])  # dominant tokens, and targets that attracted nothing
+    torch.testing.assert_close(rows[11], features[11] + features[[2, 5, 6, 8, 10, 12, 13, 15]].mean(0))
+    image, _ = visionzip_image(span, features, attention, keys, dominant=3, contextual=4, merge="mean")
+    rows = dict(zip(image.source.tolist(), image.tokens, strict=True))
+    torch.testing.assert_close(rows[0], (features[0] + features[1]) / 2)  # "mean": the group's mean
     torch.testing.assert_close(rows[11], features[[2, 5, 6, 8, 10, 11, 12, 13, 15]].mean(0))
 
 
@@ -418,37 +427,17 @@ def test_qwen_saliency_is_in_token_order(name):
 
 
 def test_dart_drops_the_duplicate_of_a_pivot():
-    hidden = torch.eye(6) * torch.tensor([5.0, 1, 1, 1, 1, 1])[:, None]  # token 0 has the largest norm: the pivot
+    hidden = torch.eye(6) * torch.tensor([5.0, 1, 1, 1, 1, 1])[:, None]  # token 0: the pivot (kept from the start)
     hidden[4] = hidden[0] * 0.5  # token 4 duplicates the pivot (cosine 1, smaller norm)
-    assert duplication_select(hidden, 5, pivots=1).tolist() == [0, 1, 2, 3, 5]
+    taken = torch.arange(6) == 0
+    assert duplication_select(hidden, hidden[:1], [4], taken).tolist() == [0, 1, 2, 3, 5]
     hidden[2] = hidden[0] * 0.3 + hidden[1] * 0.01  # near-duplicate: dropped next
-    assert duplication_select(hidden, 4, pivots=1).tolist() == [0, 1, 3, 5]
+    assert duplication_select(hidden, hidden[:1], [3], taken).tolist() == [0, 1, 3, 5]
     # two pivots, each with a duplicate: both duplicates go, whatever the pivot order
     h = torch.eye(8) * torch.tensor([9.0, 8, 1, 1, 1, 1, 1, 1])[:, None]
     h[6], h[7] = h[0] * 0.2, h[1] * 0.2
-    assert duplication_select(h, 6, pivots=2).tolist() == [0, 1, 2, 3, 4, 5]
-
-
-def test_dart_selects_from_the_layer_hidden_states():
-    model, _ = tiny("tiny-random-llava")
-    method = DART(get_adapter(model), DARTConfig(keep_tokens=3, pivots=1, pivot_score="hidden_norm"))
-    hidden = torch.zeros(1, 12, 4)  # (B, L, D) visual tokens at slots 2..9
-    hidden[0, 2:10] = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [9, 0, 0, 0],
-                                    [0, 0, 0, 1], [3, 0, 0, 0.1], [0, 1, 1, 0], [2, 0, 0, 0]])
-    slots = torch.arange(2, 10)
-    keep = method.select_at_layer(0, hidden, {}, [[slots]])
-    assert keep[0].tolist() == [1, 2, 3]  # pivot = slot 5 (norm 9); then the two least similar to it
-
-
-def test_dart_pivot_is_the_largest_key_norm_of_layer_k():
-    model, _ = tiny("tiny-random-llava")
-    layer = model.model.language_model.layers[3]
-    method = DART(get_adapter(model), DARTConfig(keep_tokens=1, pivots=1, layer=3))  # keep the pivot alone
-    hidden = torch.randn(2, 30, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
-    slots = [torch.arange(5, 25), torch.arange(2, 12)]
-    keep = method.select_at_layer(0, hidden, {}, [[slots[0]], [slots[1]]])
-    for b, (chosen, where) in enumerate(zip(keep, slots, strict=True)):
-        keys = layer.self_attn.k_proj(layer.input_layernorm(hidden[b, where]))  # (v, Hkv*d)
-        assert chosen.tolist() == [keys.abs().sum(-1).argmax().item()]
-    with pytest.raises(ValueError, match="pivot_score"):
-        DARTConfig(pivot_score="attention")
+    taken = torch.arange(8) < 2
+    for order in ([0, 1], [1, 0]):
+        assert duplication_select(h, h[order], [2, 2], taken).tolist() == [0, 1, 2, 3, 4, 5]
+    # a pivot outside the candidates (DART's text pivots) picks too; picks are never picked twice
+    assert duplication_select(h[2:], torch.stack([h[2], h[2]]), [1, 1]).tolist() == [1, 2]

@@ -35,7 +35,27 @@ def test_eval_smoke_writes_results_table_and_plot(tmp_path, capsys):
         assert len(preds) == 4
         assert run["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / 4)
         assert set(run["accuracy_per_family"]) == {p["family"] for p in preds}
-        assert run["prefill_speedup"] > 0
+        assert run["gflops"]["total"] == pytest.approx(sum(run["gflops"][k] for k in ("llm_prefill", "selection",
+                                                                                      "localizer")))
+        assert "prefill_speedup" not in run and all("timings" not in p for p in preds)  # speed is crop bench's
+    # fewer tokens, fewer FLOPs; the oracle localizer costs nothing
+    assert runs[("crop-ilp", 64)]["gflops"]["llm_prefill"] < runs[("full", None)]["gflops"]["llm_prefill"]
+    assert runs[("crop-ilp", 64)]["gflops"]["localizer"] == 0
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 1000
+
+
+def test_eval_matched_equivalent_solves_budgets_and_flags_infeasible(tmp_path):
+    out = tmp_path / "eval"
+    # tiny-random-llava: 4 LM layers, 576 tokens; pruning at K = 2 costs at least 288 equivalent tokens
+    assert main(["eval", "--model", "tiny-random-llava", "--localizer", "oracle", "--n", "2", "--batch-size", "2",
+                 "--keep-tokens", "64,384", "--methods", "crop-ilp,crop-plc", "--max-new-tokens", "1",
+                 "--match", "equivalent", "--out", str(out)]) == 0
+    runs = {(r["method"], r["keep_tokens_576"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert "cheapest budget" in runs[("crop-ilp", 64)]["infeasible"] and not runs[("crop-ilp", 64)]["predictions"]
+    assert runs[("crop-ilp", 384)]["keep_tokens"] == 192  # (2 * 576 + 2 * 192) / 4 = 384
+    assert runs[("crop-ilp", 384)]["equivalent_tokens"] == pytest.approx(384)
+    assert runs[("crop-plc", 64)]["equivalent_tokens"] == pytest.approx(64)
+    assert "infeasible" in (out / "results.md").read_text()
 
 
 def test_eval_rejects_unknown_method(tmp_path, capsys):

@@ -218,6 +218,8 @@ class CropPipeline:
         timings["total_s"] = timings["localizer_s"] + timings["prefill_s"] + timings["decode_s"]
         method_name = handle.method.name
         layers = handle.method.stage_layers() if isinstance(handle.method, InnerLLMMethod) else []
+        mask = inputs.get("attention_mask")
+        prompt_tokens = mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * batch
         results = []
         for i, (answer, loc, view) in enumerate(zip(answers, localizations, view_boxes, strict=True)):
             results.append(CropResult(
@@ -237,6 +239,8 @@ class CropPipeline:
                 token_grid=list(stats.token_grids[i]),
                 full_resolution_tokens=stats.full_resolution[i],
                 extra={"batch_size": batch, "equivalent_tokens": stats.equivalent_tokens[i],
+                       "prompt_tokens": prompt_tokens[i], "selection_flops": handle.method.selection_flops(
+                           prompt_tokens[i], stats.visual_tokens_in[i]),
                        **({"layers": layers} if len(layers) > 1 else {}),
                        **({"model_view_box": view.as_list()} if view != loc.box else {})},
             ))

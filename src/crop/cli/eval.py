@@ -14,9 +14,14 @@ Evaluate methods x budgets on the synthetic localized-VQA benchmark and write
 OUT/results.json (config, versions, git hash, per-sample predictions, metrics),
 OUT/results.md (a table) and OUT/accuracy_vs_tokens.png.
 
-Budgets are LLaVA-1.5 token counts (of 576) and are scaled to the same fraction of the
-answerer's visual tokens. The localizer runs once per sample and its time is added to every
-CROP run's end-to-end time. 'full' (the unpruned model) always runs, as the reference.
+Budgets are LLaVA-1.5 token counts (of 576), scaled to the same fraction of the answerer's
+visual tokens. --match says what a budget means: 'label' (each method's own meaning of the
+number), 'equivalent' (every method solved for the same layer-weighted visual tokens) or
+'flops' (the same analytic prefill FLOPs, selection and localizer included). A method that
+cannot meet a matched target says so in the table instead of running more. The localizer runs
+once per sample and its FLOPs count for every region-guided run. 'full' (the unpruned model)
+always runs, as the reference. Also writes OUT/accuracy_vs_flops.png (the Pareto chart).
+No timings: speed is measured by `crop bench`.
 """
 
 
@@ -38,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="'embedded', 'oracle' (ground-truth boxes, the ceiling for localization), 'full', "
                         "or a path / hub id of a localizer VLM")
     p.add_argument("--model", default="embedded", help="answerer: 'embedded', a tiny-random-* name, a path or hub id")
-    p.add_argument("--layer", type=int, default=2, help="ILP's K (default 2)")
+    p.add_argument("--layer", type=int, default=2,
+                   help="K of single-stage inner-LLM methods (crop-ilp, fastv, dart, random-inner; default 2)")
+    p.add_argument("--match", choices=("label", "equivalent", "flops"), default="label",
+                   help="how a budget becomes each method's budget (default %(default)s; see above)")
     p.add_argument("--pool", type=int, default=4, help="PLC pooling block (default 4)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
@@ -50,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``crop eval``; returns the exit code."""
     from tqdm import tqdm
 
-    from crop.eval.report import markdown_table, plot_accuracy_vs_tokens
+    from crop.eval.report import markdown_table, plot_accuracy_vs_flops, plot_accuracy_vs_tokens
     from crop.eval.runner import EvalSpec, run_eval
     from crop.localizers import make_localizer
     from crop.models.loading import load_model
@@ -59,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         budgets = [int(k) for k in _csv(args.keep_tokens)]
         spec = EvalSpec(methods=_csv(args.methods), keep_tokens=budgets, n=args.n, split=args.split, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, layer=args.layer,
-                        pool=args.pool)
+                        pool=args.pool, match=args.match)
     except ValueError as exc:
         raise CropInputError(f"bad arguments: {exc}") from None
     model, processor = load_model(args.model)
@@ -80,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(results, separators=(",", ":")) + "\n", encoding="utf-8")
     table = markdown_table(results)
     (out / "results.md").write_text(table, encoding="utf-8")
     plot_accuracy_vs_tokens(results, out / "accuracy_vs_tokens.png")
+    plot_accuracy_vs_flops(results, out / "accuracy_vs_flops.png")
     print(table)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}, "
+          f"{out / 'accuracy_vs_flops.png'}")
     return 0

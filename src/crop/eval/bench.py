@@ -38,12 +38,12 @@ from crop.eval.flops import (
     decode_flops,
     kv_cache_bytes,
     llava_vision_flops,
-    localization_flops,
     prefill_flops,
+    visual_per_layer,
+    vlm_localization_flops,
 )
 from crop.eval.runner import _git_hash, _versions, scale_budget
 from crop.localizers.base import Localizer
-from crop.localizers.vlm import VLMLocalizer
 from crop.methods import ALIASES, InnerLLMMethod, MethodOptions, config_for, method_names
 from crop.models.base import CompressedImage, get_adapter
 from crop.pipeline import _cache_after_prefill, _FirstTokenClock, chat_prompt
@@ -179,32 +179,6 @@ def _text_tokens(inputs, visual_in: list[int]) -> list[int]:
     return [int(n) - v for n, v in zip(lengths, visual_in, strict=True)]
 
 
-def _localizer_flops(localizer: Localizer | None, question: str, image) -> int:
-    """Analytic FLOPs of one localization (vision + prefill + the box it decodes), for VLM localizers.
-
-    The localizer runs once here on the first sample to count the tokens it actually decodes
-    (2 for the embedded one, which stops at the box's ``]``; about 12 for a byte-level box).
-    """
-    if not isinstance(localizer, VLMLocalizer):
-        return 0
-    inputs = localizer.prepare([image], [question])
-    decoded = int(localizer.generate(inputs).shape[1])
-    pixels = inputs["pixel_values"]  # (patches, values per patch)
-    return localization_flops(localizer.model.config, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]),
-                              int(pixels.shape[1]), decoded)
-
-
-def _visual_per_layer(kept: dict[str, list[int]], image: int, layers: int) -> list[int]:
-    """Visual tokens of one image entering each decoder layer, from the stage counts of its stats."""
-    stages = sorted((int(k.rsplit("_", 1)[1]), v[image]) for k, v in kept.items() if k.startswith("after_layer_"))
-    counts, current = [], kept["llm_input"][image]
-    for layer in range(layers):
-        while stages and stages[0][0] <= layer:
-            current = stages.pop(0)[1]
-        counts.append(current)
-    return counts
-
-
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -289,12 +263,12 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
     """Medians, ratios and analytic numbers of one batch size."""
     text = [n + s.length - s.visual_tokens for n, s in zip(_text_tokens(bench.inputs, [s.length for s in bench.spans]),
                                                               bench.spans, strict=True)]  # structure counts as text
-    loc_flops = _localizer_flops(localizer, bench.questions[0], bench.images[0])
+    loc_flops = vlm_localization_flops(localizer, bench.questions[0], bench.images[0])
     rows = {}
     for method, budget in cases:
         name = method if budget is None else f"{method}@{budget[0]}"
         kept = kept_info[name]["stats"]
-        per_layer = [[t + c for c in _visual_per_layer(kept, i, dims.layers)] for i, t in enumerate(text)]
+        per_layer = [[t + c for c in visual_per_layer(kept, i, dims.layers)] for i, t in enumerate(text)]
         prefill = sum(prefill_flops(dims, layers) for layers in per_layer)
         half = spec.new_tokens // 2
         decode = sum(decode_flops(dims, [n + half for n in layers]) for layers in per_layer)

@@ -122,3 +122,41 @@ def localization_flops(config, prompt_tokens: int, patches: int, patch_pixels: i
     flops += sum(decode_flops(dims, [prompt_tokens + i] * dims.layers) for i in range(max(decoded - 1, 0)))
     hidden, inter, layers = _vision_sizes(config.vision_config)
     return flops + vit_flops(patches, hidden, inter, layers, patch_pixels)
+
+
+def vlm_localization_flops(localizer, question: str, image) -> int:
+    """Analytic FLOPs of one localization (vision + prefill + the box it decodes) by a VLM localizer; 0 for others.
+
+    The localizer runs once here to count the tokens it actually decodes (2 for the embedded
+    one, which stops at the box's ``]``; about 12 for a byte-level box).
+
+    Args:
+        localizer: any localizer (only :class:`crop.localizers.vlm.VLMLocalizer` costs FLOPs).
+        question, image: one sample to localize.
+    """
+    from crop.localizers.vlm import VLMLocalizer
+
+    if not isinstance(localizer, VLMLocalizer):
+        return 0
+    inputs = localizer.prepare([image], [question])
+    decoded = int(localizer.generate(inputs).shape[1])
+    pixels = inputs["pixel_values"]  # (patches, values per patch)
+    return localization_flops(localizer.model.config, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]),
+                              int(pixels.shape[1]), decoded)
+
+
+def visual_per_layer(kept: dict[str, list[int]], image: int, layers: int) -> list[int]:
+    """Visual tokens of one image entering each decoder layer, from the stage counts of its stats.
+
+    Args:
+        kept: ``PruneStats.visual_tokens_kept`` (``"llm_input"`` and ``"after_layer_K"`` counts per image).
+        image: the image's index.
+        layers: the LM's depth.
+    """
+    stages = sorted((int(k.rsplit("_", 1)[1]), v[image]) for k, v in kept.items() if k.startswith("after_layer_"))
+    counts, current = [], kept["llm_input"][image]
+    for layer in range(layers):
+        while stages and stages[0][0] <= layer:
+            current = stages.pop(0)[1]
+        counts.append(current)
+    return counts

@@ -1,8 +1,9 @@
 """Evaluation on the synthetic localized-VQA benchmark: accuracy and cost per method x budget.
 
 One localizer pass serves every CROP run (the region does not depend on the pruning method),
-and its per-sample time is added to every CROP run's end-to-end time: localization is part of
-CROP's cost, always. The unpruned model (``full``) runs once; its accuracy is the reference
+and its analytic FLOPs are added to every region-guided run's FLOPs: localization is part of
+CROP's cost, always. Budgets are matched per method as ``EvalSpec.match`` says
+(:mod:`crop.eval.matching`). The unpruned model (``full``) runs once; its accuracy is the reference
 for "accuracy kept".
 """
 
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from crop.data.synth import SynthSample, answers_match, generate
+from crop.eval.flops import DecoderDims, prefill_flops, visual_per_layer, vlm_localization_flops
+from crop.eval.matching import MATCH_MODES, planned_equivalent, planned_flops, solve_budget
 from crop.localizers.base import Localization, Localizer
-from crop.methods import ALIASES, MethodOptions, config_for, method_for, method_names
+from crop.methods import MethodOptions, canonical_name, config_for, method_for
 from crop.pipeline import CropPipeline, chat_prompt
 from crop.regions import GridBox
 
@@ -42,8 +45,13 @@ class EvalSpec:
         seed: benchmark seed.
         batch_size: pairs per generate call.
         max_new_tokens: answer length limit.
-        layer: ILP's K.
+        layer: the pruning layer K of single-stage inner-LLM methods.
         pool: PLC's pooling block.
+        match: how a budget label becomes each method's budget (:mod:`crop.eval.matching`):
+            ``"label"`` (each method's native meaning of the number), ``"equivalent"`` (solved
+            so that every method runs the same equivalent visual tokens) or ``"flops"`` (the
+            same analytic prefill FLOPs, selection and localizer included, as an unpruned model
+            fed the label's tokens from layer 0).
     """
 
     methods: list[str]
@@ -55,16 +63,17 @@ class EvalSpec:
     max_new_tokens: int = 8
     layer: int = 2
     pool: int = 4
+    match: str = "label"
 
     def __post_init__(self) -> None:
-        known = set(method_names()) | set(ALIASES)
-        unknown = [m for m in self.methods if m not in known]
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: full, {', '.join(method_names())}")
+        for m in self.methods:
+            canonical_name(m)  # raises for an unknown name, listing the known ones
         if any(k <= 0 for k in self.keep_tokens):
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("n and batch_size must be >= 1")
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"unknown match {self.match!r}; choose one of {', '.join(MATCH_MODES)}")
 
 
 def scale_budget(budget: int, visual_tokens: int) -> int:
@@ -128,21 +137,37 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         A JSON-ready dict: config, versions, git hash, per-run metrics and per-sample predictions.
     """
     samples = list(generate(spec.n, spec.seed, spec.split))
-    runs = [("full", None)] + [(m, k) for m in spec.methods if ALIASES.get(m, m) != "none" for k in spec.keep_tokens]
+    names = [canonical_name(m) for m in spec.methods]
+    runs = [("full", None)] + [(m, k) for m in dict.fromkeys(names) if m != "none" for k in spec.keep_tokens]
     total = len(samples) * (len(runs) + (0 if localizer is None else 1))
     progress = progress_factory(total) if progress_factory else None
 
-    locs, loc_times = localize_all(localizer, samples, spec.batch_size, progress)
+    locs, _ = localize_all(localizer, samples, spec.batch_size, progress)
     first = processor(images=[samples[0].image], text=[chat_prompt(processor, samples[0].question)],
                       return_tensors="pt")
     from crop.models.base import get_adapter
 
-    visual_tokens = get_adapter(model).image_spans(first)[0].length
+    adapter = get_adapter(model)
+    visual_tokens = adapter.image_spans(first)[0].length
+    text_tokens = int(first["input_ids"].shape[1]) - visual_tokens
+    loc_flops = float(vlm_localization_flops(localizer, samples[0].question, samples[0].image))
+    options = MethodOptions(layer=spec.layer, pool=spec.pool, seed=spec.seed)
+    dims = DecoderDims.from_config(adapter.text_config)
 
     results: list[dict[str, Any]] = []
     for method, budget in runs:
-        keep = None if budget is None else scale_budget(budget, visual_tokens)
-        config = config_for(method, keep, MethodOptions(layer=spec.layer, pool=spec.pool, seed=spec.seed))
+        target, solution = _budget_for(adapter, method, budget, spec.match, options, visual_tokens, text_tokens,
+                                       loc_flops, dims)
+        if solution is not None and not solution.feasible:
+            logger.info("%s at %s: %s", method, budget, solution.reason)
+            results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": solution.keep_tokens,
+                            "match": spec.match, "target": target, "infeasible": solution.reason, "predictions": []})
+            if progress is not None:
+                progress(len(samples))
+            continue
+        keep = None if budget is None else (solution.keep_tokens if solution is not None else
+                                            scale_budget(budget, visual_tokens))
+        config = config_for(method, keep, options)
         uses_region = method_for(config).uses_region
         pipe = CropPipeline(model, processor, _Precomputed(), config)
         preds = []
@@ -150,31 +175,54 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
             chunk = samples[start:start + spec.batch_size]
             chunk_locs = locs[start:start + spec.batch_size] if uses_region else [
                 Localization(GridBox.full()) for _ in chunk]
-            loc_s = sum(loc_times[start:start + spec.batch_size]) if uses_region else 0.0
             out = pipe.answer_batch([s.image for s in chunk], [s.question for s in chunk], spec.max_new_tokens,
-                                    localizations=chunk_locs, localizer_s=loc_s)
+                                    localizations=chunk_locs, localizer_s=0.0)
             for s, r in zip(chunk, out, strict=True):
+                layer_tokens = [r.extra["prompt_tokens"] - r.visual_tokens_in + c for c in visual_per_layer(
+                    {k: [v] for k, v in r.visual_tokens_kept.items()}, 0, dims.layers)]
                 preds.append({"id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
                               "prediction": r.answer, "correct": answers_match(r.answer, s.answer),
                               "box": r.box, "box_gt": list(s.box_grid), "fallback": r.localizer_fallback,
                               "visual_tokens_kept": r.visual_tokens_kept,
-                              "equivalent_tokens": r.extra.get("equivalent_tokens"), "timings": r.timings})
+                              "equivalent_tokens": r.extra.get("equivalent_tokens"),
+                              "flops": {"llm_prefill": prefill_flops(dims, layer_tokens),
+                                        "selection": r.extra["selection_flops"],
+                                        "localizer": loc_flops if uses_region else 0.0}})
             if progress is not None:
                 progress(len(chunk))
-        results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": keep, "predictions": preds})
+        results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": keep, "match": spec.match,
+                        "target": target, "predictions": preds})
 
+    full_preds = results[0]["predictions"]
     return {
         "benchmark": {"name": "synth", "split": spec.split, "n": spec.n, "seed": spec.seed},
         "model": model_name,
         "localizer": localizer_name,
         "visual_tokens_per_image": visual_tokens,
+        "llm_layers": dims.layers,
+        "localizer_gflops": loc_flops / 1e9,
         "spec": {k: v for k, v in spec.__dict__.items()},
         "versions": _versions(),
         "git": _git_hash(),
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "localization": _localization_metrics(locs, samples),
-        "runs": [{**summarize(r["predictions"], results[0]["predictions"]), **r} for r in results],
+        "runs": [{**summarize(r["predictions"], full_preds), **r} if r["predictions"] else r for r in results],
     }
+
+
+def _budget_for(adapter, method: str, budget: int | None, match: str, options: MethodOptions, visual: int,
+                text: int, loc_flops: float, dims: DecoderDims):
+    """``(target, solution)``: what a label asks of ``method`` under ``match`` (``solution=None``: use the label)."""
+    if budget is None or match == "label":
+        return (None if budget is None else scale_budget(budget, visual)), None
+    tokens = budget * visual / REFERENCE_VISUAL_TOKENS  # the label's share of this model's visual tokens
+    if match == "equivalent":
+        return tokens, solve_budget(lambda b: planned_equivalent(adapter, method, b, options, visual), tokens, visual,
+                                    tolerance=1.0)
+    target = float(prefill_flops(dims, [text + round(tokens)] * dims.layers))  # the label's tokens from layer 0
+    per_token = float(prefill_flops(dims, [text + 1] * dims.layers) - prefill_flops(dims, [text] * dims.layers))
+    return target, solve_budget(lambda b: planned_flops(adapter, method, b, options, visual, text, loc_flops), target,
+                                visual, tolerance=per_token)
 
 
 class _Precomputed:
@@ -201,10 +249,11 @@ def _localization_metrics(locs: Sequence[Localization], samples: Sequence[SynthS
 
 
 def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (overall, per family), accuracy kept vs full, tokens kept and time ratios vs full.
+    """Accuracy (overall, per family), accuracy kept vs full, tokens kept per stage, equivalent tokens, FLOPs.
 
-    Time ratios are medians over samples of full's time divided by medians of this run's
-    (> 1 means faster); ``e2e`` includes the localizer.
+    FLOPs are analytic means per sample (:mod:`crop.eval.flops`): the LLM's prefill, the
+    method's own selection, the localizer (for methods that use the region), and their total.
+    No timings: wall-clock speed on a shared CPU is measured by ``crop bench``, interleaved.
     """
     def acc(rows):
         return statistics.fmean(float(r["correct"]) for r in rows) if rows else float("nan")
@@ -212,21 +261,13 @@ def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> 
     families = sorted({p["family"] for p in preds})
     accuracy = acc(preds)
     full_acc = acc(full_preds)
-
-    def med(rows, key):
-        return statistics.median(r["timings"][key] for r in rows)
-
-    def e2e(rows):
-        return statistics.median(r["timings"]["total_s"] for r in rows)
-
     stages = sorted({stage for p in preds for stage in p["visual_tokens_kept"]})
+    flops = {k: statistics.fmean(p["flops"][k] for p in preds) for k in ("llm_prefill", "selection", "localizer")}
     return {
         "accuracy": accuracy,
         "accuracy_kept": accuracy / full_acc if full_acc > 0 else float("nan"),
         "accuracy_per_family": {f: acc([p for p in preds if p["family"] == f]) for f in families},
         "visual_tokens_kept": {s: statistics.fmean(p["visual_tokens_kept"][s] for p in preds) for s in stages},
         "equivalent_tokens": statistics.fmean(p["equivalent_tokens"] for p in preds),
-        "prefill_speedup": med(full_preds, "prefill_s") / med(preds, "prefill_s"),
-        "e2e_speedup_with_localizer": e2e(full_preds) / e2e(preds),
-        "localizer_share_of_e2e": med(preds, "localizer_s") / e2e(preds),
+        "gflops": {**{k: v / 1e9 for k, v in flops.items()}, "total": sum(flops.values()) / 1e9},
     }

@@ -47,6 +47,8 @@ class PruneStats:
             (inner pruning: the survivors of the last stage; PLC: the region share). Filled
             for stages decided before the forward; selections made inside the model are
             recorded when the forward runs.
+        kept_per_stage: inner pruning: per stage (``"after_layer_K"``), per image, the span
+            indices that survived it (what the layer's hook really kept).
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -56,6 +58,7 @@ class PruneStats:
     boxes: list[GridBox] = field(default_factory=list)
     token_grids: list[tuple[int, int]] = field(default_factory=list)
     full_resolution: list[list[int]] = field(default_factory=list)
+    kept_per_stage: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, spans: Sequence[ImageSpan], boxes: Sequence[GridBox]) -> PruneStats:
@@ -126,6 +129,29 @@ class PruningMethod(ABC):
         """
         raise NotImplementedError(f"{cls.__name__} cannot be built from options")
 
+    def planned_counts(self, n_in: int) -> list[int] | None:
+        """Visual tokens of an image of ``n_in`` tokens entering each decoder layer, as this config plans them.
+
+        What the budget solver and the FLOPs accounting predict before running: one count per
+        LM layer; the equivalent tokens are their mean. ``None`` when the count depends on the
+        data (e.g. CROP without a budget keeps the region's tokens). The default: a pre-LLM
+        method keeps ``keep_tokens`` from layer 0.
+        """
+        keep = getattr(self.config, "keep_tokens", None)
+        if keep is None:
+            return None
+        return [min(keep, n_in)] * self.adapter.num_layers
+
+    def selection_flops(self, seq_len: int, n_in: int) -> int:
+        """Analytic FLOPs of the method's own selection for one image in a prompt of ``seq_len`` tokens.
+
+        Part of every method's cost in the results (the localizer is counted separately).
+        The default is 0: a choice known before the forward (CROP's region, random) or
+        computed from what the model already produced (FastV's captured row costs
+        ``O(heads * head_dim * seq_len)``, negligible next to a layer) costs nothing extra.
+        """
+        return 0
+
     def attach(self) -> None:  # noqa: B027  (pre-LLM methods have no hooks)
         """Register hooks on the model instance (nothing for pre-LLM-only methods)."""
 
@@ -153,6 +179,9 @@ class NoPruning(PruningMethod):
     @classmethod
     def config_from_options(cls, keep_tokens, options):
         return NoPruningConfig(grid=options.grid)
+
+    def planned_counts(self, n_in):
+        return [n_in] * self.adapter.num_layers
 
     def prepare(self, inputs, spans, boxes):
         return dict(inputs), PruneStats.start(spans, boxes)
@@ -195,19 +224,52 @@ class InnerLLMMethod(PruningMethod):
 
     def __init__(self, adapter: VLMAdapter, config: Any) -> None:
         super().__init__(adapter, config)
-        layers = adapter.decoder_layers()
-        self.layers = layers
-        for k in self.stage_layers():
-            if not 1 <= k < len(layers):
-                raise ValueError(f"layer {k} is outside the model's depth: pruning needs 1 <= layer <= "
-                                 f"{len(layers) - 1} for this {len(layers)}-layer language model")
-        self.pruners = [InnerLLMPruner(layers, k, eager=adapter.uses_eager_attention) for k in self.stage_layers()]
+        self.layers = adapter.decoder_layers()
+        self.pruners = self._make_pruners()
         self._spans: list[ImageSpan] = []
         self._stats: PruneStats | None = None
 
     def stage_layers(self) -> list[int]:
         """Decoder layers at whose input visual tokens are dropped (increasing)."""
         return [int(self.config.layer)]
+
+    def kept_after_stage(self, n_in: int) -> int | None:
+        """Visual tokens a single-stage method keeps after its layer for an image of ``n_in`` (``None``: data-dependent)."""
+        keep = getattr(self.config, "keep_tokens", None)
+        return None if keep is None else min(keep, n_in)
+
+    def planned_counts(self, n_in: int) -> list[int] | None:
+        layers = self.stage_layers()
+        if len(layers) != 1:
+            raise NotImplementedError(f"{type(self).__name__} has several stages: override planned_counts")
+        kept = self.kept_after_stage(n_in)
+        if kept is None:
+            return None
+        return [n_in] * layers[0] + [kept] * (self.adapter.num_layers - layers[0])
+
+    def pruner_rotary(self):
+        """The rotary function pruners renumber positions with (see :class:`InnerLLMPruner`); ``None`` keeps them."""
+        return None
+
+    def _make_pruners(self) -> list[InnerLLMPruner]:
+        """One pruner per stage layer, after checking the layers against the model's depth."""
+        depth = len(self.layers)
+        for k in self.stage_layers():
+            if not 1 <= k < depth:
+                raise ValueError(f"layer {k} is outside the model's depth: pruning needs 1 <= layer <= "
+                                 f"{depth - 1} for this {depth}-layer language model")
+        return [InnerLLMPruner(self.layers, k, eager=self.adapter.uses_eager_attention, rotary=self.pruner_rotary())
+                for k in self.stage_layers()]
+
+    def move_stages(self) -> None:
+        """Rebuild the pruners after :meth:`stage_layers` changed (a budget that picks its own layers)."""
+        attached = any(p._handles for p in self.pruners)
+        for pruner in self.pruners:
+            pruner.detach()
+        self.pruners = self._make_pruners()
+        if attached:
+            for pruner in self.pruners:
+                pruner.attach()
 
     def attach(self) -> None:
         for pruner in self.pruners:
@@ -268,6 +330,7 @@ class InnerLLMMethod(PruningMethod):
         stats = self._stats
         layer = self.stage_layers()[stage]
         stats.visual_tokens_kept[f"after_layer_{layer}"] = [len(k) for k in kept]
+        stats.kept_per_stage[f"after_layer_{layer}"] = kept
         stats.full_resolution = kept
         stages = [(self.stage_layers()[s], stats.visual_tokens_kept[f"after_layer_{self.stage_layers()[s]}"])
                   for s in range(stage + 1)]

@@ -6,12 +6,19 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens
+from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_layer
+from crop.methods.attention import QKCapture
 from crop.methods.base import METHODS, InnerLLMMethod
 from crop.ops.similarity import duplication_select
 
-PIVOT_SCORES = ("key_norm", "hidden_norm")
+BUDGETS = ("official", "exact")
+
+
+def _check_count(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclass
@@ -19,11 +26,18 @@ class DARTConfig(ConfigMixin):
     """Config of DART.
 
     Args:
-        keep_tokens: visual tokens per image that survive layer ``layer``; ``None`` keeps all.
-        layer: the pruning layer K (>= 1); layers ``< K`` see every token (paper: 2).
-        pivots: pivot tokens per image (paper's LLaVA default: 8).
-        pivot_score: how pivots are ranked: ``"key_norm"`` (the paper's K-norm: L1 norm of layer
-            K's keys, before RoPE) or ``"hidden_norm"`` (L1 norm of the hidden states entering K).
+        keep_tokens: the budget ``M`` per image (see ``budget``); ``None``, or at least the
+            image's visual tokens, keeps all.
+        layer: the pruning layer K (>= 1); layers ``< K`` see every token (official: 2).
+        image_pivots: pivots among the image's visual tokens (official: 4); they are kept.
+        text_pivots: pivots among the prompt's text after the image (official: 4); they
+            choose visual tokens but are text, so never dropped and not counted.
+        budget: how ``keep_tokens`` is counted. ``"official"``: as the official code, each of
+            the ``n`` pivots keeps ``keep_tokens // n`` tokens and the image pivots come on top,
+            so ``image_pivots + n * (keep_tokens // n)`` visual tokens survive (4 + 8 * 8 = 68
+            of 576 for ``keep_tokens=64``). ``"exact"``: exactly ``keep_tokens`` survive, image
+            pivots included, the rest shared between the pivots as evenly as possible (the
+            first visited take one more); for comparisons at matched compute.
         grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
             regions; the field lets a pipeline pair it with any localizer, as with CROP).
 
@@ -33,20 +47,20 @@ class DARTConfig(ConfigMixin):
 
     keep_tokens: int | None = 64
     layer: int = 2
-    pivots: int = 8
-    pivot_score: str = "key_norm"
+    image_pivots: int = 4
+    text_pivots: int = 4
+    budget: str = "official"
     grid: int = 8
     method_name: ClassVar[str] = "dart"
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
         check_grid(self.grid)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1 (layers before it see every token), got {self.layer!r}")
-        if isinstance(self.pivots, bool) or not isinstance(self.pivots, int) or self.pivots < 1:
-            raise ValueError(f"pivots must be an int >= 1, got {self.pivots!r}")
-        if self.pivot_score not in PIVOT_SCORES:
-            raise ValueError(f"unknown pivot_score {self.pivot_score!r}; choose one of {', '.join(PIVOT_SCORES)}")
+        check_layer(self.layer)
+        _check_count("image_pivots", self.image_pivots, 1)
+        _check_count("text_pivots", self.text_pivots, 0)
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
 
 
 @METHODS.register("dart")
@@ -55,42 +69,151 @@ class DART(InnerLLMMethod):
 
     Paper: Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models:
     Duplication Matters More" (2025, arXiv 2502.11494). Stage: inside the LLM, once, at the
-    input of layer K (default 2); training-free, needs no attention map (so SDPA/Flash stay on).
-    Per image: the ``pivots`` visual tokens with the largest L1 norm of layer K's keys are
-    pivots (``pivot_score``); the remaining budget is shared between the pivots, each adding
-    the not-yet-kept tokens whose hidden states have the lowest cosine similarity to its own
-    (:func:`crop.ops.similarity.duplication_select`); exactly ``keep_tokens`` survive (pivots
-    included). Kept tokens keep their original positions.
+    input of layer K (default 2), prefill only; training-free, needs no attention map (SDPA and
+    Flash stay on). Kept tokens keep their original positions.
 
-    Deviations from the paper, and why: keys are taken before RoPE (the rotation depends on
-    the position, which says nothing about content; it changes the L1 norm only slightly);
-    pivots are visual tokens only (the paper's code can also take pivots among the text
-    tokens), so the budget counts visual tokens exactly as every other method's does;
-    similarities are computed per image, against that image's pivots (the reference code
-    handles one image per batch). Config: :class:`DARTConfig`.
+    The rule is the official code's: github.com/ZichenWen1/DART,
+    ``llava/model/language_model/modeling_llama_self.py``, ``DART.forward`` L315-368 and
+    ``get_retained_image_token`` L397-449, at upstream commit
+    5a19452fc173017191c247848673e0bde755695a. Per image:
+
+    1. *Pivots*: the ``image_pivots`` visual tokens and the ``text_pivots`` text tokens after
+       the image (the question and "ASSISTANT:") with the largest L1 norm of layer K-1's keys
+       after RoPE (all heads concatenated).
+    2. *Similarity*: cosine between the hidden states entering layer K passed through the LLM's
+       final norm (:meth:`crop.models.base.VLMAdapter.final_norm`).
+    3. *Greedy*: the pivots are visited in Python ``set`` order of their positions; each keeps
+       its quota of the visual tokens (image pivots and earlier picks excluded) least similar
+       to it (:func:`crop.ops.similarity.duplication_select`). The image pivots and the picks
+       survive; the text pivots were never candidates. Quotas: see ``budget`` in :class:`DARTConfig`.
+
+    Deviations:
+        - Read in the fork xqy1111111/DART (its last upstream commit is 5a19452, by the upstream
+          author; the file is unchanged there since upstream 9fee9fa): the upstream repository
+          could not be mirrored here.
+        - Batches, padding and several images: each image has its own pivots; its text pivots
+          come from the real (unpadded) text of its sample after it, other images' placeholders
+          excluded; "positions" for the visiting order count real tokens only (the official
+          code has one image at a fixed offset in an unpadded batch of one, where the two agree).
+        - Key norms and cosines in float32 (official: model dtype, fp16); ties are broken
+          towards the lower index (official: ``topk``'s choice).
+        - Quotas are clipped to the tokens left (the official code would fail when a budget
+          close to the image's size asks for more than there is); fewer text tokens than
+          ``text_pivots`` give fewer pivots (the quota divides by the pivots there are).
+        - ``budget="exact"`` (not in the official code) for matched-compute comparisons.
+
+    Config: :class:`DARTConfig`.
     """
 
     name = "dart"
     config_class = DARTConfig
 
+    def __init__(self, adapter, config) -> None:
+        super().__init__(adapter, config)
+        self.capture = QKCapture(adapter.attention_parts(config.layer - 1))  # layer K-1's keys decide the pivots
+        self.norm = adapter.final_norm()
+        self._attention_mask: torch.Tensor | None = None
+
     @classmethod
     def config_from_options(cls, keep_tokens, options):
         return DARTConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
+    def attach(self) -> None:
+        self.capture.attach()
+        super().attach()
+
+    def detach(self) -> None:
+        super().detach()
+        self.capture.detach()
+
+    def prepare(self, inputs, spans, boxes):
+        mask = inputs.get("attention_mask")
+        self._attention_mask = mask.bool() if isinstance(mask, torch.Tensor) else None  # (B, L) False on padding
+        self.capture.arm()
+        return super().prepare(inputs, spans, boxes)
+
+    def kept_after_stage(self, n_in):
+        budget, cfg = self.config.keep_tokens, self.config
+        if budget is None or budget >= n_in:
+            return n_in
+        if cfg.budget == "exact":
+            return budget
+        pivots = cfg.image_pivots + cfg.text_pivots  # assumes the prompt has text_pivots tokens after the image
+        return min(n_in, cfg.image_pivots + pivots * (budget // pivots))
+
     def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
-        budget = self.config.keep_tokens
+        batch, seq_len, _ = hidden.shape
+        device = hidden.device
+        # DART has a single stage, so slot s of ``hidden`` is prompt position s
+        _, keys = self.capture.take(seq_len)  # (B, L, Hkv*d) layer K-1's key projections, before RoPE
+        cos, sin = layer_kwargs["position_embeddings"]  # (B|1, L, d) each, the same tables as layer K-1's
+        mask = self._attention_mask
+        valid = mask.to(device) if mask is not None and mask.shape == (batch, seq_len) \
+            else torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # (B, L)
+        slots_all = torch.arange(seq_len, device=device)  # (L,)
         out = []
-        for b, per_sample in enumerate(candidates):
-            for slots in per_sample:
-                if budget is None or budget >= slots.numel():
-                    out.append(torch.arange(slots.numel(), device=slots.device))
-                    continue
-                tokens = hidden[b, slots]  # (v, D) this image's visual hidden states at layer K
-                scores = None  # hidden_norm: duplication_select's default
-                if self.config.pivot_score == "key_norm":
-                    parts = self.adapter.attention_parts(self.config.layer)
-                    with torch.no_grad():
-                        keys = parts.k_proj(parts.norm(tokens))  # (v, Hkv*d) layer K's keys, before RoPE
-                    scores = keys.float().abs().sum(-1)  # (v,) K-norm
-                out.append(duplication_select(tokens, budget, self.config.pivots, pivot_scores=scores))
+        with torch.no_grad():
+            for b, per_sample in enumerate(candidates):
+                spans = [s for s in self._spans if s.sample == b]  # the same order as ``per_sample``
+                placeholder = torch.zeros(seq_len, dtype=torch.bool, device=device)  # (L,) every image's span
+                for span in spans:
+                    placeholder[span.start:span.start + span.length] = True
+                position = valid[b].long().cumsum(0) - 1  # (L,) index among the real tokens
+                cb, sb = cos[b if cos.shape[0] > 1 else 0], sin[b if sin.shape[0] > 1 else 0]  # (L, d)
+                for span, slots in zip(spans, per_sample, strict=True):
+                    budget = self.config.keep_tokens
+                    if budget is None or budget >= slots.numel():
+                        out.append(torch.arange(slots.numel(), device=slots.device))
+                        continue
+                    text = ((slots_all >= span.start + span.length) & valid[b] & ~placeholder).nonzero()[:, 0]  # (t,)
+                    out.append(self._select_image(hidden[b], keys[b], cb, sb, slots.to(device), text,
+                                                  position, budget))
         return out
+
+    def _select_image(self, hidden: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      slots: torch.Tensor, text: torch.Tensor, position: torch.Tensor, budget: int) -> torch.Tensor:
+        """One image: indices into ``slots`` (its visual tokens) that survive.
+
+        Args:
+            hidden: ``(L, D)`` the sample's hidden states entering layer K.
+            keys: ``(L, Hkv*d)`` layer K-1's key projections (before RoPE).
+            cos, sin: ``(L, d)`` the rotary tables.
+            slots: ``(v,)`` the image's visual slots; ``text``: ``(t,)`` the text slots after it.
+            position: ``(L,)`` each slot's position among the sample's real tokens.
+            budget: ``keep_tokens`` (``< v``).
+        """
+        cfg = self.config
+        v = slots.numel()
+        n_image = min(cfg.image_pivots, v if cfg.budget == "official" else budget)
+        image_pivots = self._key_l1(keys, cos, sin, slots).topk(n_image).indices  # (Pi,) into slots, largest first
+        text_pivots = text[self._key_l1(keys, cos, sin, text).topk(min(cfg.text_pivots, text.numel())).indices]  # (Pt,)
+        pivot_slots = torch.cat([slots[image_pivots], text_pivots])  # (P,) image pivots first, as the official list
+        n = pivot_slots.numel()
+        # the official code visits the pivots in Python set order of their sequence indices (hash order, not
+        # score order); the visiting order decides which pivot gets a contested token, so reproduce it
+        # (a set built from the list, as there: the table size, hence the order, depends on how it was built)
+        positions = position[pivot_slots].tolist()
+        order = [positions.index(p) for p in set(positions)]
+        if cfg.budget == "official":
+            quotas = [budget // n] * n
+        else:
+            rest = budget - n_image
+            quotas = [rest // n + (1 if i < rest % n else 0) for i in range(n)]
+        normed = self.norm(hidden[torch.cat([slots, text_pivots])])  # (v + Pt, D) the LLM's final norm
+        pivot_rows = torch.cat([image_pivots, v + torch.arange(text_pivots.numel(), device=slots.device)])  # (P,)
+        taken = torch.zeros(v, dtype=torch.bool, device=slots.device)
+        taken[image_pivots] = True  # kept, never picked
+        return duplication_select(normed[:v], normed[pivot_rows[order]], quotas, taken)
+
+    def _key_l1(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``(r,)`` L1 norm of layer K-1's keys after RoPE at slots ``rows``, over all key/value heads.
+
+        The official code takes the norm after ``repeat_kv``, which only repeats each key/value
+        head ``heads // kv_heads`` times: that multiplies every norm by the same factor, so the
+        ranking over the key/value heads is the same.
+        """
+        parts = self.capture.parts
+        k = keys[rows].float().view(-1, parts.kv_heads, parts.head_dim)  # (r, Hkv, d)
+        c, s = cos[rows].float()[:, None], sin[rows].float()[:, None]  # (r, 1, d)
+        k = k * c + rotate_half(k) * s  # (r, Hkv, d) rotated at the original positions
+        return k.abs().sum(dim=(-2, -1))  # (r,)

@@ -67,6 +67,10 @@ class FastV(AttentionScoredMethod):
     def config_from_options(cls, keep_tokens, options):
         return FastVConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
+    def kept_after_stage(self, n_in):
+        budget = self.config.keep_tokens
+        return n_in - int(n_in * self.config.drop) if budget is None else min(budget, n_in)
+
     def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
         _, valid = self.slot_validity(stage, hidden)  # (B, L)
         rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)

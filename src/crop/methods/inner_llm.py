@@ -3,9 +3,13 @@
 Used by CROP's ILP (section 3 of the paper) and by every baseline that prunes inside the LLM.
 
 Layers ``0..K-1`` run on the whole prompt; from layer K on only the kept positions (all text
-and the selected visual tokens) are computed and cached. Kept tokens keep their original
-rotary positions: the cos/sin tables and position ids the model already computed are
-gathered, never recomputed, so RoPE and Qwen's M-RoPE both stay right.
+and the selected visual tokens) are computed and cached. By default kept tokens keep their
+original rotary positions: the cos/sin tables and position ids the model already computed are
+gathered, never recomputed, so RoPE and Qwen's M-RoPE both stay right. A pruner built with a
+``rotary`` function instead *renumbers* positions contiguously after the drop (what some
+baselines' official code does, e.g. PyramidDrop): each kept token's position is lowered by the
+number of tokens dropped before it, and each generated token's by the number dropped in all,
+and the cos/sin tables are recomputed for those positions (1-D RoPE only).
 
 The mechanism is instance-level forward pre-hooks on ``layers[K:]`` (no copied forward, no
 class patching): layer K's hook shortens the hidden states and rewrites the per-layer
@@ -50,6 +54,7 @@ class PruneContext:
     index: torch.Tensor | None = None  # (B, Lk) prefill positions kept, left-padded
     valid: torch.Tensor | None = None  # (B, Lk) False on padding slots; None when no sample is padded
     prefill_len: int = 0
+    dropped: torch.Tensor | None = None  # (B,) prompt tokens dropped here (renumbering pruners only)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def kept_index(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -121,14 +126,19 @@ class InnerLLMPruner:
         layer: K, the first pruned layer (``1 <= K < len(layers)``).
         eager: whether the model builds additive float masks (eager attention) rather than
             boolean ones; only used when a mask must be created from nothing.
+        rotary: ``(hidden, position_ids (B, L)) -> (cos, sin)``, the model's rotary embedding;
+            given, positions are renumbered contiguously after the drop (see the module
+            docstring); ``None`` keeps the original positions.
     """
 
-    def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False) -> None:
+    def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False,
+                 rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         if not 1 <= layer < len(layers):
             raise ValueError(f"ILP layer must be in [1, {len(layers) - 1}] for a {len(layers)}-layer model, got {layer}")
         self.layers = layers
         self.layer = layer
         self.eager = eager
+        self.rotary = rotary
         self.context: PruneContext | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -182,6 +192,8 @@ class InnerLLMPruner:
         else:
             ctx.layer_kwargs = {"attention_mask": self._decode_mask(ctx, kwargs.get("attention_mask"), hidden,
                                                                     cache.get_seq_length(self.layer))}
+            if self.rotary is not None:
+                ctx.layer_kwargs.update(self._renumbered_decode(ctx, hidden, kwargs))
         kwargs.update(ctx.layer_kwargs)
         if args:
             args = (hidden,) + tuple(args[1:])
@@ -214,9 +226,36 @@ class InnerLLMPruner:
         pos = kwargs.get("position_ids")
         if isinstance(pos, torch.Tensor):
             update["position_ids"] = _gather_seq(pos, index, -1)  # (..., B, Lk)
+        if self.rotary is not None:
+            update.update(self._renumbered_prefill(ctx, hidden, pos))
         update["attention_mask"] = self._prefill_mask(ctx, kwargs.get("attention_mask"), hidden.dtype)
         ctx.layer_kwargs = update
         return _gather_seq(hidden, index, 1)  # (B, Lk, D)
+
+    def _renumbered_prefill(self, ctx: PruneContext, hidden: torch.Tensor, pos: Any) -> dict[str, Any]:
+        """Positions 0..L'-1 (per sample, shifted as the input's were) for the kept slots, and their cos/sin."""
+        index, valid = ctx.index, ctx.valid  # (B, Lk)
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+            raise RuntimeError("renumbering positions needs 1-D position_ids (B, L) at the pruned layer; "
+                               "M-RoPE models keep their original positions")
+        pos = pos.expand(index.shape[0], -1)  # (B, L)
+        real = torch.ones_like(index, dtype=torch.bool) if valid is None else valid  # (B, Lk)
+        rank = real.long().cumsum(1) - 1  # (B, Lk) index among the real kept slots
+        first = index.masked_fill(~real, index.shape[1] + pos.shape[1]).min(1, keepdim=True).values  # (B, 1)
+        dropped_before = index - first - rank  # (B, Lk) slots dropped between the first kept slot and this one
+        new_pos = (_gather_seq(pos, index, 1) - dropped_before).masked_fill(~real, 0)  # (B, Lk)
+        ctx.dropped = (pos.shape[1] - first[:, 0]) - real.sum(1)  # (B,) dropped over the whole prompt
+        cos, sin = self.rotary(hidden, new_pos)
+        return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
+
+    def _renumbered_decode(self, ctx: PruneContext, hidden: torch.Tensor, kwargs: dict) -> dict[str, Any]:
+        """A generated token's position lowered by what this stage dropped, and its cos/sin."""
+        pos = kwargs.get("position_ids")
+        if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+            raise RuntimeError("renumbering positions needs 1-D position_ids (B, q) in decode steps")
+        new_pos = pos.expand(hidden.shape[0], -1) - ctx.dropped.to(pos.device)[:, None]  # (B, q)
+        cos, sin = self.rotary(hidden, new_pos)
+        return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
 
     def _prefill_mask(self, ctx: PruneContext, mask: Any, dtype: torch.dtype) -> Any:
         index, valid = ctx.index, ctx.valid

@@ -135,6 +135,13 @@ class SparseVLM(AttentionScoredMethod):
         self._merges = [[] for _ in layers]
         return super().prepare(inputs, spans, boxes)
 
+    def planned_counts(self, n_in):
+        from crop.methods.pdrop import _per_layer
+
+        layers = self.stage_layers()
+        counts = stage_counts(n_in, self.config.keep_tokens, layers, self.adapter.num_layers, self.config.ratio)
+        return _per_layer(n_in, layers, counts, self.adapter.num_layers)
+
     def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
         origin, valid = self.slot_validity(stage, hidden)  # (B, L)
         in_image = torch.zeros_like(valid)  # (B, L) slots inside an image span (visual or structure)

@@ -14,18 +14,36 @@ from crop.methods.base import METHODS, PreLLMMethod, PruneStats
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
 from crop.ops.similarity import merge_into_targets, spread_indices
 
+MERGES = ("official", "mean")
+ORDERS = ("official", "image")
+CLS_SOURCE = -1  # the [CLS] token's CompressedImage.source: it has no placeholder, it comes "before" the grid
+
 
 @dataclass
 class VisionZipConfig(ConfigMixin):
-    """Config of VisionZip.
+    """Config of VisionZip (defaults: the official LLaVA-1.5 rule).
 
     Args:
-        keep_tokens: visual tokens per image that reach the LLM (dominant + contextual);
-            ``None`` keeps every token.
-        contextual_ratio: share of ``keep_tokens`` spent on contextual (merged) tokens; the
-            paper's splits 54+10 / 108+20 / 162+30 (at 64 / 128 / 192) are all ``10/64``.
+        keep_tokens: visual tokens per image that reach the LLM (dominant + contextual, the
+            [CLS] token counted among the dominant ones when it is passed on); ``None`` keeps
+            every token.
+        contextual_ratio: share of ``keep_tokens`` spent on contextual (merged) tokens. ``10/64``
+            gives 54+10 at 64 (the official README's ``visionzip(model, dominant=54,
+            contextual=10)``), and 108+20 / 162+30 at 128 / 192, the splits of the paper's
+            tables (those two are not in the official repository).
         grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
             regions; the field lets a pipeline pair it with any localizer, as with CROP).
+        keep_cls: pass the vision tower's [CLS] token on as one of the dominant tokens (official);
+            ``False``: only patches (crop's earlier behaviour). Ignored where the adapter hands
+            over no [CLS] (LLaVA-NeXT, Qwen2-VL/2.5-VL).
+        merge: ``"official"``: a contextual token is its target plus the mean of the tokens
+            merged into it; ``"mean"``: the mean of the group, target included (crop's earlier
+            behaviour).
+        order: ``"official"``: [CLS], dominant patches in position order, contextual tokens in
+            target order, at consecutive LM positions; ``"image"``: image order, each
+            contextual token at its target's position (crop's earlier behaviour). Only images
+            whose adapter hands over the [CLS] token (LLaVA-1.5) can take the official order;
+            the others always use image order (see :class:`VisionZip`).
 
     Raises:
         ValueError: on an invalid field.
@@ -34,6 +52,9 @@ class VisionZipConfig(ConfigMixin):
     keep_tokens: int | None = 64
     contextual_ratio: float = 10 / 64
     grid: int = 8
+    keep_cls: bool = True
+    merge: str = "official"
+    order: str = "official"
     method_name: ClassVar[str] = "visionzip"
 
     def __post_init__(self) -> None:
@@ -42,16 +63,52 @@ class VisionZipConfig(ConfigMixin):
         if isinstance(self.contextual_ratio, bool) or not isinstance(self.contextual_ratio, (int, float)) \
                 or not 0 <= self.contextual_ratio < 1:
             raise ValueError(f"contextual_ratio must be a number in [0, 1), got {self.contextual_ratio!r}")
+        if not isinstance(self.keep_cls, bool):
+            raise ValueError(f"keep_cls must be a bool, got {self.keep_cls!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"unknown merge {self.merge!r}; choose one of {', '.join(MERGES)}")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
 
     def split(self, budget: int) -> tuple[int, int]:
-        """``(dominant, contextual)`` token counts for ``budget`` (at least one dominant token)."""
+        """``(dominant, contextual)`` token counts for ``budget`` (at least one dominant token).
+
+        ``dominant`` includes the [CLS] token when it is passed on (official: ``dominant=54``
+        keeps [CLS] + 53 patches).
+        """
         contextual = min(round(budget * self.contextual_ratio), budget - 1)
         return budget - contextual, contextual
 
 
+def _target_plus_member_mean(space: torch.Tensor, assignment: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The official contextual tokens: ``c_j = x[T_j] + mean(x[i] for non-targets i assigned to j)``.
+
+    A target nothing joined stays as it is (the official ``counts.clamp(min=1)``).
+
+    Args:
+        space: ``(n, D)`` the tokens merged.
+        assignment: ``(n,)`` position in ``targets`` each token joined (``merge_into_targets``).
+        targets: ``(c,)`` distinct indices into ``range(n)``.
+
+    Returns:
+        ``(c, D)`` in target order, in ``space``'s dtype (computed in fp32).
+    """
+    n, device = space.shape[0], space.device
+    others = torch.ones(n, dtype=torch.bool, device=device)
+    others[targets] = False
+    others = others.nonzero().squeeze(1)  # (n - c,) the tokens merged into a target
+    member = torch.zeros(targets.numel(), n, device=device)  # (c, n)
+    member[assignment[others], others] = 1.0
+    x = space.float()  # (n, D)
+    mean = (member @ x) / member.sum(1, keepdim=True).clamp(min=1)  # (c, D)
+    return (x[targets] + mean).to(space.dtype)
+
+
 def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Tensor, keys: torch.Tensor,
                     dominant: int, contextual: int, pre: torch.Tensor | None = None,
-                    project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[CompressedImage, list[int]]:
+                    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    cls: torch.Tensor | None = None, merge: str = "official",
+                    order: str = "image") -> tuple[CompressedImage, list[int]]:
     """One image's VisionZip compression.
 
     Args:
@@ -59,32 +116,59 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Ten
         features: ``(span.length, D)`` its features as the LLM would receive them.
         saliency: ``(V,)`` [CLS] attention (or substitute) per visual token (visual-position order).
         keys: ``(V, K)`` the visual tokens' keys in the same vision layer.
-        dominant: tokens kept as they are (highest saliency; ties by position).
-        contextual: merged tokens made from all the others.
+        dominant: tokens kept as they are: [CLS] (if ``cls`` is given) and the patches of
+            highest saliency (ties by position).
+        contextual: merged tokens made from all the other patches.
         pre: ``(V, P)`` the visual tokens before the projector: contextual tokens are merged
             there and then projected (``None``: merge ``features`` themselves).
-        project: maps ``(c, P)`` merged tokens to ``(c, D)`` (needed with ``pre``).
+        project: maps ``(m, P)`` pre-projector tokens to ``(m, D)`` (needed with ``pre`` or ``cls``).
+        cls: ``(P,)`` the [CLS] token before the projector, to pass on first (``None``: patches only).
+        merge: ``"official"`` (target + mean of its members) or ``"mean"`` (mean of the group).
+        order: ``"official"``: tokens reach the LLM as [CLS], dominant patches (position
+            order), contextual tokens (target order); needs a plain grid whose LM positions
+            are sequence order. ``"image"``: sorted by source (span position; contextual
+            tokens sit at their target's position, [CLS] first).
 
     Returns:
-        ``(image, dominant span positions)``; ``dominant + contextual`` visual tokens reach the LLM.
+        ``(image, dominant span positions)``; ``dominant + contextual`` visual tokens reach the
+        LLM. ``image.source`` is the span position of each token's source (contextual: its
+        target; [CLS]: ``CLS_SOURCE`` = -1, it has no placeholder).
+
+    Raises:
+        ValueError: on an unknown ``merge``/``order``, the official order on a multi-grid span,
+            or ``pre``/``cls`` without ``project``.
     """
+    if merge not in MERGES or order not in ORDERS:
+        raise ValueError(f"merge must be one of {MERGES} and order one of {ORDERS}, got {merge!r}, {order!r}")
+    if order == "official" and span.grids:
+        raise ValueError("the official VisionZip order needs one plain token grid (1-D positions); use order='image'")
+    if (pre is not None or cls is not None) and project is None:
+        raise ValueError("visionzip_image needs `project` to map pre-projector tokens (pre, cls) to features")
     device = features.device
     visual = span.visual_positions().to(device)  # (V,)
-    order = torch.argsort(saliency.to(device), descending=True, stable=True)
-    dom = order[:dominant].sort().values  # (d,) indices into visual order
+    patches = dominant - (cls is not None)  # official: dominant_num = dominant - 1 patches besides [CLS]
+    ranked = torch.argsort(saliency.to(device), descending=True, stable=True)
+    dom = ranked[:patches].sort().values  # (d,) indices into visual order
     rest_mask = torch.ones(visual.numel(), dtype=torch.bool, device=device)
     rest_mask[dom] = False
-    rest = rest_mask.nonzero().squeeze(1)  # (V - d,)
+    rest = rest_mask.nonzero().squeeze(1)  # (V - d,) position order, as the official boolean-mask filter
     tokens, source = [features[visual[dom]]], [visual[dom]]
+    if cls is not None:
+        tokens.insert(0, project(cls[None]).to(features.dtype))  # (1, D)
+        source.insert(0, torch.tensor([CLS_SOURCE], device=device))
     if contextual > 0 and rest.numel() > 0:
         targets = spread_indices(rest.numel(), contextual).to(device)  # (c,) indices into rest
         space = features[visual[rest]] if pre is None else pre.to(device)[rest]  # (V - d, D or P)
-        merged, _ = merge_into_targets(space, keys.to(device)[rest], targets)  # (c, D or P)
+        merged, assignment = merge_into_targets(space, keys.to(device)[rest], targets)  # (c, D or P), (V - d,)
+        if merge == "official":
+            merged = _target_plus_member_mean(space, assignment, targets)  # (c, D or P)
         if pre is not None:
             merged = project(merged.to(pre.dtype)).to(features.dtype)  # (c, D)
         tokens.append(merged)
-        source.append(visual[rest[targets]])  # each contextual token sits where its target token was
-    return compose(span, features, torch.cat(tokens), torch.cat(source)), visual[dom].tolist()
+        source.append(visual[rest[targets]])  # each contextual token is sourced at its target token
+    tokens, source = torch.cat(tokens), torch.cat(source)
+    image = CompressedImage(tokens, source) if order == "official" else compose(span, features, tokens, source)
+    return image, visual[dom].tolist()
 
 
 @METHODS.register("visionzip")
@@ -93,29 +177,58 @@ class VisionZip(PreLLMMethod):
 
     Paper: Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
     Models" (CVPR 2025, arXiv 2412.04467). Stage: before the LLM, training-free (the paper's
-    optional projector fine-tuning is not done). Per image: the ``dominant`` visual tokens with
-    the highest [CLS] attention (summed over heads) in the vision layer LLaVA takes its
-    features from (``vision_feature_layer``, -2) are kept as they are; the others are merged
-    into ``contextual`` tokens: targets spread evenly over them, every other token joins the
-    target whose key (head-averaged) is most similar
-    (:func:`crop.ops.similarity.merge_into_targets`). As in the paper, merging happens before
-    the projector (on CLIP features; Qwen: the merger's normed 2x2-patch inputs) and the merged
-    tokens are then projected. Attention, keys and projector inputs are captured by transient
-    hooks during the stock vision forward (:meth:`VLMAdapter.encode_images_with_saliency`), so
-    SDPA stays on.
+    optional projector fine-tuning is not done). Official code: github.com/dvlab-research/VisionZip
+    at commit 3151f6df4fca36a4cd1c985e5956e725b1f9ad02; the defaults follow its LLaVA-1.5 path:
 
-    Deviations, and why: (1) a contextual token is the plain mean of its group (target
-    included), where the reference code adds the target to the mean of the others; (2) each
-    contextual token takes the position of its target token and tokens reach the LLM in image
-    order (the paper appends contextual tokens after dominant ones); (3) the [CLS] token itself
-    is never passed on (LLaVA's "default" feature selection drops it; the reference code can
-    keep it as an extra dominant token); (4) LLaVA-NeXT: one top-k and one merge over base view
-    + high-res grid (per-tile [CLS] scores) rather than a per-tile budget; (5) Qwen2-VL/2.5-VL
-    have no [CLS] token: the substitute ranking is the attention each merged token receives
-    (mean over the image's patches, summed over heads) in the last full-attention vision block,
-    with keys averaged over its 2x2 patches (:mod:`crop.models.qwen_vision_attention`); the
-    paper has no Qwen variant.
-    Config: :class:`VisionZipConfig`.
+    * ``visionzip/main.py`` L5-7: ``dominant`` counts the [CLS] token (``dominant - 1`` patches);
+    * ``visionzip/utils.py`` L10-89, L122-124, L191: eager CLIP attention of ``layers[-2]``
+      (LLaVA's ``vision_feature_layer``) returns its attention and the head-averaged raw keys;
+    * ``visionzip/clip_encoder.py`` L42-85: score = [CLS] row of that layer's attention over
+      the patches, summed over heads (softmax over all tokens, [CLS] included); [CLS] + top
+      ``dominant - 1`` patches kept in position order; the other patches (position order)
+      merge into ``contextual`` tokens: targets every ``max(1, n // contextual)``-th of them
+      (:func:`crop.ops.similarity.spread_indices`), every other one joins the target of
+      highest cosine between L2-normalised keys (first maximum;
+      :func:`crop.ops.similarity.merge_into_targets`), ``c_j = h[T_j] + mean(h[i], i in G_j)``
+      on the layer's hidden states (``hidden_states[-2]``, before the projector); output
+      ``[CLS, dominant patches, contextual tokens]``;
+    * ``visionzip/llava_arch.py`` L31-35: the projector runs on all of them, and they enter
+      the LLM in that order at consecutive positions.
+
+    Here, attention, keys, [CLS] features and projector inputs are captured by transient hooks
+    during the stock vision forward (:meth:`VLMAdapter.encode_images_with_saliency`), so SDPA
+    stays on; dominant patches reuse the stock projected features (the projector is per-token).
+    The [CLS] token has no placeholder: its ``source`` is ``CLS_SOURCE`` (-1), distinct from every
+    span position; LLaVA gives the rebuilt prompt compact 1-D positions (sequence order), so no
+    adapter reads it, and ``stats.full_resolution`` lists the dominant patches only.
+
+    Deviations, and why:
+
+    1. Precision: the [CLS] softmax is recomputed from the hooked q/k in fp32 and cosines use
+       fp32 ``F.normalize`` (with eps); merging runs in fp32. The official code does all of it
+       in the model dtype (fp16, eager) without eps, so near-ties may flip in top-k/argmax.
+    2. Tie-breaking: a stable sort (the lower position wins); the official ``topk`` leaves
+       ties unspecified.
+    3. Guards: a budget >= the image's visual tokens keeps the stock inputs (bit-identical, so
+       no [CLS]); ``contextual`` is clipped to ``budget - 1`` and to the tokens left (the official
+       code divides by zero at ``contextual=0`` and fails when fewer tokens than targets remain).
+    4. LLaVA-NeXT: one budget per image, one top-k and one merge over base view + high-res
+       grid (per-tile [CLS] scores), no [CLS] passed on and image order (newlines follow their
+       rows, positions are the packed layout). The official code gives every tile its own
+       ``dominant + contextual`` and re-sorts (``llava_arch.py`` L42-80); ours keeps
+       ``keep_tokens`` per image, like every other method here.
+    5. Qwen2-VL/2.5-VL have no [CLS] token: the substitute ranking is the attention each merged
+       token receives (mean over the image's patches, summed over heads) in the last
+       full-attention vision block, with keys averaged over its 2x2 patches
+       (:mod:`crop.models.qwen_vision_attention`); merging on the merger's normed inputs; image
+       order, because M-RoPE positions come from each token's source cell. The paper has no
+       Qwen variant.
+    6. Batches: each image is compressed on its own, which is what the official batched tensor
+       path computes row by row; any batch (several images, padding) works, while the official
+       list path fails (``hidden_states_save`` unassigned, ``clip_encoder.py`` L85).
+
+    ``VisionZipConfig(keep_cls=False, merge="mean", order="image")`` reproduces crop's earlier
+    variant. Config: :class:`VisionZipConfig`.
 
     Args:
         adapter: the model's adapter.
@@ -152,8 +265,13 @@ class VisionZip(PreLLMMethod):
             if budget >= span.visual_tokens:
                 image, kept = keep_all(span, seen.features)
             else:
-                image, kept = visionzip_image(span, seen.features, seen.saliency, seen.keys, *self.config.split(budget),
-                                              pre=seen.pre_projector, project=self.adapter.project_features)
+                # the adapter hands over [CLS] only where tokens may be freely ordered (LLaVA-1.5)
+                free = seen.cls_pre_projector is not None and not span.grids
+                image, kept = visionzip_image(
+                    span, seen.features, seen.saliency, seen.keys, *self.config.split(budget),
+                    pre=seen.pre_projector, project=self.adapter.project_features,
+                    cls=seen.cls_pre_projector if self.config.keep_cls else None,
+                    merge=self.config.merge, order=self.config.order if free else "image")
             images.append(image)
             full_res.append(kept)
         stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]

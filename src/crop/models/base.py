@@ -172,6 +172,11 @@ class VisionSaliency:
         keys: ``(V, K)`` each visual token's keys in that layer (head-averaged).
         pre_projector: ``(V, P)`` the visual tokens just before the projector; for every token,
             :meth:`VLMAdapter.project_features` of its row is its row of ``features``.
+        cls_pre_projector: ``(P,)`` the [CLS] token's features in the same layer and space as
+            ``pre_projector`` (project it with :meth:`VLMAdapter.project_features`), for adapters
+            that let VisionZip pass [CLS] on to the LLM and order tokens freely (1-D positions,
+            one plain grid: LLaVA-1.5). ``None``: no [CLS] (Qwen2-VL/2.5-VL) or not passed on
+            (LLaVA-NeXT: one per tile, layout fixed by the packing).
     (All ``V``-indexed tensors follow :meth:`ImageSpan.visual_positions`.)
     """
 
@@ -179,6 +184,7 @@ class VisionSaliency:
     saliency: torch.Tensor
     keys: torch.Tensor
     pre_projector: torch.Tensor
+    cls_pre_projector: torch.Tensor | None = None
 
 
 class VLMAdapter(ABC):
@@ -216,6 +222,30 @@ class VLMAdapter(ABC):
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
         """The language model's decoder layers, in order."""
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Whether the LM's rotary positions are multi-dimensional (Qwen2-VL's M-RoPE: (3, B, L) position ids)."""
+        return bool((getattr(self.text_config, "rope_parameters", None) or {}).get("mrope_section")
+                    or (getattr(self.text_config, "rope_scaling", None) or {}).get("mrope_section"))
+
+    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's ``(cos, sin)`` tables for ``position_ids`` ``(B, L)`` (1-D RoPE), as its layers receive them.
+
+        Raises:
+            ValueError: for M-RoPE models (their positions are 3-D).
+        """
+        if self.uses_mrope:
+            raise ValueError(f"{type(self).__name__}: M-RoPE positions are 3-D; 1-D rotary tables do not apply")
+        return self.model.model.language_model.rotary_emb(hidden, position_ids)
+
+    def final_norm(self) -> nn.Module:
+        """The language model's final norm (after its last decoder layer, before the LM head).
+
+        The default is the ``norm`` of the text model that holds :meth:`decoder_layers` in every
+        supported architecture (Llama / Qwen2 text models); override it for another layout.
+        """
+        return self.model.model.language_model.norm
 
     def attention_parts(self, layer: int) -> AttentionParts:
         """Layer ``layer``'s norm, q/k projections and head geometry (Llama / Qwen2 text decoders by default).

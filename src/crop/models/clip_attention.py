@@ -6,7 +6,9 @@ layer's keys. Asking transformers for attentions would force the eager attention
 instead two instance-level forward hooks record the layer's ``q_proj`` output (its [CLS]
 row only) and ``k_proj`` output while the stock vision tower runs, and the [CLS] attention row
 ``softmax(q_cls k^T / sqrt(d))`` is recomputed from them: the same numbers the layer's own
-attention produced (CLIP's vision attention has no mask). The hooks live only for one call.
+attention produced (CLIP's vision attention has no mask). A third hook records the layer's
+output at the [CLS] token: the official VisionZip passes that token on to the projector and the
+LLM. The hooks live only for one call.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ def clip_feature_layer(vision_tower: nn.Module, vision_feature_layer: Any) -> nn
     return layers[vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer - 1]
 
 
-def capture_cls_attention(layer: nn.Module, projector: nn.Module,
-                          run: Callable[[], Any]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``run()`` while recording ``layer``'s [CLS] attention and keys, and the projector's input.
+def capture_cls_attention(layer: nn.Module, projector: nn.Module, run: Callable[[], Any]
+                          ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``run()`` while recording ``layer``'s [CLS] attention, keys and [CLS] output, and the projector's input.
 
     Args:
         layer: a CLIP encoder layer (``self_attn.q_proj``, ``k_proj``, ``num_heads``, ``head_dim``).
@@ -48,20 +50,28 @@ def capture_cls_attention(layer: nn.Module, projector: nn.Module,
         run: what to run (e.g. the adapter's ``encode_images``); each must run exactly once.
 
     Returns:
-        ``(result, attention, keys, pre)``: ``run()``'s result; ``attention`` is ``(B, N - 1)``
+        ``(result, attention, keys, pre, cls)``: ``run()``'s result; ``attention`` is ``(B, N - 1)``
         the [CLS] token's attention to each patch, summed over heads (VisionZip's score);
         ``keys`` is ``(B, N - 1, head_dim)`` the patches' keys averaged over heads (VisionZip's
-        metric); ``pre`` is ``(B, N - 1, P)`` the projector's input. ``B`` is the vision tower's
-        batch (images, or tiles for LLaVA-NeXT), ``N`` its tokens.
+        metric); ``pre`` is ``(B, N - 1, P)`` the projector's input; ``cls`` is ``(B, P)`` the
+        layer's output at the [CLS] token (``hidden_states[vision_feature_layer][:, 0]``, the
+        row LLaVA's "default" feature selection drops before the projector). ``B`` is the vision
+        tower's batch (images, or tiles for LLaVA-NeXT), ``N`` its tokens.
 
     Raises:
         RuntimeError: if the layer or the projector did not run exactly once.
     """
     attn = layer.self_attn
-    seen: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "pre": []}
+    seen: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "pre": [], "cls": []}
+
+    def layer_output(module, args, out) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out  # (B, N, P) (older transformers return a tuple)
+        seen["cls"].append(hidden[:, 0].detach())  # (B, P)
+
     hooks = [
         attn.q_proj.register_forward_hook(lambda m, i, out: seen["q"].append(out[:, :1].detach())),  # (B, 1, E)
         attn.k_proj.register_forward_hook(lambda m, i, out: seen["k"].append(out.detach())),  # (B, N, E)
+        layer.register_forward_hook(layer_output),
         projector.register_forward_pre_hook(lambda m, args: seen["pre"].append(args[0].detach())),  # (B, N-1, P)
     ]
     try:
@@ -69,7 +79,7 @@ def capture_cls_attention(layer: nn.Module, projector: nn.Module,
     finally:
         for hook in hooks:
             hook.remove()
-    if len(seen["q"]) != 1 or len(seen["k"]) != 1 or len(seen["pre"]) != 1:
+    if len(seen["q"]) != 1 or len(seen["k"]) != 1 or len(seen["cls"]) != 1 or len(seen["pre"]) != 1:
         raise RuntimeError(f"the vision layer ran {len(seen['k'])} times and the projector {len(seen['pre'])} "
                            "times during one encode; expected once each")
     heads, dim = int(attn.num_heads), int(attn.head_dim)
@@ -81,4 +91,4 @@ def capture_cls_attention(layer: nn.Module, projector: nn.Module,
     logits = torch.einsum("bhd,bnhd->bhn", q, k) * float(attn.scale)  # (B, H, N)
     attention = logits.softmax(dim=-1)[:, :, 1:].sum(dim=1)  # (B, N-1) patches only, summed over heads
     keys = k.mean(dim=2)[:, 1:]  # (B, N-1, d)
-    return result, attention, keys, seen["pre"][0]
+    return result, attention, keys, seen["pre"][0], seen["cls"][0]

@@ -121,11 +121,15 @@ class LlavaAdapter(VLMAdapter):
         return list(out.pooler_output)  # each (rows*cols, D)
 
     def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
-        """:meth:`encode_images` + each image's [CLS] attention and keys at ``vision_feature_layer``."""
+        """:meth:`encode_images` + each image's [CLS] attention, keys and [CLS] features at ``vision_feature_layer``.
+
+        ``cls_pre_projector`` is filled: LM positions are 1-D and an image is one plain grid, so
+        VisionZip may pass the [CLS] token on and lay the tokens out as the official code does.
+        """
         layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
-        features, attention, keys, pre = capture_cls_attention(layer, self.model.model.multi_modal_projector,
-                                                                lambda: self.encode_images(inputs))
-        return [VisionSaliency(*row) for row in zip(features, attention, keys, pre, strict=True)]
+        features, attention, keys, pre, cls = capture_cls_attention(layer, self.model.model.multi_modal_projector,
+                                                                     lambda: self.encode_images(inputs))
+        return [VisionSaliency(*row) for row in zip(features, attention, keys, pre, cls, strict=True)]
 
     def project_features(self, pre: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(pre)  # (m, D)

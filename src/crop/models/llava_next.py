@@ -129,11 +129,13 @@ class LlavaNextAdapter(VLMAdapter):
 
         Every tile (base view first, then the high-res tiles) has its own [CLS] token; each
         tile's scores, keys and projector inputs are laid out like its features
-        (:meth:`pack_tile_values`).
+        (:meth:`pack_tile_values`). ``cls_pre_projector`` stays ``None``: an image has one [CLS]
+        per tile and its packed layout (grids, newlines) fixes the token order, so VisionZip keeps
+        image order here.
         """
         layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
-        features, attention, keys, pre = capture_cls_attention(layer, self.model.model.multi_modal_projector,
-                                                                lambda: self.encode_images(inputs))
+        features, attention, keys, pre, _ = capture_cls_attention(layer, self.model.model.multi_modal_projector,
+                                                                   lambda: self.encode_images(inputs))
         d = keys.shape[-1]
         per_tile = torch.cat([attention[..., None], keys, pre.to(keys.dtype)], dim=-1)  # (tiles, side*side, 1+d+P)
         packed = self.pack_tile_values(per_tile, inputs["image_sizes"])  # per image (V, 1 + d + P)

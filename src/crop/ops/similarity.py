@@ -5,6 +5,8 @@ Pure tensor code on one image's tokens; no model knowledge.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -52,46 +54,35 @@ def merge_into_targets(features: torch.Tensor, keys: torch.Tensor,
     return merged, assignment
 
 
-def duplication_select(hidden: torch.Tensor, keep: int, pivots: int,
-                       pivot_scores: torch.Tensor | None = None) -> torch.Tensor:
-    """DART's selection: a few pivot tokens, then per pivot the tokens least similar to it.
+def duplication_select(hidden: torch.Tensor, pivots: torch.Tensor, quotas: Sequence[int],
+                       taken: torch.Tensor | None = None) -> torch.Tensor:
+    """DART's de-duplication: pivot after pivot, the not-yet-kept tokens least similar to it.
 
-    Pivots are the ``pivots`` tokens with the highest ``pivot_scores`` (default: L1 norm of
-    ``hidden``). The remaining ``keep - pivots`` slots are split as evenly as possible between
-    the pivots (earlier pivots take the extra one); pivot by pivot, in decreasing score order,
-    the not-yet-kept tokens with the lowest cosine similarity to that pivot are added. A token
-    that duplicates a pivot (cosine 1) is therefore the last its pivot would keep.
+    Pivots are visited in the given order; each keeps its quota of the tokens that are not
+    kept yet and have the lowest cosine similarity to it (so later pivots never pick what
+    earlier ones did). A token that duplicates a pivot (cosine 1) is the last it would keep.
 
     Args:
-        hidden: ``(n, D)`` the tokens (e.g. hidden states entering the pruning layer).
-        keep: tokens to keep; ``keep >= n`` keeps all.
-        pivots: number of pivot tokens (clipped to ``[1, keep]``).
-        pivot_scores: ``(n,)`` optional pivot ranking, higher first.
+        hidden: ``(n, D)`` the candidate tokens (the vectors compared).
+        pivots: ``(P, D)`` the pivot vectors, in visiting order (they need not be candidates).
+        quotas: ``P`` counts: how many tokens each pivot keeps (clipped to what is left).
+        taken: ``(n,)`` bool, candidates kept from the start and never picked (e.g. the
+            pivots among them); default none.
 
     Returns:
-        Sorted ``(min(keep, n),)`` indices into ``range(n)``.
+        Sorted ``(k,)`` indices into ``range(n)``: the ``taken`` tokens and the picks.
     """
     n = hidden.shape[0]
-    device = hidden.device
-    if keep >= n:
-        return torch.arange(n, device=device)
-    if keep <= 0:
-        raise ValueError(f"keep must be positive, got {keep}")
-    pivots = max(1, min(pivots, keep))
-    if pivot_scores is None:
-        pivot_scores = hidden.float().abs().sum(-1)  # (n,) L1 norm
-    order = torch.argsort(pivot_scores, descending=True, stable=True)
-    pivot_idx = order[:pivots]  # (P,)
-    kept = torch.zeros(n, dtype=torch.bool, device=device)
-    kept[pivot_idx] = True
-    unit = F.normalize(hidden.float(), dim=-1)  # (n, D)
-    similarity = unit @ unit[pivot_idx].T  # (n, P)
-    rest = keep - pivots
-    for p in range(pivots):
-        quota = rest // pivots + (1 if p < rest % pivots else 0)
-        if quota == 0:
+    if len(quotas) != pivots.shape[0]:
+        raise ValueError(f"one quota per pivot: got {len(quotas)} quotas for {pivots.shape[0]} pivots")
+    kept = torch.zeros(n, dtype=torch.bool, device=hidden.device) if taken is None else taken.clone()
+    tokens = hidden.float()  # (n, D)
+    for p, quota in enumerate(quotas):
+        quota = min(int(quota), int((~kept).sum()))
+        if quota <= 0:
             continue
-        score = similarity[:, p].masked_fill(kept, float("inf"))  # (n,) kept tokens never chosen again
-        chosen = torch.argsort(score, stable=True)[:quota]  # (quota,) least similar first
+        similarity = F.cosine_similarity(tokens, pivots[p].float()[None], dim=-1)  # (n,) cosine to this pivot
+        similarity = similarity.masked_fill(kept, float("inf"))  # kept tokens are never chosen again
+        chosen = torch.argsort(similarity, stable=True)[:quota]  # (quota,) least similar first
         kept[chosen] = True
     return kept.nonzero().squeeze(1)

@@ -1,0 +1,116 @@
+"""Matched compute: solve each method's budget argument for an equivalent-token or FLOPs target.
+
+Budgets keep each method's native meaning (tokens after layer K for FastV / DART / CROP-ILP,
+tokens reaching the LLM for VisionZip / PLC / pooling, a layer-weighted average for PyramidDrop
+and SparseVLM), so one label means different compute for different methods. A fair comparison
+gives every method the same compute instead: this module finds, per method, the budget whose
+*planned* per-layer visual-token counts (:meth:`crop.methods.PruningMethod.planned_counts`)
+meet a target, either in equivalent tokens (their mean over layers, the FastV / PDrop
+convention) or in analytic prefill FLOPs (the LLM's, plus the method's own selection, plus the
+localizer's for methods that use one). What the method then really ran is measured, not assumed:
+the evaluation records the equivalent tokens of every sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from crop.eval.flops import DecoderDims, prefill_flops
+from crop.methods import MethodOptions, config_for, method_for
+from crop.models.base import VLMAdapter
+
+MATCH_MODES = ("label", "equivalent", "flops")
+
+
+@dataclass(frozen=True)
+class BudgetSolution:
+    """The budget argument found for one method and target.
+
+    Attributes:
+        keep_tokens: the method's budget argument (native meaning), or ``None`` if infeasible.
+        planned: the planned value at that budget (equivalent tokens or FLOPs).
+        target: the target.
+        feasible: whether some budget comes within ``tolerance`` of the target.
+        reason: why not, when infeasible.
+    """
+
+    keep_tokens: int | None
+    planned: float
+    target: float
+    feasible: bool
+    reason: str = ""
+
+
+def planned_counts(adapter: VLMAdapter, name: str, keep_tokens: int, options: MethodOptions,
+                   n_in: int) -> list[int] | None:
+    """Per-layer visual tokens method ``name`` plans at ``keep_tokens`` for an image of ``n_in`` tokens."""
+    config = config_for(name, keep_tokens, options)
+    return method_for(config)(adapter, config).planned_counts(n_in)
+
+
+def planned_equivalent(adapter: VLMAdapter, name: str, keep_tokens: int, options: MethodOptions, n_in: int) -> float:
+    """The equivalent visual tokens (mean over layers) method ``name`` plans at ``keep_tokens``.
+
+    Raises:
+        ValueError: if the budget is infeasible for the method or its count depends on the data.
+    """
+    counts = planned_counts(adapter, name, keep_tokens, options, n_in)
+    if counts is None:
+        raise ValueError(f"{name} has no planned count without a budget")
+    return sum(counts) / len(counts)
+
+
+def planned_flops(adapter: VLMAdapter, name: str, keep_tokens: int, options: MethodOptions, n_in: int,
+                  text_tokens: int, localizer_flops: float = 0.0) -> float:
+    """Analytic prefill FLOPs of one sample: LLM layers + the method's selection + its localizer (if it uses one).
+
+    Args:
+        text_tokens: the prompt's tokens that are not visual (they go through every layer).
+        localizer_flops: FLOPs of one localization; counted for methods that follow the region.
+    """
+    config = config_for(name, keep_tokens, options)
+    method = method_for(config)(adapter, config)
+    counts = method.planned_counts(n_in)
+    if counts is None:
+        raise ValueError(f"{name} has no planned count without a budget")
+    dims = DecoderDims.from_config(adapter.text_config)
+    flops = prefill_flops(dims, [text_tokens + c for c in counts])
+    flops += method.selection_flops(text_tokens + n_in, n_in)
+    return flops + (localizer_flops if method.uses_region else 0.0)
+
+
+def solve_budget(value: Callable[[int], float], target: float, n_in: int, tolerance: float) -> BudgetSolution:
+    """The integer budget in ``[1, n_in]`` whose planned ``value`` is closest to ``target``.
+
+    Every budget is tried (a method's plan is arithmetic, so this is cheap); budgets the method
+    refuses (it raises ``ValueError``, e.g. PyramidDrop below what its layer list can reach) are
+    skipped; ties go to the smaller budget. The target is *infeasible* when it lies outside
+    what the method can plan at all (beyond ``tolerance``): below its cheapest budget or above
+    keeping everything. Inside that range the closest budget is used even when the method's own
+    granularity keeps it further than ``tolerance`` (DART's official count moves in steps of
+    8 tokens); the planned value is reported beside the target either way.
+
+    Args:
+        value: budget -> planned equivalent tokens or FLOPs (not decreasing with the budget).
+        target: what to meet.
+        n_in: the image's visual tokens (the largest budget tried).
+        tolerance: how far outside the method's range still counts as met (one token per image).
+    """
+    planned: dict[int, float] = {}
+    for budget in range(1, n_in + 1):
+        try:
+            planned[budget] = value(budget)
+        except ValueError:
+            continue
+    if not planned:
+        return BudgetSolution(None, float("nan"), target, False, "no budget is feasible for this method here")
+    best = min(planned, key=lambda b: (abs(planned[b] - target), b))
+    low, high = min(planned.values()), max(planned.values())
+    if target < low - tolerance:
+        return BudgetSolution(best, planned[best], target, False,
+                              f"its cheapest budget plans {low:.1f}, over the target {target:.1f}")
+    if target > high + tolerance:
+        return BudgetSolution(best, planned[best], target, False,
+                              f"keeping every token plans {high:.1f}, under the target {target:.1f}")
+    return BudgetSolution(best, planned[best], target, True)
