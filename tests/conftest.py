@@ -51,3 +51,13 @@ def llava_sdpa():
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+# every supported architecture, as a tiny random model name (the one list every test matrix uses)
+ARCHS = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl")
+
+
+def greedy(model, inputs, steps: int = 2, **kw):
+    """Greedy ``generate`` of exactly ``steps`` tokens with per-step logits (a random model may emit ``<image>``)."""
+    return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, suppress_tokens=[model.config.image_token_id], **kw)

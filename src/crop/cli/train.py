@@ -32,6 +32,8 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
                         "ones; probes, optimizer and schedule start fresh")
     p.add_argument("--init-parts", choices=("all", "vision"), default="all",
                    help="what --init-from loads: every weight, or only the vision tower + projector (default %(default)s)")
+    p.add_argument("--freeze-parts", choices=("none", "vision"), default="none",
+                   help="parts not trained: none, or the vision tower + projector (default %(default)s)")
     p.add_argument("--shape", type=json.loads, default={}, metavar="JSON",
                    help="model size overrides, e.g. '{\"text_layers\": 2}'")
     p.add_argument("--turns", type=int, default=defaults.get("turns", 1),
@@ -79,7 +81,7 @@ def _config(args: argparse.Namespace):
         val_every=args.val_every, val_n=args.val_n, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
         aux_weight=args.aux_weight, attn_weight=args.attn_weight, curriculum_fraction=args.curriculum_fraction, threads=args.threads,
         workers=args.workers, turns=args.turns, shape=args.shape, digit_weight=args.digit_weight,
-        init_from=args.init_from, init_parts=args.init_parts,
+        init_from=args.init_from, init_parts=args.init_parts, freeze_parts=args.freeze_parts,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,7 +20,8 @@ class RandomConfig(ConfigMixin):
 
     Args:
         keep_tokens: visual tokens kept per image; ``None`` keeps every token.
-        seed: image ``i`` of a batch draws its tokens with a generator seeded ``seed + i``.
+        seed: the base seed; each image draws with ``seed`` + a number derived from its own
+            prompt (:func:`sample_seed`), so its draw does not depend on the batch around it.
         grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
             regions; the field lets a pipeline pair it with any localizer, as with CROP).
 
@@ -58,6 +60,30 @@ class RandomInnerConfig(RandomConfig):
         check_layer(self.layer)
 
 
+def sample_seed(inputs, span: ImageSpan, image_in_sample: int) -> int:
+    """A seed offset from the image's own prompt: its sample's real (unpadded) token ids and its place there.
+
+    The same prompt gives the same draw alone or anywhere in a batch (left padding is skipped),
+    and different questions about the same image draw differently.
+    """
+    ids = inputs["input_ids"][span.sample]  # (L,)
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        ids = ids[mask[span.sample].bool()]
+    return (zlib.crc32(ids.to(torch.int64).cpu().numpy().tobytes()) + 7919 * image_in_sample) % (2**31)
+
+
+def _image_seeds(inputs, spans: list[ImageSpan], base: int) -> list[int]:
+    """``base`` + :func:`sample_seed` for every image of a batch."""
+    seen: dict[int, int] = {}
+    seeds = []
+    for span in spans:
+        index = seen.get(span.sample, 0)
+        seen[span.sample] = index + 1
+        seeds.append(base + sample_seed(inputs, span, index))
+    return seeds
+
+
 def random_keep(span: ImageSpan, budget: int | None, seed: int) -> torch.Tensor:
     """Span positions of ``budget`` visual tokens drawn uniformly without replacement.
 
@@ -84,9 +110,9 @@ class RandomPrune(PreLLMMethod):
     The sanity baseline of the token-pruning literature (FastV, SparseVLM and VisionZip all
     compare with it): a method worth using must beat it at the same budget. Stage: before the
     LLM (the prompt is rebuilt around the kept tokens); :class:`RandomInnerConfig` selects
-    :class:`RandomPruneInner` (registered as ``random-inner``) instead. Image ``i`` of a batch
-    draws with seed ``seed + i``, so a run is reproducible and a batch equals one-by-one runs
-    with seeds ``seed, seed + 1, ...``. Config: :class:`RandomConfig`.
+    :class:`RandomPruneInner` (registered as ``random-inner``) instead. Each image draws with a
+    seed derived from ``seed`` and its own prompt (:func:`sample_seed`), so a run is
+    reproducible and a batch equals one-by-one runs. Config: :class:`RandomConfig`.
 
     Args:
         adapter: the model's adapter.
@@ -100,11 +126,15 @@ class RandomPrune(PreLLMMethod):
     def config_from_options(cls, keep_tokens, options):
         return RandomConfig(keep_tokens=keep_tokens, seed=options.seed, grid=options.grid)
 
+    def prepare(self, inputs, spans, boxes):
+        self._seeds = _image_seeds(inputs, spans, self.config.seed)
+        return super().prepare(inputs, spans, boxes)
+
     def compress_image(self, features, span, box, image_index):
         budget = self.config.keep_tokens
         if budget is None or budget >= span.visual_tokens:
             return keep_all(span, features)
-        keep = random_keep(span, budget, self.config.seed + image_index).to(features.device)  # (k,)
+        keep = random_keep(span, budget, self._seeds[image_index]).to(features.device)  # (k,)
         return compose(span, features, features[keep], keep), keep.tolist()
 
 
@@ -112,7 +142,7 @@ class RandomPrune(PreLLMMethod):
 class RandomPruneInner(InnerLLMMethod):
     """The random baseline inside the LLM: every token until layer K, then text + the drawn tokens.
 
-    Same draw as :class:`RandomPrune` (seed ``seed + i`` for image ``i``), applied where CROP's
+    Same draw as :class:`RandomPrune` (the same per-image seeds), applied where CROP's
     ILP prunes, so it is ILP's budget-matched control. Stage: inside the LLM, once, at layer K
     (``config.layer``). Config: :class:`RandomInnerConfig`.
 
@@ -129,4 +159,5 @@ class RandomPruneInner(InnerLLMMethod):
         return RandomInnerConfig(keep_tokens=keep_tokens, layer=options.layer, seed=options.seed, grid=options.grid)
 
     def keep_before_forward(self, inputs, spans, boxes):
-        return [random_keep(span, self.config.keep_tokens, self.config.seed + i) for i, span in enumerate(spans)]
+        seeds = _image_seeds(inputs, spans, self.config.seed)
+        return [random_keep(span, self.config.keep_tokens, seed) for span, seed in zip(spans, seeds, strict=True)]

@@ -85,6 +85,9 @@ class TrainConfig:
         init_from: folder of an exported model (:func:`crop.embedded.save_embedded`) whose
             weights start the run instead of random ones: a warm-started continuation with
             fresh probes, optimizer and schedule. Its sizes must match ``shape`` (for the parts loaded).
+        freeze_parts: ``"none"``, or ``"vision"``: the vision tower and projector are not trained
+            (typically after ``init_parts="vision"``: the steps then train the language model
+            only, and cost no backward pass through the tower).
         init_parts: what ``init_from`` initializes: ``"all"`` (every weight), or ``"vision"``
             (the vision tower and the projector only; the language model starts random). The
             vision tower never sees the question, so a new answerer may reuse an earlier one's.
@@ -119,6 +122,7 @@ class TrainConfig:
     digit_weight: float = 1.0
     init_from: str | None = None
     init_parts: str = "all"
+    freeze_parts: str = "none"
     shape: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,8 @@ class TrainConfig:
             raise ValueError("curriculum_fraction must be in [0, 1)")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if self.freeze_parts not in ("none", "vision"):
+            raise ValueError(f"freeze_parts must be 'none' or 'vision', got {self.freeze_parts!r}")
         if self.init_parts not in WARM_START_PARTS:
             raise ValueError(f"init_parts must be one of {sorted(WARM_START_PARTS)}, got {self.init_parts!r}")
 
@@ -502,6 +508,11 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
 
     _seed_everything(config.seed)
     model, processor = task.build(config)
+    if config.freeze_parts == "vision":
+        prefixes = WARM_START_PARTS["vision"]
+        for name, param in model.named_parameters():
+            if name.startswith(prefixes):
+                param.requires_grad_(False)
     heads = task.aux_heads(model)
     if state is not None:  # a checkpoint from a recipe with fewer probes: keep only the heads it has
         saved_heads = {key.split(".")[0] for key in state["heads"]}
