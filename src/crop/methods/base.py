@@ -190,21 +190,33 @@ class NoPruning(PruningMethod):
 class PreLLMMethod(PruningMethod):
     """Base of methods that act on each image's features before the LLM.
 
-    Subclasses implement :meth:`compress_image`; the adapter encodes the images and rebuilds
-    the prompt (placeholders, positions) around the compressed features.
+    Subclasses implement :meth:`compress_image`; :meth:`encode` says what they need from the
+    vision side (the features by default). The base runs the per-image loop, records the stats
+    and has the adapter rebuild the prompt (placeholders, positions) around the result; a budget
+    that keeps every token returns the stock inputs untouched (bit-identical logits).
     """
 
+    def encode(self, inputs: Mapping[str, Any]) -> list[Any]:
+        """Per image, what :meth:`compress_image` receives (default: its ``(length, D)`` features)."""
+        return self.adapter.encode_images(inputs)
+
+    def keeps_everything(self, spans: list[ImageSpan]) -> bool:
+        """Whether this batch keeps every visual token (then nothing is encoded or rebuilt)."""
+        keep = getattr(self.config, "keep_tokens", None)
+        return keep is not None and all(keep >= s.visual_tokens for s in spans)
+
     @abstractmethod
-    def compress_image(self, features: torch.Tensor, span: ImageSpan, box: GridBox,
+    def compress_image(self, encoded: Any, span: ImageSpan, box: GridBox,
                        image_index: int) -> tuple[CompressedImage, list[int]]:
-        """One image's features ``(N, D)`` -> what reaches the LLM, and the span indices kept at full resolution."""
+        """One image (what :meth:`encode` gave for it) -> what reaches the LLM, and the span indices kept at full resolution."""
 
     def prepare(self, inputs, spans, boxes):
         stats = PruneStats.start(spans, boxes)
-        features = self.adapter.encode_images(inputs)
+        if self.keeps_everything(spans):
+            return dict(inputs), stats
         images, full_res = [], []
-        for i, (span, box, feats) in enumerate(zip(spans, boxes, features, strict=True)):
-            image, kept = self.compress_image(feats, span, box, i)
+        for i, (span, box, encoded) in enumerate(zip(spans, boxes, self.encode(inputs), strict=True)):
+            image, kept = self.compress_image(encoded, span, box, i)
             images.append(image)
             full_res.append(kept)
         stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]
@@ -379,6 +391,37 @@ class InnerLLMMethod(PruningMethod):
             return keep
 
         return select
+
+
+class TopKSelection:
+    """Mixin for inner-LLM methods that keep each image's top-scored visual tokens (FastV, PyramidDrop).
+
+    The method supplies :meth:`scores` (one score per sequence slot, per sample) and
+    :meth:`keep_count` (how many of an image's candidates survive a stage); this does the
+    per-image loop, keep-all and the top-k, so a scoring method is two small functions
+    (the pattern of NVIDIA/kvpress's ``ScorerPress``).
+    """
+
+    def scores(self, stage: int, hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
+        """Per sample, ``(L,)`` scores of every slot entering the stage's layer (higher = kept first)."""
+        raise NotImplementedError
+
+    def keep_count(self, image: int, stage: int, n: int) -> int:
+        """Visual tokens image ``image`` (batch order) keeps at ``stage`` out of its ``n`` candidates."""
+        raise NotImplementedError
+
+    def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
+        rows = self.scores(stage, hidden, layer_kwargs)  # per sample: (L,)
+        out, image = [], 0
+        for b, per_sample in enumerate(candidates):
+            for slots in per_sample:
+                n, keep = slots.numel(), self.keep_count(image, stage, slots.numel())
+                image += 1
+                if keep >= n:
+                    out.append(torch.arange(n))
+                    continue
+                out.append(rows[b][slots.to(rows[b].device)].topk(keep).indices.cpu())  # (keep,) into slots
+        return out
 
 
 class MethodRegistry(Registry[type[PruningMethod]]):

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin
-from crop.methods.base import METHODS
+from crop.methods.base import METHODS, TopKSelection
 
 
 @dataclass
@@ -44,7 +42,7 @@ class FastVConfig(BaselineConfigMixin):
 
 
 @METHODS.register("fastv")
-class FastV(AttentionScoredMethod):
+class FastV(TopKSelection, AttentionScoredMethod):
     """FastV: keep the visual tokens the last prompt token attends to most at layer K-1; drop the rest at K.
 
     Paper: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024 (arXiv 2403.06764).
@@ -71,18 +69,10 @@ class FastV(AttentionScoredMethod):
         budget = self.config.keep_tokens
         return n_in - int(n_in * self.config.drop) if budget is None else min(budget, n_in)
 
-    def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
+    def scores(self, stage, hidden, layer_kwargs):
         _, valid = self.slot_validity(stage, hidden)  # (B, L)
         rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)
-        out = []
-        for b, per_sample in enumerate(candidates):
-            for slots in per_sample:
-                n = slots.numel()
-                budget = self.config.keep_tokens
-                keep = n - int(n * self.config.drop) if budget is None else min(budget, n)
-                if keep >= n:
-                    out.append(torch.arange(n))
-                    continue
-                scores = rows[b][0, slots.to(rows[b].device)]  # (v,)
-                out.append(scores.topk(keep).indices.cpu())
-        return out
+        return [r[0] for r in rows]
+
+    def keep_count(self, image, stage, n):
+        return self.kept_after_stage(n)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin, scaled_layers
-from crop.methods.base import METHODS
+from crop.methods.base import METHODS, TopKSelection
 
 # the paper's LLaVA-1.5-7B schedule: stages end after layers 8, 16 and 24 of 32, lambda = 0.5
 PAPER_STAGE_FRACTIONS = (8 / 32, 16 / 32, 24 / 32)
@@ -131,7 +129,7 @@ def pdrop_schedule(n_in: int, keep_tokens: int | None, num_layers: int, layers: 
 
 
 @METHODS.register("pdrop")
-class PyramidDrop(AttentionScoredMethod):
+class PyramidDrop(TopKSelection, AttentionScoredMethod):
     """PyramidDrop: at each of several LLM stages keep the visual tokens the last instruction token attends to most.
 
     Paper: Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid
@@ -223,20 +221,13 @@ class PyramidDrop(AttentionScoredMethod):
             current = count
         return total
 
-    def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
+    def scores(self, stage, hidden, layer_kwargs):
         _, valid = self.slot_validity(stage, hidden)  # (B, L)
         rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)
-        out, image = [], 0
-        for b, per_sample in enumerate(candidates):
-            for slots in per_sample:
-                n, keep = slots.numel(), self._counts[image][stage]
-                image += 1
-                if keep >= n:
-                    out.append(torch.arange(n))
-                    continue
-                scores = rows[b][0, slots.to(rows[b].device)]  # (v,)
-                out.append(scores.topk(keep).indices.cpu())
-        return out
+        return [r[0] for r in rows]
+
+    def keep_count(self, image, stage, n):
+        return self._counts[image][stage]
 
 
 def _per_layer(n_in: int, layers: list[int], counts: list[int], num_layers: int) -> list[int]:

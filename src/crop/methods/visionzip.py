@@ -10,8 +10,8 @@ import torch
 
 from crop.config import ConfigMixin, check_grid, check_keep_tokens
 from crop.methods._compose import compose, keep_all
-from crop.methods.base import METHODS, PreLLMMethod, PruneStats
-from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
+from crop.methods.base import METHODS, PreLLMMethod
+from crop.models.base import CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
 from crop.ops.similarity import merge_into_targets, spread_indices
 
 MERGES = ("official", "mean")
@@ -252,29 +252,21 @@ class VisionZip(PreLLMMethod):
     def config_from_options(cls, keep_tokens, options):
         return VisionZipConfig(keep_tokens=keep_tokens, grid=options.grid)
 
-    def compress_image(self, features, span, box, image_index):
-        raise NotImplementedError("VisionZip compresses in prepare (it needs the vision tower's saliency too)")
+    def encode(self, inputs):
+        return self.adapter.encode_images_with_saliency(inputs)
 
-    def prepare(self, inputs, spans, boxes):
-        stats = PruneStats.start(spans, boxes)
+    def keeps_everything(self, spans):
         budget = self.config.keep_tokens
-        if budget is None or all(budget >= s.visual_tokens for s in spans):
-            return dict(inputs), stats  # nothing to drop: the stock inputs, bit-identical
-        images, full_res = [], []
-        for span, seen in zip(spans, self.adapter.encode_images_with_saliency(inputs), strict=True):
-            if budget >= span.visual_tokens:
-                image, kept = keep_all(span, seen.features)
-            else:
-                # the adapter hands over [CLS] only where tokens may be freely ordered (LLaVA-1.5)
-                free = seen.cls_pre_projector is not None and not span.grids
-                image, kept = visionzip_image(
-                    span, seen.features, seen.saliency, seen.keys, *self.config.split(budget),
-                    pre=seen.pre_projector, project=self.adapter.project_features,
-                    cls=seen.cls_pre_projector if self.config.keep_cls else None,
-                    merge=self.config.merge, order=self.config.order if free else "image")
-            images.append(image)
-            full_res.append(kept)
-        stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]
-        stats.equivalent_tokens = [float(im.visual_tokens) for im in images]
-        stats.full_resolution = full_res
-        return self.adapter.compressed_inputs(inputs, spans, images), stats
+        return budget is None or all(budget >= s.visual_tokens for s in spans)
+
+    def compress_image(self, encoded: VisionSaliency, span, box, image_index):
+        budget = self.config.keep_tokens
+        if budget >= span.visual_tokens:
+            return keep_all(span, encoded.features)
+        # the adapter hands over [CLS] only where tokens may be freely ordered (LLaVA-1.5)
+        free = encoded.cls_pre_projector is not None and not span.grids
+        return visionzip_image(
+            span, encoded.features, encoded.saliency, encoded.keys, *self.config.split(budget),
+            pre=encoded.pre_projector, project=self.adapter.project_features,
+            cls=encoded.cls_pre_projector if self.config.keep_cls else None,
+            merge=self.config.merge, order=self.config.order if free else "image")
