@@ -117,3 +117,23 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     for word in ["--keep-tokens", "--localizer", "box:x0,y0,x1,y1", "--layer", "--json", "examples"]:
         assert word in text
+
+
+def test_option_reaches_any_config_field_and_inapplicable_flags_are_refused(tmp_path, capsys):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (9, 90, 200)).save(img)
+    base = ["answer", str(img), "What is it?", "--model", "tiny-random-llava", "--localizer", "full", "--json",
+            "--max-new-tokens", "1"]
+    assert main([*base, "--method", "dart", "--keep-tokens", "40", "--option", "budget=exact"]) == 0
+    assert json.loads(capsys.readouterr().out)["visual_tokens_kept"]["after_layer_2"] == 40  # official would keep 44
+    assert main([*base, "--method", "pdrop", "--option", "layers=1,2", "--option", "ratio=0.25"]) == 0
+    out = json.loads(capsys.readouterr().out)["visual_tokens_kept"]
+    assert out["after_layer_1"] == 144 and out["after_layer_2"] == 36  # floor(576 * 0.25 ** s)
+    for argv, message in [(["--method", "dart", "--option", "ratio=0.5"], "has no option ratio"),
+                          (["--method", "dart", "--option", "budget"], "KEY=VALUE"),
+                          (["--method", "ilp", "--pool", "2"], "--pool does not apply to crop-ilp"),
+                          (["--method", "plc", "--layer", "3"], "--layer does not apply to crop-plc")]:
+        assert main([*base, *argv]) == 2
+        assert message in capsys.readouterr().err

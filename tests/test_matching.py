@@ -6,7 +6,7 @@ import pytest
 
 from crop.embedded import build_from_shape
 from crop.eval.flops import DecoderDims, prefill_flops
-from crop.eval.matching import planned_counts, planned_equivalent, planned_flops, solve_budget
+from crop.eval.matching import configs_for, planned_counts, planned_equivalent, planned_flops, solve_budget
 from crop.methods import MethodOptions, method_names
 from crop.models.base import get_adapter
 
@@ -25,23 +25,23 @@ def adapter():
 @pytest.mark.parametrize("target", [128.0, 192.0])
 def test_every_method_meets_a_feasible_equivalent_target(adapter, name, target):
     options = MethodOptions(layer=2)
-    sol = solve_budget(lambda b: planned_equivalent(adapter, name, b, options, N), target, N, tolerance=1.0)
+    sol = solve_budget(lambda b: planned_equivalent(adapter, configs_for(name, options), b, N), target, N, tolerance=1.0)
     assert sol.feasible, sol.reason
     # within one token per image, except DART's official count, which moves 8 tokens at a time after K
     step = 8 * (12 - 2) / 12 if name == "dart" else 1.0
     assert abs(sol.planned - target) <= max(1.0, step / 2)
-    assert sol.planned == pytest.approx(planned_equivalent(adapter, name, sol.keep_tokens, options, N))
+    assert sol.planned == pytest.approx(planned_equivalent(adapter, configs_for(name, options), sol.keep_tokens, N))
 
 
 def test_an_infeasible_target_says_why(adapter):
     # 64 of 576 equivalent: layers 0..1 alone cost 2/12 * 576 = 96 for any method pruning at K = 2
-    sol = solve_budget(lambda b: planned_equivalent(adapter, "crop-ilp", b, MethodOptions(layer=2), N), 64.0, N, 1.0)
+    sol = solve_budget(lambda b: planned_equivalent(adapter, configs_for("crop-ilp", MethodOptions(layer=2)), b, N), 64.0, N, 1.0)
     assert not sol.feasible and "cheapest budget plans" in sol.reason
     # ... and at K = 1 it fits: 576/12 + 11/12 * b = 64 -> b = 17.45
-    sol = solve_budget(lambda b: planned_equivalent(adapter, "crop-ilp", b, MethodOptions(layer=1), N), 64.0, N, 1.0)
+    sol = solve_budget(lambda b: planned_equivalent(adapter, configs_for("crop-ilp", MethodOptions(layer=1)), b, N), 64.0, N, 1.0)
     assert sol.feasible and sol.keep_tokens == 17
     # pre-LLM methods meet it exactly; PyramidDrop falls back to its low-budget layer list
-    sol = solve_budget(lambda b: planned_equivalent(adapter, "visionzip", b, MethodOptions(), N), 64.0, N, 1.0)
+    sol = solve_budget(lambda b: planned_equivalent(adapter, configs_for("visionzip", MethodOptions()), b, N), 64.0, N, 1.0)
     assert sol.keep_tokens == 64 and sol.planned == 64
     assert not solve_budget(lambda b: 10.0 * b, 0.5, 10, 0.1).feasible
     assert not solve_budget(lambda b: 10.0 * b, 500.0, 10, 0.1).feasible
@@ -50,11 +50,11 @@ def test_an_infeasible_target_says_why(adapter):
 def test_flops_count_llm_selection_and_localizer(adapter):
     dims = DecoderDims.from_config(adapter.text_config)
     text = 40
-    ilp = planned_flops(adapter, "crop-ilp", 30, MethodOptions(layer=2), N, text, localizer_flops=1e6)
-    fastv = planned_flops(adapter, "fastv", 30, MethodOptions(layer=2), N, text, localizer_flops=1e6)
+    ilp = planned_flops(adapter, configs_for("crop-ilp", MethodOptions(layer=2)), 30, N, text, localizer_flops=1e6)
+    fastv = planned_flops(adapter, configs_for("fastv", MethodOptions(layer=2)), 30, N, text, localizer_flops=1e6)
     layers = [text + N] * 2 + [text + 30] * 10
     assert fastv == prefill_flops(dims, layers)  # FastV's captured row is free; no localizer
     assert ilp == prefill_flops(dims, layers) + 1e6  # CROP pays for its localizer
-    pdrop = planned_flops(adapter, "pdrop", 128, MethodOptions(), N, text)
-    counts = planned_counts(adapter, "pdrop", 128, MethodOptions(), N)
+    pdrop = planned_flops(adapter, configs_for("pdrop", MethodOptions()), 128, N, text)
+    counts = planned_counts(adapter, configs_for("pdrop", MethodOptions()), 128, N)
     assert pdrop > prefill_flops(dims, [text + c for c in counts])  # its lightweight attention is counted

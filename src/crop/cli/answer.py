@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
+from crop.cli._options import add_option_argument, apply_options, parse_options
 from crop.errors import CropInputError
 
 DESCRIPTION = """\
@@ -48,9 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-tokens", type=int, default=None, metavar="N",
                    help="visual tokens per image kept (ILP: after layer K; PLC: reaching the LLM, region + pooled); "
                         "default: exactly the region's tokens")
-    p.add_argument("--layer", type=int, default=2, metavar="K", help="ILP pruning layer K (default 2)")
+    p.add_argument("--layer", type=int, default=None, metavar="K",
+                   help="pruning layer K of single-stage inner-LLM methods (ILP, FastV, DART, random-inner; default 2)")
     p.add_argument("--grid", type=int, default=8, metavar="G", help="region grid side (default 8)")
-    p.add_argument("--pool", type=int, default=4, metavar="P", help="PLC pooling block outside the region (default 4)")
+    p.add_argument("--pool", type=int, default=None, metavar="P", help="PLC pooling block outside the region (default 4)")
+    add_option_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="T", help="answer length limit (default 16)")
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     p.add_argument("--overlay", default=None, metavar="PNG",
@@ -64,10 +68,19 @@ def _config(args: argparse.Namespace):
 
     if args.keep_tokens is not None and args.keep_tokens <= 0:
         raise CropInputError(f"--keep-tokens must be a positive integer, got {args.keep_tokens}")
+    defaults = MethodOptions()
+    options = MethodOptions(layer=defaults.layer if args.layer is None else args.layer,
+                            pool=defaults.pool if args.pool is None else args.pool, grid=args.grid)
     try:
-        return config_for(args.method, args.keep_tokens, MethodOptions(layer=args.layer, pool=args.pool, grid=args.grid))
+        config = config_for(args.method, args.keep_tokens, options)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
+    fields = {f.name for f in dataclasses.fields(config)}
+    for flag, value in (("--layer", args.layer), ("--pool", args.pool)):
+        if value is not None and flag[2:] not in fields:
+            raise CropInputError(f"{flag} does not apply to {config.method_name} (it has no {flag[2:]}); "
+                                 f"its options: {', '.join(sorted(fields))}")
+    return apply_options(config, parse_options(args.option))
 
 
 def run(args: argparse.Namespace) -> int:

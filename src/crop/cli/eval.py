@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from crop.cli._options import add_option_argument, parse_options
 from crop.errors import CropInputError
 
 DESCRIPTION = """\
@@ -48,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--match", choices=("label", "equivalent", "flops"), default="label",
                    help="how a budget becomes each method's budget (default %(default)s; see above)")
     p.add_argument("--pool", type=int, default=4, help="PLC pooling block (default 4)")
+    add_option_argument(p)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     p.add_argument("--out", required=True, help="output directory")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         budgets = [int(k) for k in _csv(args.keep_tokens)]
         spec = EvalSpec(methods=_csv(args.methods), keep_tokens=budgets, n=args.n, split=args.split, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, layer=args.layer,
-                        pool=args.pool, match=args.match)
+                        pool=args.pool, match=args.match, options=[list(o) for o in parse_options(args.option)])
     except ValueError as exc:
         raise CropInputError(f"bad arguments: {exc}") from None
     model, processor = load_model(args.model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from crop.eval.flops import DecoderDims, prefill_flops
 from crop.methods import MethodOptions, config_for, method_for
@@ -42,38 +43,48 @@ class BudgetSolution:
     reason: str = ""
 
 
-def planned_counts(adapter: VLMAdapter, name: str, keep_tokens: int, options: MethodOptions,
-                   n_in: int) -> list[int] | None:
-    """Per-layer visual tokens method ``name`` plans at ``keep_tokens`` for an image of ``n_in`` tokens."""
-    config = config_for(name, keep_tokens, options)
-    return method_for(config)(adapter, config).planned_counts(n_in)
+ConfigAt = Callable[[int], Any]  # budget argument -> the method's config at that budget
 
 
-def planned_equivalent(adapter: VLMAdapter, name: str, keep_tokens: int, options: MethodOptions, n_in: int) -> float:
-    """The equivalent visual tokens (mean over layers) method ``name`` plans at ``keep_tokens``.
+def _method(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int):
+    config = config_at(keep_tokens)
+    return method_for(config)(adapter, config)
+
+
+def configs_for(name: str, options: MethodOptions) -> ConfigAt:
+    """``budget -> config_for(name, budget, options)``: the plain configs of method ``name``."""
+    return lambda keep_tokens: config_for(name, keep_tokens, options)
+
+
+def planned_counts(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int, n_in: int) -> list[int] | None:
+    """Per-layer visual tokens the method plans at ``keep_tokens`` for an image of ``n_in`` tokens."""
+    return _method(adapter, config_at, keep_tokens).planned_counts(n_in)
+
+
+def planned_equivalent(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int, n_in: int) -> float:
+    """The equivalent visual tokens (mean over layers) the method plans at ``keep_tokens``.
 
     Raises:
         ValueError: if the budget is infeasible for the method or its count depends on the data.
     """
-    counts = planned_counts(adapter, name, keep_tokens, options, n_in)
+    counts = planned_counts(adapter, config_at, keep_tokens, n_in)
     if counts is None:
-        raise ValueError(f"{name} has no planned count without a budget")
+        raise ValueError("this method has no planned count without a budget")
     return sum(counts) / len(counts)
 
 
-def planned_flops(adapter: VLMAdapter, name: str, keep_tokens: int, options: MethodOptions, n_in: int,
-                  text_tokens: int, localizer_flops: float = 0.0) -> float:
+def planned_flops(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int, n_in: int, text_tokens: int,
+                  localizer_flops: float = 0.0) -> float:
     """Analytic prefill FLOPs of one sample: LLM layers + the method's selection + its localizer (if it uses one).
 
     Args:
         text_tokens: the prompt's tokens that are not visual (they go through every layer).
         localizer_flops: FLOPs of one localization; counted for methods that follow the region.
     """
-    config = config_for(name, keep_tokens, options)
-    method = method_for(config)(adapter, config)
+    method = _method(adapter, config_at, keep_tokens)
     counts = method.planned_counts(n_in)
     if counts is None:
-        raise ValueError(f"{name} has no planned count without a budget")
+        raise ValueError("this method has no planned count without a budget")
     dims = DecoderDims.from_config(adapter.text_config)
     flops = prefill_flops(dims, [text_tokens + c for c in counts])
     flops += method.selection_flops(text_tokens + n_in, n_in)

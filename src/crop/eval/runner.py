@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from crop.data.synth import SynthSample, answers_match, generate
 from crop.eval.flops import DecoderDims, prefill_flops, visual_per_layer, vlm_localization_flops
 from crop.eval.matching import MATCH_MODES, planned_equivalent, planned_flops, solve_budget
 from crop.localizers.base import Localization, Localizer
-from crop.methods import MethodOptions, canonical_name, config_for, method_for
+from crop.methods import MethodOptions, canonical_name, config_for, method_for, with_options
 from crop.pipeline import CropPipeline, chat_prompt
 from crop.regions import GridBox
 
@@ -52,6 +52,8 @@ class EvalSpec:
             so that every method runs the same equivalent visual tokens) or ``"flops"`` (the
             same analytic prefill FLOPs, selection and localizer included, as an unpruned model
             fed the label's tokens from layer 0).
+        options: ``[method or None, field, value]`` config fields to set (``--option``): a
+            prefixed one for that method only, an unprefixed one for every method that has the field.
     """
 
     methods: list[str]
@@ -64,6 +66,7 @@ class EvalSpec:
     layer: int = 2
     pool: int = 4
     match: str = "label"
+    options: list[list] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -72,6 +75,9 @@ class EvalSpec:
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("n and batch_size must be >= 1")
+        for target, _field, _value in self.options:
+            if target is not None:
+                canonical_name(target)
         if self.match not in MATCH_MODES:
             raise ValueError(f"unknown match {self.match!r}; choose one of {', '.join(MATCH_MODES)}")
 
@@ -156,8 +162,9 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
 
     results: list[dict[str, Any]] = []
     for method, budget in runs:
-        target, solution = _budget_for(adapter, method, budget, spec.match, options, visual_tokens, text_tokens,
-                                       loc_flops, dims)
+        config_at = _config_maker(method, options, spec.options)
+        target, solution = _budget_for(adapter, config_at, budget, spec.match, visual_tokens, text_tokens, loc_flops,
+                                       dims)
         if solution is not None and not solution.feasible:
             logger.info("%s at %s: %s", method, budget, solution.reason)
             results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": solution.keep_tokens,
@@ -167,7 +174,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
             continue
         keep = None if budget is None else (solution.keep_tokens if solution is not None else
                                             scale_budget(budget, visual_tokens))
-        config = config_for(method, keep, options)
+        config = config_at(keep)
         uses_region = method_for(config).uses_region
         pipe = CropPipeline(model, processor, _Precomputed(), config)
         preds = []
@@ -210,18 +217,32 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
     }
 
 
-def _budget_for(adapter, method: str, budget: int | None, match: str, options: MethodOptions, visual: int,
-                text: int, loc_flops: float, dims: DecoderDims):
+def _config_maker(method: str, options: MethodOptions, extra: list[list]):
+    """``budget -> config`` of ``method`` with the shared options and the ``--option`` fields that concern it."""
+    import dataclasses
+
+    def config_at(keep):
+        config = config_for(method, keep, options)
+        names = {f.name for f in dataclasses.fields(config)}
+        chosen = {name: value for target, name, value in extra
+                  if (target is None and name in names) or (target is not None and canonical_name(target) == method)}
+        return with_options(config, chosen) if chosen else config
+
+    return config_at
+
+
+def _budget_for(adapter, config_at, budget: int | None, match: str, visual: int, text: int, loc_flops: float,
+                dims: DecoderDims):
     """``(target, solution)``: what a label asks of ``method`` under ``match`` (``solution=None``: use the label)."""
     if budget is None or match == "label":
         return (None if budget is None else scale_budget(budget, visual)), None
     tokens = budget * visual / REFERENCE_VISUAL_TOKENS  # the label's share of this model's visual tokens
     if match == "equivalent":
-        return tokens, solve_budget(lambda b: planned_equivalent(adapter, method, b, options, visual), tokens, visual,
+        return tokens, solve_budget(lambda b: planned_equivalent(adapter, config_at, b, visual), tokens, visual,
                                     tolerance=1.0)
     target = float(prefill_flops(dims, [text + round(tokens)] * dims.layers))  # the label's tokens from layer 0
     per_token = float(prefill_flops(dims, [text + 1] * dims.layers) - prefill_flops(dims, [text] * dims.layers))
-    return target, solve_budget(lambda b: planned_flops(adapter, method, b, options, visual, text, loc_flops), target,
+    return target, solve_budget(lambda b: planned_flops(adapter, config_at, b, visual, text, loc_flops), target,
                                 visual, tolerance=per_token)
 
 

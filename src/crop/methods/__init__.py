@@ -15,7 +15,8 @@ from crop.methods.base import (
 )
 
 __all__ = ["ALIASES", "METHODS", "InnerLLMMethod", "MethodOptions", "NoPruning", "PreLLMMethod", "PruneStats",
-           "PruningMethod", "canonical_name", "config_for", "config_from_dict", "method_for", "method_names"]
+           "PruningMethod", "canonical_name", "config_for", "config_from_dict", "method_for", "method_names",
+           "parse_option_value", "with_options"]
 
 # short names accepted wherever a method name is (CLI, evaluation); translated once, by canonical_name
 ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc"}
@@ -91,3 +92,42 @@ def method_for(config: Any) -> type[PruningMethod]:
     """
     _register_builtin()
     return METHODS.for_config(config)
+
+
+def parse_option_value(text: str) -> Any:
+    """A command-line option value as Python: ``none``, ``true``/``false``, an int, a float, a comma list (tuple), or text."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if "," in text:
+        return tuple(parse_option_value(part) for part in text.split(",") if part.strip())
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def with_options(config: Any, options: dict[str, Any]) -> Any:
+    """``config`` with some fields replaced (validated again), e.g. ``{"ratio": 0.3}`` from ``--option ratio=0.3``.
+
+    Any field of any method's config is reachable this way, so no method needs a flag of its own.
+
+    Args:
+        config: a method config.
+        options: field name -> value (strings are parsed with :func:`parse_option_value`).
+
+    Raises:
+        ValueError: for a field the config does not have (listing those it has) or an invalid value.
+    """
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{config.method_name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
+    values = {k: parse_option_value(v) if isinstance(v, str) else v for k, v in options.items()}
+    return dataclasses.replace(config, **values)
