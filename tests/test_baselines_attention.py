@@ -18,7 +18,14 @@ from crop.methods import config_for, method_for
 from crop.methods.attention import QKCapture, attention_rows, scaled_layers, stage_counts
 from crop.methods.fastv import FastV, FastVConfig
 from crop.methods.pdrop import PDropConfig, PyramidDrop, pdrop_schedule
-from crop.methods.sparsevlm import SparseVLM, SparseVLMConfig, _apply, _Merge
+from crop.methods.sparsevlm import (
+    SparseVLM,
+    SparseVLMConfig,
+    _apply,
+    _Merge,
+    official_equivalent,
+    sparsevlm_schedule,
+)
 from crop.models.base import get_adapter
 from tests.conftest import chat_inputs, random_image, tiny
 
@@ -105,8 +112,9 @@ def test_budget_honoured_in_stats_and_kv_lengths(name, method):
         # floors of N * lambda**s: at most one token per stage under the equivalent budget, never over
         assert config.keep_tokens - len(layers) <= stats.equivalent_tokens[0] <= config.keep_tokens
     else:
-        expected = stage_counts(visual, config.keep_tokens, layers, adapter.num_layers, config.ratio)
-        assert stats.equivalent_tokens[0] <= config.keep_tokens + 0.5 * len(layers)  # the equivalent budget is met
+        expected = sparsevlm_schedule(visual, config.keep_tokens, layers, adapter.num_layers)[1]  # merged included
+        # the budget is the official logger's equivalent (the pruning layer K-1 counted as pruned), met to a token
+        assert abs(official_equivalent(visual, expected, layers, adapter.num_layers) - config.keep_tokens) <= 1
     assert [stats.visual_tokens_kept[f"after_layer_{k}"][0] for k in layers] == expected
     assert len(stats.full_resolution[0]) == expected[-1]
     kept_at = [visual] * adapter.num_layers
@@ -162,7 +170,7 @@ def test_two_images_in_one_prompt_are_ranked_separately(method):
         kept = h.stats.visual_tokens_kept
         uncached = _gen(model, h.prepare(inputs), use_cache=False)
     layers = h.method.stage_layers()
-    counts = pdrop_schedule(576, budget, 4)[1] if method == "pdrop" else stage_counts(576, budget, layers, 4, 0.5)
+    counts = pdrop_schedule(576, budget, 4)[1] if method == "pdrop" else sparsevlm_schedule(576, budget, layers, 4)[1]
     assert [kept[f"after_layer_{k}"] for k in layers] == [[n, n] for n in counts]
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
@@ -288,39 +296,50 @@ def test_pdrop_first_stage_keeps_the_top_ranked_by_its_own_layer():
             handle.remove()
 
 
-def test_sparsevlm_raters_select_planted_tokens_and_recycle_the_next_best():
+def test_sparsevlm_ranks_by_planted_attention_recycles_the_next_best_and_places_merged_after_kept():
     model, proc = tiny("tiny-random-llava")
     inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
     span = get_adapter(model).image_spans(inputs)[0]
     ranking = [9, 300, 41, 555, 120, 260, 3, 77, 430, 18, 199, 502, 64, 350, 233, 88, 470, 150, 11, 390, 271, 6,
                333, 444, 101, 520]
+    # one stage at layer 2, ranked with layer 1's attention: plant there
     handles = _plant(model, 1, {span.start + i: 10.0 * 0.85 ** r for r, i in enumerate(ranking)},
                      inputs["input_ids"].shape[1])
-    config = SparseVLMConfig(keep_tokens=300, layers=(2,))  # one stage at layer 2: (2*576 + 2*n) / 4 = 300 -> n = 24
+    config = SparseVLMConfig(keep_tokens=172, layers=(2,))
+    (rated,), (total,) = sparsevlm_schedule(576, 172, [2], 4)
+    assert rated < len(ranking)
     try:
         with apply_method(model, config) as h:
             model(**h.prepare(inputs))
-            kept = h.stats.full_resolution[0]
+            kept = {span.start + i for i in h.stats.full_resolution[0]}
             merges = h.method._merges[0]
+            order = h.method.pruners[0].context.keep[0].tolist()
     finally:
         for handle in handles:
             handle.remove()
-    assert len(kept) == 24 and sorted(kept) == sorted(ranking[:24])  # 22 rated + 2 merged centres
-    assert [m.center - span.start for m in merges] == ranking[22:24]  # centres: the best-rated pruned tokens
+    centres = [m.center for m in merges]  # slots entering layer 2 = prompt positions (first stage)
+    assert len(kept) == total == rated + len(merges)  # merged tokens on top of the rated ones
+    assert kept - set(centres) == {span.start + i for i in ranking[:rated]}
     groups = torch.cat([m.group for m in merges])
-    assert groups.unique().numel() == groups.numel() == -(-3 * (576 - 24) // 10)  # tau = 30 % of the pruned, once
-    assert all(m.center in m.group.tolist() for m in merges)
-    assert not set(groups.tolist()) & {span.start + i for i in ranking[:22]}  # rated tokens are never merged away
+    recycled = int(0.3 * (576 - rated)) + 1  # the official int(0.3 P) + 1
+    assert groups.unique().numel() == groups.numel() == recycled and len(merges) == recycled // 10 + 1
+    assert {span.start + i for i in ranking[rated:]} <= set(groups.tolist())  # the best-rated pruned are recycled
+    assert all(m.group[0] == m.center for m in merges)
+    assert not set(groups.tolist()) & {span.start + i for i in ranking[:rated]}  # rated tokens are never merged away
+    # the official layout: prefix, kept visual tokens in order, merged tokens, text
+    end = span.start + span.length
+    assert order == list(range(span.start)) + sorted(kept - set(centres)) + centres + \
+        list(range(end, inputs["input_ids"].shape[1]))
 
 
 def test_sparsevlm_merge_writes_the_cluster_mean():
     hidden = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)  # (B, L, D)
     before = hidden.clone()
     _apply(hidden, [_Merge(1, 2, torch.tensor([2, 4, 5])), _Merge(0, 1, torch.tensor([1]))])
-    torch.testing.assert_close(hidden[1, 2], before[1, [2, 4, 5]].mean(0))
-    torch.testing.assert_close(hidden[0], before[0])
-    hidden[1, 2] = before[1, 2]
-    assert torch.equal(hidden, before)
+    torch.testing.assert_close(hidden[1, 2], before[1, [2, 4, 5]].sum(0) / (3 + 1e-6))  # the official weights
+    assert torch.equal(hidden[0, 1], before[0, 1] / (1 + 1e-6))  # a lone token too, as the official code
+    hidden[1, 2], hidden[0, 1] = before[1, 2], before[0, 1]
+    assert torch.equal(hidden, before)  # nothing else written
 
 
 # -- configs and budgets -------------------------------------------------------------------------
@@ -361,6 +380,10 @@ def test_bad_configs_raise_clear_errors():
         SparseVLMConfig(layers=(3, 2))
     with pytest.raises(ValueError, match="recycle"):
         SparseVLMConfig(recycle=1.5)
+    with pytest.raises(ValueError, match="three stages|3 stages"):
+        SparseVLMConfig(layers=(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="positions"):
+        SparseVLMConfig(positions="shift")
     model, _ = tiny("tiny-random-llava")
     with pytest.raises(ValueError, match="outside the model's depth"):
         apply_method(model, PDropConfig(layers=(2, 4)))

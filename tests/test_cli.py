@@ -137,3 +137,73 @@ def test_option_reaches_any_config_field_and_inapplicable_flags_are_refused(tmp_
                           (["--method", "plc", "--layer", "3"], "--layer does not apply to crop-plc")]:
         assert main([*base, *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sample_flag_answers_the_shipped_image(capsys):
+    """`crop answer --sample QUESTION` works from an installed wheel: the image ships inside the package."""
+    from pathlib import Path
+
+    from crop.cli.answer import sample_image_path
+
+    shipped = sample_image_path()
+    assert shipped.read_bytes() == (Path(__file__).resolve().parents[1] / "examples" / "sample.png").read_bytes()
+    assert main(["answer", "--sample", "What color is the star?", *TINY, "--localizer", "full", "--json",
+                 "--max-new-tokens", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["visual_tokens_in"] == 576
+
+
+def test_report_prints_the_box_used_and_says_when_it_differs():
+    from crop.cli.answer import _report
+    from crop.pipeline import CropResult
+
+    def result(**kw):
+        base = dict(answer="red", box=[0, 2, 3, 5], grid=8, method="crop-ilp", layer=2, keep_tokens=None,
+                    visual_tokens_in=576, visual_tokens_kept={"llm_input": 576}, kv_cache_lengths=[1],
+                    kv_cache_bytes=0, timings={"localizer_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "total_s": 0.0})
+        return CropResult(**{**base, **kw})
+
+    mapped = _report(result(extra={"model_view_box": [0, 2, 2, 5]})).splitlines()[1]
+    assert mapped.startswith("region: [0, 2, 2, 5] on a 8x8 grid of the model's view")
+    assert "the localizer's box [0, 2, 3, 5]" in mapped
+    same = _report(result()).splitlines()[1]
+    assert same == "region: [0, 2, 3, 5] on a 8x8 grid"
+    fallback = _report(result(box=[0, 0, 7, 7], localizer_fallback=True)).splitlines()[1]
+    assert fallback.startswith("region: [0, 0, 7, 7]") and "full image used" in fallback
+
+
+@pytest.mark.parametrize("size", [(10000, 10000), (20000, 20000)])
+def test_decompression_bomb_is_one_line_exit_2_without_warnings(tmp_path, size):
+    """Over 2x Pillow's limit used to be a traceback, 1x..2x raw warning lines."""
+    from tests.test_io import _png_header
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(*size))
+    proc = subprocess.run([sys.executable, "-m", "crop", "answer", str(bomb), "q?"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("crop answer: error: image too large"), proc.stderr
+    assert "--max-image-pixels" in lines[0]
+
+
+def test_building_the_parser_does_not_import_torch():
+    """`crop --help` stays quick: no torch or transformers until a subcommand runs."""
+    code = ("import sys; from crop.cli import build_parser; p = build_parser(); p.format_help(); "
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_lazy_train_parser_is_the_real_one(capsys):
+    """`train` is listed with a static help line until it runs; that line is the real parser's."""
+    import crop.cli as cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "cost", "--no-write"])
+    assert args.func.__name__ == "run_cost" and args.no_write
+    action = next(a for a in parser._actions if a.dest == "command")
+    helps = {a.dest: a.help for a in action._choices_actions}
+    assert helps["train"] == cli.LAZY_SUBCOMMANDS["train"]
+    with pytest.raises(SystemExit):
+        main(["train", "localizer", "--help"])
+    assert "--base" in capsys.readouterr().out

@@ -16,17 +16,24 @@ same way (``apply_method(model, SomeBaselineConfig(...))``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from transformers import DynamicCache
 
 from crop.config import CropILPConfig, CropPLCConfig
-from crop.methods import PruneStats, method_for
+from crop.hf_compat import layer_cache
+from crop.methods import InnerLLMMethod, PruneStats, method_for
 from crop.models.base import VLMAdapter, get_adapter
 from crop.regions import DEFAULT_GRID, GridBox
 
 __all__ = ["CropHandle", "PruneStats", "PruningHandle", "apply_crop", "apply_method"]
+
+# the handle applied to each model instance (a second apply on the same model is refused)
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningHandle] = weakref.WeakKeyDictionary()
 
 
 class PruningHandle:
@@ -43,13 +50,20 @@ class PruningHandle:
     """
 
     def __init__(self, model: nn.Module, config: Any, adapter: VLMAdapter | None = None) -> None:
+        active = _ACTIVE.get(model)
+        if active is not None and not active._removed:
+            raise ValueError(f"this model already has {active.method.name} applied; remove that handle first "
+                             "(handle.remove(), or leave its with block): two methods on one model do not compose")
         self.model = model
         self.config = config
         self.adapter = adapter or get_adapter(model)
         self.method = method_for(config)(self.adapter, config)
         self.stats: PruneStats | None = None
+        self._prepared: dict[str, Any] | None = None
         self.method.attach()
+        self._guard = model.register_forward_pre_hook(self._check_call, with_kwargs=True)
         self._removed = False
+        _ACTIVE[model] = self
 
     @property
     def grid(self) -> int:
@@ -81,12 +95,53 @@ class PruningHandle:
             if box.grid != self.grid:
                 raise ValueError(f"box {box} is on a {box.grid}x{box.grid} grid but the config says {self.grid}")
         run, self.stats = self.method.prepare(inputs, spans, regions)
+        self._prepared = {k: run[k] for k in ("input_ids", "pixel_values") if isinstance(run.get(k), torch.Tensor)}
         return run
+
+    # -- guard: the model must run on what was prepared ---------------------------------------
+
+    def _check_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Refuse forwards the prepared state does not fit, with a message that says why (instance pre-hook)."""
+        inner = isinstance(self.method, InnerLLMMethod)
+        if inner and kwargs.get("labels") is not None:
+            raise ValueError(f"{self.method.name} prunes inside the LLM, so the logits cover only the kept positions; "
+                             "labels= cannot be aligned to them. Compute the loss without the handle, or use a "
+                             "pre-LLM method")
+        cache = layer_cache(kwargs)
+        if inner and cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"{self.method.name} keeps a different number of tokens per layer, which needs a "
+                             f"DynamicCache; got {type(cache).__name__} (e.g. cache_implementation='static' is not "
+                             "supported)")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        prepared = self._prepared
+        if prepared is None or not isinstance(ids, torch.Tensor) or "input_ids" not in prepared:
+            return
+        if cache is not None and cache.get_seq_length() > 0:
+            return  # a decode step: its tokens are the model's own
+        ref = prepared["input_ids"]
+        if ids.shape[0] != ref.shape[0]:
+            expanded = ids.shape[0] % ref.shape[0] == 0
+            raise ValueError(f"the model got a batch of {ids.shape[0]} but {self.method.name} was prepared for "
+                             f"{ref.shape[0]}" + ("; beam search (num_beams > 1) and num_return_sequences > 1 expand "
+                                                  "the batch and are not supported: use num_beams=1" if expanded
+                                                  else "; call handle.prepare(inputs) for this batch"))
+        if ids.shape[1] < ref.shape[1] or not torch.equal(ids[:, :ref.shape[1]].to(ref.device), ref):
+            raise ValueError("the model got other input_ids than the prepared ones (another prompt?); call "
+                             "handle.prepare(inputs) for each prompt and run the model on what it returns")
+        pixels = kwargs.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and "pixel_values" in prepared and not (
+                pixels.shape == prepared["pixel_values"].shape and torch.equal(pixels, prepared["pixel_values"])):
+            raise ValueError("the model got other pixel_values than the prepared ones (another image?); call "
+                             "handle.prepare(inputs) for each prompt and run the model on what it returns")
 
     def remove(self) -> None:
         """Detach every hook; safe to call twice."""
         self.method.detach()
+        self._guard.remove()
+        self._prepared = None
         self._removed = True
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
 
     def __enter__(self) -> PruningHandle:
         return self

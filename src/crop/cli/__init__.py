@@ -3,6 +3,11 @@
 Every subcommand module exposes ``register(subparsers)``, which adds its parser and sets
 ``func`` to a callable taking the parsed arguments and returning an exit code.
 User errors (:class:`crop.errors.CropInputError`) print one line and exit with code 2.
+
+Building the parser stays light (no torch, no transformers), so ``crop --help`` is quick:
+subcommands import heavy modules only when they run, and a subcommand whose *parser* needs
+them (``train``: its fine-tuning options live with the torch recipe) is listed in
+:data:`LAZY_SUBCOMMANDS` with its one-line help and registered only when it is the one invoked.
 """
 
 from __future__ import annotations
@@ -13,6 +18,30 @@ import logging
 import sys
 
 SUBCOMMANDS = ("answer", "synth", "train", "eval", "bench", "methods")
+# name -> the help line its ``register`` gives (a test keeps the two equal)
+LAZY_SUBCOMMANDS = {"train": "train the embedded models"}
+
+
+class _LazySubParsersAction(argparse._SubParsersAction):
+    """Subparsers where some entries are placeholders until their subcommand is parsed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy: dict[str, str] = {}
+
+    def add_lazy(self, name: str, help: str, module: str) -> None:
+        """List ``name`` (with ``help``) now; call ``module.register`` only when ``name`` is parsed."""
+        self._lazy[name] = module
+        self.add_parser(name, help=help, add_help=False)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values and values[0] in self._lazy:
+            name = values[0]
+            module = importlib.import_module(self._lazy.pop(name))
+            del self._name_parser_map[name]
+            self._choices_actions = [a for a in self._choices_actions if a.dest != name]
+            module.register(self)  # the real parser replaces the placeholder
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(localize the region the question is about, then prune the rest).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details to stderr")
+    parser.register("action", "parsers", _LazySubParsersAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
+        if name in LAZY_SUBCOMMANDS:
+            sub.add_lazy(name, LAZY_SUBCOMMANDS[name], f"crop.cli.{name}")
+            continue
         try:
             module = importlib.import_module(f"crop.cli.{name}")
         except ModuleNotFoundError as exc:  # a subcommand not written yet must not break the others

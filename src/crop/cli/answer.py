@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from crop.cli._options import add_option_argument, apply_options, parse_options
 from crop.errors import CropInputError
@@ -16,12 +19,18 @@ Answer a question about an image with a fraction of the visual tokens.
 The localizer finds the region of the image the question is about (on a GRID x GRID grid);
 then the visual tokens outside it are dropped after decoder layer K (--method ilp), or
 pooled before the LLM (--method plc). --method none runs the unpruned model.
-The report shows the answer, the region, visual tokens in and kept per stage, the KV cache
-after prefill, and timings (the localizer's time is always included).
+The report shows the answer, the region used, visual tokens in and kept per stage, the KV
+cache after prefill, and timings (the localizer's time is always included).
+
+Refused before any model loads (one-line error, exit code 2): images over the pixel limit
+(--max-image-pixels), with a side under 4 px or an aspect ratio over 50:1, and an --overlay
+path that is not a .png in an existing, writable folder. EXIF orientation is applied and
+16-bit / 32-bit / float images are scaled to 8 bits (see crop.io.load_image).
 """
 
 EPILOG = """\
 examples:
+  crop answer --sample "What color is the star?"
   crop answer photo.jpg "What color is the star?"
   crop answer photo.jpg "What number is on the card?" --method plc --keep-tokens 64
   crop answer img.png "What is this?" --model tiny-random-llava --localizer box:2,2,5,5 --json
@@ -33,8 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``answer`` subcommand."""
     p = subparsers.add_parser("answer", help="answer a question about an image with CROP", description=DESCRIPTION,
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", help="path to the image file")
+    p.add_argument("image", nargs="?", default=None, help="path to the image file (omit it with --sample)")
     p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--sample", action="store_true",
+                   help="use the sample image shipped with the package (a synthetic scene) instead of IMAGE")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more than N pixels before decoding them (default: Pillow's "
+                        "decompression-bomb limit, about 89.5 million); raise it only for trusted input")
     p.add_argument("--model", default="embedded",
                    help="answering VLM: 'embedded' (default, the shipped toy LLaVA), 'tiny-random-llava', "
                         "'tiny-random-llava-next', 'tiny-random-qwen2-vl', 'tiny-random-qwen2.5-vl' (random "
@@ -83,19 +97,65 @@ def _config(args: argparse.Namespace):
     return apply_options(config, parse_options(args.option))
 
 
+def sample_image_path() -> Path:
+    """The sample image shipped inside the package (``crop/assets/sample.png``)."""
+    from importlib.resources import files
+
+    return Path(str(files("crop") / "assets" / "sample.png"))
+
+
+def _image_source(args: argparse.Namespace) -> Path | str:
+    if args.sample and args.image is not None:
+        raise CropInputError(f"give either IMAGE ({args.image}) or --sample, not both")
+    if args.sample:
+        path = sample_image_path()
+        if not path.is_file():
+            raise CropInputError(f"the sample image is missing from the installed package: {path}")
+        return path
+    if args.image is None:
+        raise CropInputError("no image: give IMAGE before the question, or --sample for the shipped sample image")
+    return args.image
+
+
+def _check_overlay_path(path: str) -> None:
+    """Refuse an --overlay path that could not be written, before any inference is spent on it."""
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise CropInputError(f"--overlay must be a .png file, got {path}")
+    if target.is_dir():
+        raise CropInputError(f"--overlay {path} is a folder; give a file name ending in .png")
+    folder = target.parent
+    if not folder.is_dir():
+        raise CropInputError(f"cannot write --overlay {path}: the folder {folder} does not exist")
+    try:  # os.access says yes to root and knows nothing of read-only mounts: try it
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise CropInputError(f"cannot write --overlay {path}: the folder {folder} is not writable") from None
+    if target.exists() and not os.access(target, os.W_OK):
+        raise CropInputError(f"cannot write --overlay {path}: the file exists and is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``crop answer``; returns the exit code."""
     from crop.io import check_question, load_image
+
+    # cheap checks first: bad input fails in a fraction of a second, before torch or any model loads
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        raise CropInputError(f"--max-image-pixels must be a positive integer, got {args.max_image_pixels}")
+    image = load_image(_image_source(args), max_pixels=args.max_image_pixels)
+    question = check_question(args.question)
+    if args.max_new_tokens < 1:
+        raise CropInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.overlay:
+        _check_overlay_path(args.overlay)
+    config = _config(args)
+
     from crop.localizers import make_localizer
     from crop.models.loading import load_model
     from crop.models.tiny import TINY_MODEL_NAMES
     from crop.pipeline import CropPipeline
 
-    config = _config(args)
-    image = load_image(args.image)  # fail fast on bad input, before loading any model
-    question = check_question(args.question)
-    if args.max_new_tokens < 1:
-        raise CropInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, processor = load_model(args.model, attn_implementation=args.attn)
     localizer = make_localizer(args.localizer or ("embedded" if args.model == "embedded" else "full"), args.grid)
     try:
@@ -137,14 +197,25 @@ def _write_overlay(path: str, view, result, grid: int) -> None:
         raise CropInputError(f"cannot write --overlay {path}: {exc}") from None
 
 
+def _region_line(result) -> str:
+    """The region the model's tokens were actually selected with, and how it came from the localizer's."""
+    used = result.extra.get("model_view_box")
+    line = f"region: {used or result.box} on a {result.grid}x{result.grid} grid"
+    if used is not None and list(used) != list(result.box):
+        line += (f" of the model's view (the localizer's box {result.box} on the whole image, mapped onto the "
+                 "padded / centre-cropped picture the model sees)")
+    if result.localizer_fallback:
+        line += "  (localizer output unusable: full image used)"
+    return line
+
+
 def _report(result) -> str:
     """A short human-readable report of one answer."""
     kept = ", ".join(f"{stage}: {n}" for stage, n in result.visual_tokens_kept.items())
     t = result.timings
     lines = [
         f"answer: {result.answer}",
-        f"region: {result.box} on a {result.grid}x{result.grid} grid"
-        + ("  (localizer output unusable: full image used)" if result.localizer_fallback else ""),
+        _region_line(result),
         f"method: {result.method}" + (f" (layer {result.layer})" if result.layer is not None else "")
         + (f", keep_tokens {result.keep_tokens}" if result.keep_tokens is not None else ""),
         f"visual tokens: {result.visual_tokens_in} in; kept {kept}",

@@ -1,4 +1,9 @@
-"""``crop methods``: list the registered pruning methods."""
+"""``crop methods``: list the registered pruning methods.
+
+Building its parser is light (``crop --help`` does not import torch), but running it imports
+torch: the list comes from the method registry itself (``crop.methods``, whose classes are
+torch modules) rather than from a static copy that could drift from it.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,10 @@ gathered, never recomputed, so RoPE and Qwen's M-RoPE both stay right. A pruner 
 ``rotary`` function instead *renumbers* positions contiguously after the drop (what some
 baselines' official code does, e.g. PyramidDrop): each kept token's position is lowered by the
 number of tokens dropped before it, and each generated token's by the number dropped in all,
-and the cos/sin tables are recomputed for those positions (1-D RoPE only).
+and the cos/sin tables are recomputed for those positions (1-D RoPE only). A renumbering pruner
+may also be ``ordered``: the kept slots then go on in the order the selector gives them (not
+sorted), the causal mask follows that order and the renumbered positions are handed out in it
+(SparseVLM places its merged tokens after the kept visual tokens this way).
 
 The mechanism is instance-level forward pre-hooks on ``layers[K:]`` (no copied forward, no
 class patching): layer K's hook shortens the hidden states and rewrites the per-layer
@@ -37,8 +40,9 @@ class PruneContext:
     """Per-prompt state of one pruning point, armed before the forward/generate call.
 
     Attributes:
-        keep: per sample, sorted positions (in the sequence this layer receives) to keep; when
-            ``None``, ``selector`` decides them at the first prefill.
+        keep: per sample, positions (in the sequence this layer receives) to keep, sorted (or in
+            the selector's order for an ``ordered`` pruner); when ``None``, ``selector`` decides
+            them at the first prefill.
         prompt_len: length of the prompt the positions refer to (``None`` until known).
         batch: batch size of that prompt.
         selector: ``(hidden (B, L, D), layer_kwargs) -> per-sample positions``, for methods whose
@@ -129,16 +133,24 @@ class InnerLLMPruner:
         rotary: ``(hidden, position_ids (B, L)) -> (cos, sin)``, the model's rotary embedding;
             given, positions are renumbered contiguously after the drop (see the module
             docstring); ``None`` keeps the original positions.
+        ordered: keep the kept slots in the order given (a selector's or ``keep``'s) instead of
+            sorting them; needs ``rotary`` (positions are handed out in that order). The order may
+            only permute real (unpadded) tokens among themselves: the causal mask is the one of
+            the sorted slots, so each column keeps its padding status.
     """
 
     def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False,
-                 rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+                 rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 ordered: bool = False) -> None:
         if not 1 <= layer < len(layers):
             raise ValueError(f"ILP layer must be in [1, {len(layers) - 1}] for a {len(layers)}-layer model, got {layer}")
+        if ordered and rotary is None:
+            raise ValueError("an ordered pruner renumbers positions in its order: give it the rotary function")
         self.layers = layers
         self.layer = layer
         self.eager = eager
         self.rotary = rotary
+        self.ordered = ordered
         self.context: PruneContext | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -171,12 +183,26 @@ class InnerLLMPruner:
         if keep is not None:
             if prompt_len is None:
                 raise ValueError("keep positions need the prompt_len they refer to")
-            self.context = PruneContext(keep=[k.sort().values for k in keep], prompt_len=prompt_len, batch=len(keep))
+            self.context = PruneContext(keep=[self._order(k) for k in keep], prompt_len=prompt_len, batch=len(keep))
         else:
             if batch is None:
                 raise ValueError("a selector needs the batch size")
             self.context = PruneContext(keep=None, prompt_len=None, batch=batch, selector=selector)
         return self.context
+
+    def _order(self, keep: torch.Tensor) -> torch.Tensor:
+        """Kept positions as they go on: sorted, or as given for an ordered pruner."""
+        return keep if self.ordered else keep.sort().values
+
+    def _causal_index(self, ctx: PruneContext) -> torch.Tensor:
+        """``(B, Lk)`` the slots the causal mask and renumbering are built from: sorted, so column order is causal order.
+
+        For an unordered pruner this is ``ctx.index`` itself (already sorted). For an ordered one
+        the j-th column stands for the j-th smallest kept slot: the columns are the same set of
+        tokens, causality follows the new column order, and padding columns stay padding (only
+        real tokens are permuted, left padding stays in front).
+        """
+        return ctx.index.sort(dim=1).values if self.ordered else ctx.index
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -214,7 +240,7 @@ class InnerLLMPruner:
             if batch != ctx.batch:
                 raise RuntimeError(f"the model got a batch of {batch} but pruning was prepared for {ctx.batch}")
             ctx.prompt_len = seq_len
-            ctx.keep = [k.to(hidden.device).sort().values for k in ctx.selector(hidden, kwargs)]
+            ctx.keep = [self._order(k.to(hidden.device)) for k in ctx.selector(hidden, kwargs)]
         if batch != ctx.batch or seq_len < ctx.prompt_len:
             raise RuntimeError(f"the model got a prompt of shape ({batch}, {seq_len}) but ILP was prepared for "
                                f"({ctx.batch}, {ctx.prompt_len}); prepare each prompt before running it")
@@ -234,7 +260,7 @@ class InnerLLMPruner:
 
     def _renumbered_prefill(self, ctx: PruneContext, hidden: torch.Tensor, pos: Any) -> dict[str, Any]:
         """Positions 0..L'-1 (per sample, shifted as the input's were) for the kept slots, and their cos/sin."""
-        index, valid = ctx.index, ctx.valid  # (B, Lk)
+        index, valid = self._causal_index(ctx), ctx.valid  # (B, Lk) (ordered: the j-th column gets the j-th position)
         if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
             raise RuntimeError("renumbering positions needs 1-D position_ids (B, L) at the pruned layer; "
                                "M-RoPE models keep their original positions")
@@ -258,10 +284,10 @@ class InnerLLMPruner:
         return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
 
     def _prefill_mask(self, ctx: PruneContext, mask: Any, dtype: torch.dtype) -> Any:
-        index, valid = ctx.index, ctx.valid
+        index, valid = self._causal_index(ctx), ctx.valid  # (B, Lk)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             if valid is None:
-                return mask  # SDPA's implicit causal mask stays valid: kept positions stay in order
+                return mask  # SDPA's implicit causal mask stays valid: causal in the (kept) slot order
             allowed = index[:, None, None, :] <= index[:, None, :, None]  # (B, 1, Lk, Lk) causal in old positions
             mask = None
         else:

@@ -2,34 +2,51 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from crop.hf_compat import layer_cache
-from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin, scaled_layers, stage_counts
+from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin
 from crop.methods.base import METHODS
 
-# the paper's LLaVA-1.5-7B pruning layers: 2, 6 and 15 of 32
-PAPER_STAGE_FRACTIONS = (2 / 32, 6 / 32, 15 / 32)
+# the official code prunes the *output* of layers 2, 6 and 15 of LLaVA-1.5-7B's 32 with each
+# layer's own attention: our stage layers (dropped at their input) are 3, 7 and 16
+OFFICIAL_LAYERS = (2, 6, 15)
+OFFICIAL_DEPTH = 32
+OFFICIAL_TOKENS = 576
+# score.py's v1 ``sparse_token_dict``: rated tokens kept after each stage (merged tokens not included)
+OFFICIAL_TABLES: dict[int, tuple[int, int, int]] = {
+    64: (66, 30, 17),
+    96: (238, 48, 26),
+    128: (303, 110, 36),
+    192: (300, 200, 110),
+}
+DEFAULT_LABEL = 192  # RETAIN_TOKN's default
+POSITIONS = ("auto", "renumber", "keep")
 
 
 @dataclass
 class SparseVLMConfig(BaselineConfigMixin):
-    """Configuration of SparseVLM.
+    """Configuration of SparseVLM (the official v1.5 rule, see :class:`SparseVLM`).
 
     Args:
-        keep_tokens: the budget as the layer-weighted equivalent visual-token count per image,
-            merged (recycled) tokens included (see :func:`crop.methods.attention.stage_counts`);
-            ``None`` keeps 50 / 25 / 12.5 % after the stages.
-        layers: the pruning layers; ``None`` scales the paper's 2/6/15-of-32 to the model's depth.
-        ratio: share of the previous stage's visual tokens each stage keeps.
-        recycle: tau, the share of each stage's pruned tokens (the best-rated ones) recycled
-            into merged tokens; 0 disables recycling.
-        merge_share: share of a stage's count given to merged tokens (at least 1 when recycling).
+        keep_tokens: the budget, as the official logger's equivalent visual-token count per image
+            (:func:`official_equivalent`, merged tokens included); ``None`` runs the official
+            default (``RETAIN_TOKN=192``). 64 / 96 / 128 / 192 of 576 run the official tables;
+            other budgets and image sizes follow :func:`sparsevlm_schedule`.
+        layers: the stage layers (tokens dropped at their input; ranked with the attention of the
+            layer before); ``None`` is the official 2/6/15-of-32 + 1, scaled to the model's depth.
+            At most three (one per table column; fewer use the last columns).
+        recycle: tau, the share of each stage's pruned tokens recycled: ``int(tau * P) + 1`` of
+            them (the best-rated); 0 disables recycling.
+        cluster_size: recycled tokens per merged token: ``int(R / cluster_size) + 1`` clusters.
+        positions: ``"renumber"`` (the official v1 code: positions 0..L'-1 after each stage, merged
+            tokens placed after the kept visual tokens), ``"keep"`` (original positions, each merged
+            token in the sequence slot of its cluster's centre), or ``"auto"``: renumber on 1-D
+            RoPE models (LLaVA, LLaVA-NeXT), keep on M-RoPE ones (Qwen2-VL/2.5-VL).
         grid: side of the region grid of the boxes handed to ``prepare`` (ignored: this method
             does not use the region; kept so every config runs through the same pipeline).
 
@@ -39,9 +56,9 @@ class SparseVLMConfig(BaselineConfigMixin):
 
     keep_tokens: int | None = None
     layers: tuple[int, ...] | None = None
-    ratio: float = 0.5
     recycle: float = 0.3
-    merge_share: float = 0.1
+    cluster_size: int = 10
+    positions: str = "auto"
     grid: int = 8
     method_name: ClassVar[str] = "sparsevlm"
 
@@ -49,18 +66,170 @@ class SparseVLMConfig(BaselineConfigMixin):
         self._check_keep(self.keep_tokens)
         self._check_grid(self.grid)
         self._check_layers(self.layers)
-        self._check_ratio("ratio", self.ratio)
+        if self.layers is not None and len(self.layers) > len(OFFICIAL_LAYERS):
+            raise ValueError(f"SparseVLM's tables have {len(OFFICIAL_LAYERS)} stages; got layers={self.layers!r}")
         self._check_ratio("recycle", self.recycle, low_open=False)
-        self._check_ratio("merge_share", self.merge_share, low_open=False)
+        if isinstance(self.cluster_size, bool) or not isinstance(self.cluster_size, int) or self.cluster_size < 1:
+            raise ValueError(f"cluster_size must be a positive int, got {self.cluster_size!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
+
+
+# -- the schedule (pure arithmetic) ------------------------------------------------------------
+
+
+def recycled_counts(v: int, k: int, recycle: float = 0.3, cluster_size: int = 10) -> tuple[int, int]:
+    """``(R, C)``: tokens recycled and merged tokens made when ``k`` of ``v`` visual tokens are kept.
+
+    The official rule: of the ``P = v - k`` pruned, ``R = int(tau * P) + 1`` are recycled into
+    ``C = int(R / 10) + 1`` merged tokens (``(0, 0)`` when nothing is pruned or tau is 0).
+    """
+    pruned = v - k
+    if pruned <= 0 or recycle <= 0:
+        return 0, 0
+    recycled = min(int(pruned * recycle) + 1, pruned)
+    return recycled, min(int(recycled / cluster_size) + 1, recycled)
+
+
+def stage_totals(n_in: int, rated: Sequence[int], recycle: float = 0.3, cluster_size: int = 10) -> list[int]:
+    """Visual tokens after each stage, merged included, for the rated counts ``rated`` (official ``min(n, v-1)``)."""
+    totals, v = [], n_in
+    for n in rated:
+        k = min(n, v - 1)
+        v = k + recycled_counts(v, k, recycle, cluster_size)[1]
+        totals.append(v)
+    return totals
+
+
+def official_equivalent(n_in: int, totals: Sequence[int], stage_layers: Sequence[int], num_layers: int) -> float:
+    """The official logger's "Equal Tokens": the pruning layer (``K - 1``) already counted with the pruned count.
+
+    ``(2 * 576 + 4 * n1 + 9 * n2 + 17 * n3) / 32`` for LLaVA-1.5-7B (merged tokens included in ``n``).
+    """
+    starts = [k - 1 for k in stage_layers]
+    bounds = starts[1:] + [num_layers]
+    return (starts[0] * n_in + sum((end - start) * n for start, end, n in zip(starts, bounds, totals,
+                                                                                strict=True))) / num_layers
+
+
+def default_layers(num_layers: int) -> tuple[list[int], list[int]]:
+    """``(stage layers, table column of each)``: the official 2/6/15 of 32 scaled to the depth, plus one.
+
+    Layers that coincide after rounding are merged (the later table column wins).
+    """
+    layers: dict[int, int] = {}
+    for column, official in enumerate(OFFICIAL_LAYERS):
+        layer = min(max(int(official * num_layers / OFFICIAL_DEPTH + 0.5) + 1, 1), num_layers - 1)
+        layers[layer] = column
+    return sorted(layers), [layers[k] for k in sorted(layers)]
+
+
+def sparsevlm_schedule(n_in: int, keep_tokens: int | None, stage_layers: Sequence[int], num_layers: int,
+                       columns: Sequence[int] | None = None, recycle: float = 0.3,
+                       cluster_size: int = 10) -> tuple[list[int], list[int]] | None:
+    """``(rated, totals)`` per stage for one image: rated tokens kept, and visual tokens after it (merged included).
+
+    The rule:
+
+    - ``keep_tokens >= n_in``: ``None``, keep everything (no stage prunes or merges);
+    - the budget read for 576 tokens, ``b = keep_tokens * 576 / n_in`` (``None``: 192);
+    - ``b`` one of the official labels (64, 96, 128, 192): that table's counts times ``n_in / 576``
+      (the table itself at 576 tokens);
+    - otherwise the nearest label's table times ``n_in / 576``, all counts scaled by one factor
+      ``f`` (rounded, at least 1) chosen so that :func:`official_equivalent` is closest to
+      ``keep_tokens``.
+
+    Args:
+        n_in: the image's visual tokens.
+        keep_tokens: the equivalent budget, or ``None``.
+        stage_layers: the stage layers (the pruning layers + 1).
+        num_layers: the LM's depth.
+        columns: the table column of each stage (default: the last ``len(stage_layers)``).
+
+    Raises:
+        ValueError: when even one token per stage costs more than ``keep_tokens``.
+    """
+    if n_in == 0:
+        return [0] * len(stage_layers), [0] * len(stage_layers)
+    if keep_tokens is not None and keep_tokens >= n_in:
+        return None
+    if columns is None:
+        columns = list(range(len(OFFICIAL_LAYERS) - len(stage_layers), len(OFFICIAL_LAYERS)))
+    label = DEFAULT_LABEL if keep_tokens is None else keep_tokens * OFFICIAL_TOKENS / n_in
+    nearest = min(OFFICIAL_TABLES, key=lambda t: (abs(t - label), t))
+    base = [OFFICIAL_TABLES[nearest][c] * n_in / OFFICIAL_TOKENS for c in columns]
+
+    def plan(f: float) -> tuple[list[int], list[int], float]:
+        rated = [max(1, int(f * c + 0.5)) for c in base]
+        totals = stage_totals(n_in, rated, recycle, cluster_size)
+        return rated, totals, official_equivalent(n_in, totals, stage_layers, num_layers)
+
+    if label in OFFICIAL_TABLES:
+        rated, totals, _ = plan(1.0)
+        return rated, totals
+    target = float(keep_tokens)
+    if plan(0.0)[2] > target:
+        raise ValueError(f"SparseVLM cannot meet keep_tokens={keep_tokens} equivalent tokens for an image of {n_in} "
+                         f"tokens in a {num_layers}-layer LM: one token per stage already costs {plan(0.0)[2]:.1f}")
+    lo, hi = 0.0, n_in / min(base) + 1.0  # at hi every stage keeps v - 1
+    for _ in range(60):  # the equivalent does not decrease with f
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if plan(mid)[2] <= target else (lo, mid)
+    below, above = plan(lo), plan(hi)
+    best = below if target - below[2] <= above[2] - target else above
+    return best[0], best[1]
+
+
+# -- density-peak clustering (the official utils.cluster_and_merge) ---------------------------
+
+
+def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """DPC-kNN clustering of ``x`` ``(R, D)`` into ``clusters`` groups, each merged into its mean.
+
+    As the official ``cluster_and_merge``: Euclidean distances over ``sqrt(D)``; local density
+    ``exp(-mean of the squared distances to the k = clusters nearest (self included))``; each
+    token's distance to the nearest denser token (the largest distance for the densest); the
+    ``clusters`` tokens with the largest ``density * distance`` are the centres (in that order);
+    every token joins its nearest centre and each centre its own cluster; a merged token is the
+    sum of its members over ``(count + 1e-6)``. The official 1e-6 random density jitter (a
+    tie-breaker) is left out, so the result is deterministic.
+
+    Returns:
+        ``(merged (C, D), members)``: the merged tokens in centre order and, per cluster, the
+        indices into ``x`` it merges (its centre first).
+    """
+    n, dim = x.shape
+    xf = x.float()
+    dist = torch.cdist(xf[None], xf[None])[0] / dim ** 0.5  # (R, R)
+    nearest = dist.topk(clusters, dim=-1, largest=False).values  # (R, C) self included
+    density = (-(nearest ** 2).mean(dim=-1)).exp()  # (R,)
+    denser = density[None, :] > density[:, None]  # (R, R) [i, j]: j is denser than i
+    parent = torch.where(denser, dist, dist.max()).min(dim=-1).values  # (R,)
+    centres = (parent * density).topk(clusters).indices  # (C,)
+    assign = dist[centres].argmin(dim=0)  # (R,) nearest centre
+    assign[centres] = torch.arange(clusters, device=x.device)
+    members = []
+    for c in range(clusters):
+        group = (assign == c).nonzero().squeeze(1)
+        members.append(torch.cat([centres[c:c + 1], group[group != centres[c]]]))
+    sums = torch.zeros(clusters, dim, dtype=x.dtype, device=x.device).index_add_(0, assign, x)  # (C, D)
+    counts = torch.bincount(assign, minlength=clusters).to(x.dtype)  # (C,)
+    return sums / (counts[:, None] + 1e-6), members
 
 
 @dataclass
 class _Merge:
-    """One recycled token: slot ``center`` of sample ``sample`` becomes the mean of ``group`` (slots)."""
+    """One merged token of sample ``sample``: the mean of slots ``group`` written into slot ``center``.
+
+    ``origin`` / ``group_origin``: the prompt positions those slots came from (what the stats
+    report: a merged token is listed under its centre slot's origin).
+    """
 
     sample: int
     center: int
     group: torch.Tensor
+    origin: int = -1
+    group_origin: torch.Tensor | None = None
 
 
 @METHODS.register("sparsevlm")
@@ -68,31 +237,50 @@ class SparseVLM(AttentionScoredMethod):
     """SparseVLM: question tokens rate the visual tokens at several LLM layers; the best pruned ones are merged.
 
     Paper: Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-    Model Inference", ICML 2025 (arXiv 2410.04417); training-free.
-    Stage: inside the LLM at several layers (default the paper's 2/6/15 of 32, scaled to depth).
-    At each pruning layer K, with the attention of layer K-1 (head-averaged, recomputed from
-    its captured queries/keys, SDPA kept on):
+    Model Inference", ICML 2025 (arXiv 2410.04417); training-free. Official code read:
+    github.com/Gumpest/SparseVLMs at commit 26a5f48813c46cd1c7364160354e7fdd3febaa67 (the v1.5
+    algorithm, default ``USE_VERSION``): ``llava/model/language_model/modelling_sparse_llama.py``
+    (raters L186-204, the pruning loop L214-321, attention L618-714, decoder layer L722-801),
+    ``score.py`` L9-46 (count tables, top-k) and ``utils.py`` L179-239 (``cluster_and_merge``).
 
-    1. *raters*: the prompt's text tokens (outside every image span) whose mean attention to
-       the surviving visual tokens is at least the average over text tokens;
-    2. each visual token's score is the raters' mean attention to it; each image keeps its
-       best-rated tokens;
-    3. *recycling*: of the tokens pruned, the best-rated ``recycle`` share is clustered around
-       the best of them (each joins its most cosine-similar centre, on hidden states) and each
-       cluster is averaged into one merged token.
+    Stage: inside the LLM at three layers. What is reproduced:
 
-    Deviations from the paper, and why:
+    1. *Layers*: the official code prunes the output of layers 2, 6, 15 (of 32) with each one's
+       own attention; here the stage layers are 3, 7, 16 (tokens dropped at their input) and
+       the captured attention of 2, 6, 15 ranks (scaled to the depth as fractions of 32).
+    2. *Raters*, once per prompt, from the embeddings entering layer 0: per image, ``V`` its
+       visual tokens and ``T`` the text tokens after it (not the system prompt before it);
+       ``r = mean_V softmax_T(V T^T)``; raters are the ``T`` with ``r > mean(r)``. The same
+       raters at every stage.
+    3. *Scores*: the capture layer's causal attention (RoPE, softmax over all keys), mean over
+       heads and raters, of each current visual token of the image (merged tokens from the
+       previous stage compete again); the top ``min(n_s, v - 1)`` are kept, in their order.
+    4. *Counts*: the official v1 tables (rated tokens per stage) 64 -> 66/30/17,
+       96 -> 238/48/26, 128 -> 303/110/36, 192 -> 300/200/110 of 576, plus recycling on top: of
+       the ``P`` pruned, the ``int(0.3 P) + 1`` best-rated are clustered (density-peak kNN, see
+       :func:`cluster_and_merge`) into ``int(R / 10) + 1`` merged tokens, each its cluster's mean
+       of the capture layer's output. After the stages (merged included) 64 -> 82/32/18,
+       128 -> 312/117/39, 192 -> 309/204/113. Other budgets and image sizes: see
+       :func:`sparsevlm_schedule` (the budget is the official logger's equivalent count,
+       :func:`official_equivalent`; ``planned_counts`` reports the per-layer counts really run,
+       whose mean is larger: layer ``K - 1`` runs on every current token).
+    5. *Placement, positions*: on 1-D RoPE models the merged tokens go right after the image's
+       kept tokens (in centre order) and positions are renumbered 0..L'-1 after each stage,
+       generated tokens included (an ``ordered`` renumbering pruner); a merged token's hidden
+       state is written into the slot of its cluster's centre (a pruned slot), in place.
 
-    - The number kept per stage comes from the budget (:func:`crop.methods.attention.stage_counts`,
-      ``keep_tokens`` as the equivalent count) rather than the paper's rank-of-attention rule,
-      so every method meets the same budget; merged tokens count toward it.
-    - The hooks cannot insert new tokens, so a merged token takes the sequence slot (and the
-      rotary position) of its cluster's best-rated pruned token; that slot's hidden state is
-      replaced by the cluster mean. The paper's density-peak kNN clustering is replaced by
-      "centres = best-rated recycled tokens, nearest centre by cosine similarity".
-    - The merged hidden states are written in place into the tensor entering layer K (the
-      previous layer's output, so ``output_hidden_states`` shows them); no-cache forwards of
-      the same prompt redo the merge from their own hidden states.
+    Deviations, and why:
+
+    - Batches, padding and several images per prompt (the official code: batch 1, one image):
+      each image has its own raters (the text after it, other images excluded) and counts.
+    - M-RoPE models (Qwen2-VL/2.5-VL, no official path): original positions are kept and each
+      merged token stays in its centre's slot (a 3-D position has no contiguous renumbering);
+      ``positions="keep"`` does the same on LLaVA (measured in tests/test_reference_sparsevlm.py).
+    - Scores and raters in float32 (the official code: fp16); no density jitter in the
+      clustering (it only breaks exact ties); a budget of all the tokens keeps everything (the
+      official ``min(n, v - 1)`` would still merge one token); when an image's raters are empty
+      (a single text token ties with its mean) all its text tokens rate.
+    - No-cache forwards of the same prompt redo the merges from their own hidden states.
 
     Config: :class:`SparseVLMConfig`.
     """
@@ -105,21 +293,55 @@ class SparseVLM(AttentionScoredMethod):
         return SparseVLMConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def __init__(self, adapter, config) -> None:
+        if config.positions == "renumber" and adapter.uses_mrope:
+            raise ValueError("positions='renumber' needs 1-D RoPE; this model uses M-RoPE (use 'auto' or 'keep')")
+        if config.layers is not None:
+            self._layers, self._columns = list(config.layers), None
+        else:
+            self._layers, self._columns = default_layers(adapter.num_layers)
         super().__init__(adapter, config)
-        self._merges: list[list[_Merge]] = [[] for _ in self.stage_layers()]
+        self._merges: list[list[_Merge]] = [[] for _ in self._layers]
         self._merge_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._embed_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._embeds: torch.Tensor | None = None  # (B, L, D) what entered layer 0 in the armed prefill
+        self._embeds_armed = False
+        self._raters: list[torch.Tensor] = []  # per image, prompt positions of its raters
 
     def stage_layers(self) -> list[int]:
-        if self.config.layers is not None:
-            return list(self.config.layers)
-        return scaled_layers(PAPER_STAGE_FRACTIONS, self.adapter.num_layers)
+        return list(self._layers)
+
+    def pruner_rotary(self):
+        return self.adapter.rotary_embedding if self._renumber() else None
+
+    def _renumber(self) -> bool:
+        return self.config.positions == "renumber" or (self.config.positions == "auto" and
+                                                       not self.adapter.uses_mrope)
+
+    def _make_pruners(self):
+        pruners = super()._make_pruners()
+        for pruner in pruners:
+            pruner.ordered = pruner.rotary is not None  # merged tokens after the kept ones, as the official code
+        return pruners
+
+    def schedule(self, n_in: int) -> tuple[list[int], list[int]] | None:
+        """``(rated, totals)`` per stage for an image of ``n_in`` tokens (see :func:`sparsevlm_schedule`)."""
+        return sparsevlm_schedule(n_in, self.config.keep_tokens, self._layers, self.adapter.num_layers,
+                                  self._columns, self.config.recycle, self.config.cluster_size)
+
+    def planned_counts(self, n_in):
+        from crop.methods.pdrop import _per_layer
+
+        plan = self.schedule(n_in)
+        totals = [n_in] * len(self._layers) if plan is None else plan[1]
+        return _per_layer(n_in, self._layers, totals, self.adapter.num_layers)
 
     def attach(self) -> None:
         # registered before the pruners' hooks, so a replayed merge happens before the stage's gather
         if not self._merge_handles:
-            for stage, k in enumerate(self.stage_layers()):
+            for stage, k in enumerate(self._layers):
                 self._merge_handles.append(
                     self.layers[k].register_forward_pre_hook(self._replay(stage, k), with_kwargs=True))
+            self._embed_handle = self.layers[0].register_forward_pre_hook(self._keep_embeds, with_kwargs=True)
         super().attach()
 
     def detach(self) -> None:
@@ -127,71 +349,137 @@ class SparseVLM(AttentionScoredMethod):
         for handle in self._merge_handles:
             handle.remove()
         self._merge_handles.clear()
+        if self._embed_handle is not None:
+            self._embed_handle.remove()
+            self._embed_handle = None
+        self._embeds, self._embeds_armed = None, False
 
     def prepare(self, inputs, spans, boxes):
-        layers = self.stage_layers()
-        self._counts = [stage_counts(s.visual_tokens, self.config.keep_tokens, layers, self.adapter.num_layers,
-                                     self.config.ratio) for s in spans]  # per image, per stage
-        self._merges = [[] for _ in layers]
+        self._plans = [self.schedule(s.visual_tokens) for s in spans]  # per image: (rated, totals) or None
+        self._merges = [[] for _ in self._layers]
+        self._embeds, self._embeds_armed, self._raters = None, True, []
         return super().prepare(inputs, spans, boxes)
 
-    def planned_counts(self, n_in):
-        from crop.methods.pdrop import _per_layer
+    def _keep_embeds(self, module, args, kwargs):
+        if self._embeds_armed:
+            self._embeds = (args[0] if args else kwargs["hidden_states"]).detach()  # (B, L, D)
+            self._embeds_armed = False
+        return None
 
-        layers = self.stage_layers()
-        counts = stage_counts(n_in, self.config.keep_tokens, layers, self.adapter.num_layers, self.config.ratio)
-        return _per_layer(n_in, layers, counts, self.adapter.num_layers)
+    # -- raters ----------------------------------------------------------------------------------
+
+    def _choose_raters(self) -> list[torch.Tensor]:
+        """Per image, the prompt positions of its text raters (official L199-204), from the layer-0 embeddings."""
+        embeds = self._embeds
+        if embeds is None:
+            raise RuntimeError("SparseVLM saw no prompt embeddings; call handle.prepare(inputs) before each "
+                               "forward/generate call")
+        batch, length, _ = embeds.shape
+        in_image = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)  # (B, L)
+        for span in self._spans:
+            in_image[span.sample, span.start:span.start + span.length] = True
+        real = torch.ones_like(in_image) if self._attention_mask is None else \
+            self._attention_mask.to(embeds.device)[:, :length]  # (B, L)
+        raters = []
+        for span in self._spans:
+            after = torch.arange(length, device=embeds.device) >= span.start + span.length  # (L,)
+            text = (after & ~in_image[span.sample] & real[span.sample]).nonzero().squeeze(1)  # (T,)
+            if text.numel() == 0:
+                raters.append(text)
+                continue
+            v = embeds[span.sample, span.start + span.visual_positions().to(embeds.device)].float()  # (V, D)
+            t = embeds[span.sample, text].float()  # (T, D)
+            r = (v @ t.T).softmax(dim=1).mean(dim=0)  # (T,)
+            chosen = text[r > r.mean()]
+            raters.append(chosen if chosen.numel() else text)
+        return raters
+
+    # -- selection -------------------------------------------------------------------------------
 
     def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
+        if stage == 0:
+            self._raters = self._choose_raters()
+            self._embeds = None  # not needed any more: free it
         origin, valid = self.slot_validity(stage, hidden)  # (B, L)
-        in_image = torch.zeros_like(valid)  # (B, L) slots inside an image span (visual or structure)
-        for span in self._spans:
-            row = origin[span.sample]
-            in_image[span.sample] |= (row >= span.start) & (row < span.start + span.length)
-        text = valid & ~in_image  # (B, L)
         last = self.last_slots(valid)
-        queries = [t.nonzero().squeeze(1) if t.any() else last[b] for b, t in enumerate(text)]
-        rows = self.attention_rows_at(stage, hidden, layer_kwargs, queries, valid)  # per b: (n_text, L)
+        rater_slots = []  # per image, slots of its raters in this sequence
+        for span, raters in zip(self._spans, self._raters, strict=True):
+            slots = torch.isin(origin[span.sample], raters.to(origin.device)).nonzero().squeeze(1)
+            rater_slots.append(slots if slots.numel() else last[span.sample])
+        queries = []
+        for b in range(hidden.shape[0]):
+            mine = [s for span, s in zip(self._spans, rater_slots, strict=True) if span.sample == b]
+            queries.append(torch.cat(mine).unique() if mine else last[b])  # (n_b,) sorted
+        rows = self.attention_rows_at(stage, hidden, layer_kwargs, queries, valid)  # per b: (n_b, L)
         out, image = [], 0
         for b, per_sample in enumerate(candidates):
-            attn = rows[b]  # (n_text, L)
-            visual = torch.cat(per_sample).to(attn.device) if per_sample else attn.new_zeros(0, dtype=torch.long)
-            relevance = attn[:, visual].mean(dim=1) if visual.numel() else attn.new_ones(attn.shape[0])  # (n_text,)
-            raters = relevance >= relevance.mean()  # (n_text,) at least one (the max)
-            scores = attn[raters].mean(dim=0)  # (L,)
             for slots in per_sample:
-                keep = self._counts[image][stage]
+                plan = self._plans[image]
+                which = torch.searchsorted(queries[b], rater_slots[image].to(queries[b].device))  # rows of its raters
+                scores = rows[b][which].mean(dim=0)[slots.to(rows[b].device)].cpu()  # (v,)
+                keep = None if plan is None else plan[0][stage]
+                out.append(self._select_image(stage, b, slots, scores, keep, hidden, origin))
                 image += 1
-                out.append(self._select_image(stage, b, slots, scores[slots.to(scores.device)].cpu(), keep, hidden))
         return out
 
-    def _select_image(self, stage: int, sample: int, slots: torch.Tensor, scores: torch.Tensor, keep: int,
-                      hidden: torch.Tensor) -> torch.Tensor:
-        """Indices into ``slots`` to keep for one image (rated + merged), recording and applying merges."""
+    def _select_image(self, stage: int, sample: int, slots: torch.Tensor, scores: torch.Tensor, keep: int | None,
+                      hidden: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        """Indices into ``slots`` to keep for one image (rated + merged), recording and applying its merges."""
         n = slots.numel()
-        if keep >= n:
+        if keep is None or n == 0:
             return torch.arange(n)
-        order = scores.argsort(descending=True, stable=True)  # (v,) best first
-        merged = 0
-        if self.config.recycle > 0 and keep >= 2:
-            recycled = math.ceil(self.config.recycle * (n - keep))
-            merged = min(max(1, int(self.config.merge_share * keep + 0.5)), recycled, keep - 1)
-        rated = order[:keep - merged]  # (keep - m,)
-        if merged == 0:
-            return rated
-        pool = order[keep - merged:keep - merged + recycled]  # (r,) best-rated pruned tokens
-        centers, others = pool[:merged], pool[merged:]  # (m,), (r - m,)
-        slots_cpu = slots.cpu()
-        feats = nn.functional.normalize(hidden[sample, slots[pool].to(hidden.device)].float(), dim=-1)  # (r, D)
-        nearest = (feats[merged:] @ feats[:merged].T).argmax(dim=1).cpu() if others.numel() else \
-            torch.zeros(0, dtype=torch.long)  # (r - m,) centre of each other recycled token
+        k = min(keep, n - 1)
+        top = scores.topk(k).indices if k > 0 else torch.zeros(0, dtype=torch.long)  # (k,)
+        pruned_mask = torch.ones(n, dtype=torch.bool)
+        pruned_mask[top] = False
+        pruned = pruned_mask.nonzero().squeeze(1)  # (P,) in sequence order
+        recycled, clusters = recycled_counts(n, k, self.config.recycle, self.config.cluster_size)
+        if clusters == 0:
+            return top.sort().values
+        pool = pruned[scores[pruned].topk(recycled).indices]  # (R,) best-rated pruned, best first
+        pool_slots = slots.cpu()[pool]  # (R,)
+        _, members = cluster_and_merge(hidden[sample, pool_slots.to(hidden.device)], clusters)
         new = []
-        for j, c in enumerate(centers.tolist()):
-            group = torch.cat([torch.tensor([c]), others[nearest == j]])  # (g,) indices into slots
-            new.append(_Merge(sample, int(slots_cpu[c]), slots_cpu[group]))
+        row = origin[sample].cpu()
+        for group in members:
+            group_slots = pool_slots[group.cpu()]  # (g,) centre first
+            centre = int(group_slots[0])
+            new.append(_Merge(sample, centre, group_slots, int(row[centre]), row[group_slots]))
         _apply(hidden, new)
         self._merges[stage].extend(new)
-        return torch.cat([rated, centers])
+        centres = pool[torch.stack([g[0].cpu() for g in members])]  # (C,) indices into slots
+        return torch.cat([top.sort().values, centres])
+
+    def _selector(self, stage):
+        select = super()._selector(stage)
+        if not self._renumber():
+            return select
+
+        def ordered(hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
+            done = len(self._merges[stage])
+            keep = select(hidden, layer_kwargs)  # per sample, sorted slots (kept + merged centres)
+            return self._place_merged(stage, hidden, keep, self._merges[stage][done:])
+
+        return ordered
+
+    def _place_merged(self, stage: int, hidden: torch.Tensor, keep: list[torch.Tensor],
+                      merges: list[_Merge]) -> list[torch.Tensor]:
+        """Per sample, ``keep`` with each image's merged slots moved right after the image's last kept slot."""
+        origin = self.slot_origin(stage, hidden)  # (B, L)
+        out = []
+        for b, row in enumerate(keep):
+            order = row.tolist()
+            for span in (s for s in self._spans if s.sample == b):
+                mine = [m.center for m in merges if m.sample == b and span.start <= m.origin < span.start + span.length]
+                if not mine:
+                    continue
+                moved = set(mine)
+                rest = [s for s in order if s not in moved]
+                inside = [i for i, s in enumerate(rest) if span.start <= int(origin[b, s]) < span.start + span.length]
+                at = inside[-1] + 1 if inside else sum(1 for s in order[:order.index(mine[0])] if s not in moved)
+                order = rest[:at] + mine + rest[at:]
+            out.append(torch.tensor(order, dtype=torch.long, device=row.device))
+        return out
 
     def _replay(self, stage: int, layer: int):
         """Pre-hook redoing the stage's merges on later prefills of the same prompt (no-cache generation)."""
@@ -213,8 +501,10 @@ class SparseVLM(AttentionScoredMethod):
 
 
 def _apply(hidden: torch.Tensor, merges: list[_Merge]) -> None:
-    """Write each merge's cluster mean into its centre slot of ``hidden`` ``(B, L, D)``, in place."""
-    means = [hidden[m.sample, m.group.to(hidden.device)].mean(dim=0) for m in merges]  # each (D,)
+    """Write each merge's cluster mean (official: sum over ``count + 1e-6``) into its centre slot of ``hidden`` ``(B, L, D)``.
+
+    In place; every mean is computed before any slot is written.
+    """
+    means = [hidden[m.sample, m.group.to(hidden.device)].sum(dim=0) / (m.group.numel() + 1e-6) for m in merges]
     for m, mean in zip(merges, means, strict=True):
         hidden[m.sample, m.center] = mean
-
