@@ -31,6 +31,38 @@ def _common(summary: dict, shape: dict) -> str:
     )
 
 
+def _signals(cfg: dict, shape: dict) -> str:
+    """Every training signal of the answerer, as its card must list them (it judges pruning methods)."""
+    if shape.get("question_first") or cfg.get("attn_weight", 0) > 0:
+        return ""  # the earlier question-first recipe; its notes describe its signals
+    parts = cfg.get("init_parts", "all")
+    lines = [
+        "\n## Training signals (all of them)\n",
+        "- The answer tokens' cross-entropy (the benchmark's question and, as further chat turns, up to "
+        f"{cfg.get('turns', 1) - 1} other questions about the same scene).",
+        "- Per-visual-token linear probes on the projector output for the shape, colour and digit of the object "
+        "under each token: the same for every question (they stand in for a pretrained vision tower)."
+        if cfg.get("aux_weight", 0) > 0 else "- No per-token probes.",
+        "- Linear probes at each answer's first position for what the question text asks (family, shape, colour, "
+        "direction words); they read the question, never the image or its region." if cfg.get("aux_weight", 0) > 0
+        else "",
+        "- **Not used:** attention supervision, region-membership probes, any probe on image tokens that depends on "
+        "the question, anything derived from the question's ground-truth region or from a pruning method.",
+    ]
+    if cfg.get("init_from"):
+        lines.append(f"- Warm start of {'the vision tower and projector only' if parts == 'vision' else 'every weight'} "
+                     f"from `{cfg['init_from']}`"
+                     + (" (the earlier question-first answerer, whose recipe used region and attention "
+                        "supervision; the vision tower never sees the question, and the language model here starts "
+                        "from random weights)" if parts == "vision" else "") + ".")
+    if cfg.get("freeze_parts", "none") == "vision":
+        lines.append("- The vision tower and projector were frozen: only the language model was trained.")
+    if cfg.get("tiny_fraction", 0):
+        lines.append(f"- Curriculum: the first {cfg['tiny_fraction']:.0%} of steps on scenes of 3-4 objects, then "
+                     f"{cfg['curriculum_fraction']:.0%} on 3-8 objects, then the training mix.")
+    return "\n".join(x for x in lines if x) + "\n"
+
+
 def _digit_weight(cfg: dict) -> str:
     weight = cfg.get("digit_weight", 1.0)
     return "" if weight == 1.0 else f"; the digit probe weighted {weight:g}x"
@@ -53,10 +85,12 @@ def answerer_card(summary: dict, shape: dict) -> str:
         f"{grid}x{grid} = {grid * grid} visual tokens (2x2 per cell of the 8x8 region grid). Byte-level tokenizer "
         "and chat template built in code (`crop.models.tiny.llava_processor`)"
         + ("; the template is question-first, `USER: q\\n<image>\\nq ASSISTANT:`, so the image tokens see the "
-           "question" if shape.get("question_first") else "") + ".\n\n"
+           "question" if shape.get("question_first") else "; the template is the standard image-first LLaVA-1.5 "
+           "layout, `USER: <image>\\nq ASSISTANT:`") + f". Its language model has {shape['text_layers']} decoder "
+        "layers.\n\n"
         "A toy model for demonstrating and measuring token pruning offline; it knows only this benchmark's "
         "shapes, colours, digits and counts.\n\n"
-        + _common(summary, shape)
+        + _common(summary, shape) + _signals(summary["config"], shape)
         + f"\n## Evaluation ({m['split']} split, seed {m['seed']}, {m['n']} samples, all visual tokens, greedy)\n\n"
         f"Overall accuracy (normalized exact match): **{m['accuracy']:.1%}**\n\n"
         f"| family | accuracy |\n|---|---|\n{fam}\n" + _notes(summary) + "\n"
@@ -128,7 +162,7 @@ def localizer_card(summary: dict, shape: dict) -> str:
         + ". Serve it with "
         "`crop.localizers.make_localizer(\"embedded\")` (or `VLMLocalizer(model, processor, grid=8, "
         "image_first=False)`).\n\n"
-        + _common(summary, shape)
+        + _common(summary, shape) + _signals(summary["config"], shape)
         + f"\n## Evaluation ({m['split']} split, seed {m['seed']}, {m['n']} samples, greedy, via `VLMLocalizer`)\n\n"
         f"Mean IoU with the ground-truth grid box: **{m['mean_iou']:.3f}**; ground truth inside the prediction: "
         f"**{m['contains_rate']:.1%}**; exact box: {m['exact_rate']:.1%}; unparsable (full-image fallback): "

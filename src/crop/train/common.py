@@ -65,6 +65,8 @@ class TrainConfig:
         aux_weight: weight of the auxiliary per-visual-token losses (0 disables them).
         curriculum_fraction: fraction of the steps trained on sparse scenes (3-8 objects)
             before the default scene mix.
+        tiny_fraction: fraction of the steps, before the sparse ones, on scenes of 3-4 objects
+            (the first rung for a model that must learn to find the asked-about object).
         threads: ``torch.set_num_threads`` (the CPU is shared).
         workers: data-loader worker processes generating samples (0 = in the main process).
         turns: questions per training image (answerer): the benchmark question first, then
@@ -113,6 +115,7 @@ class TrainConfig:
     time_aware_schedule: bool = True
     aux_weight: float = 0.5
     curriculum_fraction: float = 0.1
+    tiny_fraction: float = 0.0
     threads: int = 1
     workers: int = 1
     turns: int = 1
@@ -132,8 +135,9 @@ class TrainConfig:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split must be 'val' or 'test', got {self.eval_split!r}")
-        if not 0 <= self.curriculum_fraction < 1:
-            raise ValueError("curriculum_fraction must be in [0, 1)")
+        if not 0 <= self.curriculum_fraction < 1 or not 0 <= self.tiny_fraction < 1 \
+                or self.curriculum_fraction + self.tiny_fraction >= 1:
+            raise ValueError("curriculum_fraction and tiny_fraction must be in [0, 1) and sum to less than 1")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
         if self.freeze_parts not in ("none", "vision"):
@@ -542,11 +546,14 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
     def elapsed() -> float:
         return elapsed_before + time.time() - start_time
 
-    n_curriculum = int(config.curriculum_fraction * config.steps)
-    batches = [
-        [("train-easy" if s < n_curriculum else "train", s * config.batch_size + i) for i in range(config.batch_size)]
-        for s in range(step, config.steps)
-    ]
+    n_tiny = int(config.tiny_fraction * config.steps)
+    n_curriculum = n_tiny + int(config.curriculum_fraction * config.steps)
+
+    def stream(s: int) -> str:
+        return "train-tiny" if s < n_tiny else "train-easy" if s < n_curriculum else "train"
+
+    batches = [[(stream(s), s * config.batch_size + i) for i in range(config.batch_size)]
+               for s in range(step, config.steps)]
     loader = torch.utils.data.DataLoader(
         _IndexDataset(task, batches), batch_size=None, shuffle=False, num_workers=config.workers,
         worker_init_fn=_worker_init if config.workers else None, prefetch_factor=4 if config.workers else None,

@@ -8,16 +8,19 @@ from functools import cache
 from crop.data.synth import SynthConfig, SynthSample, default_config, generate_sample
 
 EASY_OBJECTS = (3, 8)
+TINY_OBJECTS = (3, 4)  # the first rung of the curriculum: a few objects, so finding the asked one is easy
 TRAIN_CARDS = (2, 4)  # more digit cards than the benchmark's 1-3: digits are the slowest thing to learn
 
 
 @cache
 def stream_config(stream: str, image_size: int = 336) -> SynthConfig:
-    """The generator knobs of a stream: ``train``, ``train-easy`` (sparse scenes), ``val`` or ``test``.
+    """The generator knobs of a stream: ``train``, ``train-easy`` (sparse scenes), ``train-tiny`` (3-4 objects), ``val`` or ``test``.
 
     Training streams carry :data:`TRAIN_CARDS` digit cards per scene; ``val``/``test`` are the
     benchmark's own splits, unchanged.
     """
+    if stream == "train-tiny":
+        return replace(default_config("train", image_size=image_size), n_objects=TINY_OBJECTS, n_cards=(2, 2))
     if stream == "train-easy":
         return replace(default_config("train", image_size=image_size), n_objects=EASY_OBJECTS, n_cards=TRAIN_CARDS)
     if stream == "train":
