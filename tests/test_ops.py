@@ -70,3 +70,21 @@ def test_find_runs_and_resize_runs():
     assert new_mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
     assert starts == [[1, 3], [3]]
     assert src[0].tolist() == [0, -1, 4, -1, -1, -1, -1, 7]
+
+
+def test_stride_trim_covers_the_whole_region():
+    from crop.ops.selection import select_tokens
+    from crop.regions import GridBox
+
+    full = GridBox(0, 0, 7, 7)
+    center = select_tokens(full, 16, 16, 28)
+    stride = select_tokens(full, 16, 16, 28, trim="stride")
+    assert center.numel() == stride.numel() == 28 and stride.unique().numel() == 28
+    rows = lambda idx: set((idx // 16).tolist())  # noqa: E731
+    assert len(rows(stride)) > 12 and len(rows(center)) <= 6  # coverage vs a central blob
+    assert stride[0] == 0 and stride[-1] == 255
+    # a region smaller than the budget grows the same way under both
+    small = GridBox(2, 2, 3, 3)
+    assert torch.equal(select_tokens(small, 16, 16, 40), select_tokens(small, 16, 16, 40, trim="stride"))
+    with pytest.raises(ValueError, match="unknown trim"):
+        select_tokens(full, 16, 16, 28, trim="random")

@@ -80,6 +80,9 @@ class CropILPConfig(ConfigMixin):
             smaller ones grown (:mod:`crop.ops.selection`).
         layer: K (>= 1): layers ``0..K-1`` see every token, later ones text + kept visual tokens.
         grid: side of the region grid the localizer answers on (the paper uses 8).
+        trim: how a region holding more tokens than ``keep_tokens`` is cut: ``"center"`` (the
+            tokens nearest its centre) or ``"stride"`` (evenly spaced over all of it); see
+            :mod:`crop.ops.selection`.
 
     Raises:
         ValueError: on any invalid field.
@@ -88,12 +91,17 @@ class CropILPConfig(ConfigMixin):
     keep_tokens: int | None = None
     layer: int = 2
     grid: int = 8
+    trim: str = "center"
     method_name: ClassVar[str] = "crop-ilp"
 
     def __post_init__(self) -> None:
+        from crop.ops.selection import TRIMS
+
         check_keep_tokens(self.keep_tokens)
         check_layer(self.layer)
         check_grid(self.grid)
+        if self.trim not in TRIMS:
+            raise ValueError(f"unknown trim {self.trim!r}; choose one of {', '.join(TRIMS)}")
 
 
 @dataclass

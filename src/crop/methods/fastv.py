@@ -46,6 +46,11 @@ class FastV(TopKSelection, AttentionScoredMethod):
     """FastV: keep the visual tokens the last prompt token attends to most at layer K-1; drop the rest at K.
 
     Paper: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024 (arXiv 2403.06764).
+    Official code read: github.com/pkunlp-icler/FastV at commit d1659729b5bf1be225e99ee15783deeea80f63b1,
+    ``src/transformers/src/transformers/models/llama/modeling_llama.py`` (``LlamaModel.forward``,
+    L717-790: layer K-1's attention of the last token, averaged over heads, top ``ATTENTION_RANK``
+    image tokens kept in the in-place variant) and the llava-hf copy (L970-1082: the same rule with
+    ``round(N * (1 - R))`` kept).
     Stage: inside the LLM, once. Layers ``0..K-1`` see every token; at the input of layer K
     each image keeps the ``keep_tokens`` visual tokens that received the most attention from
     the last prompt token at layer K-1, averaged over heads. Text tokens are never dropped;

@@ -27,6 +27,7 @@ class CropILP(InnerLLMMethod):
         return CropILPConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
     def keep_before_forward(self, inputs, spans, boxes):
-        keep = [self.adapter.select(span, box, self.config.keep_tokens) for span, box in zip(spans, boxes, strict=True)]
+        keep = [self.adapter.select(span, box, self.config.keep_tokens, self.config.trim)
+                for span, box in zip(spans, boxes, strict=True)]
         self._stats.region_tokens = [int(k.numel()) for k in keep]
         return keep

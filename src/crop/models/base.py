@@ -296,7 +296,7 @@ class VLMAdapter(ABC):
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         """Every image's visual-token span in the batch, in the order the images were given."""
 
-    def select(self, span: ImageSpan, box: GridBox, budget: int | None) -> torch.Tensor:
+    def select(self, span: ImageSpan, box: GridBox, budget: int | None, trim: str = "center") -> torch.Tensor:
         """Indices (within the span) of the visual tokens to keep for ``box`` under ``budget``.
 
         For a multi-grid span the box maps onto every grid and ``budget`` counts visual tokens
@@ -307,8 +307,8 @@ class VLMAdapter(ABC):
             Sorted ``(k,)`` span-relative positions.
         """
         if not span.grids:
-            return select_tokens(box, span.rows, span.cols, budget)
-        chosen = select_tokens_multi(box, [(g.rows, g.cols) for g in span.grids], budget)  # (k,) visual indices
+            return select_tokens(box, span.rows, span.cols, budget, trim=trim)
+        chosen = select_tokens_multi(box, [(g.rows, g.cols) for g in span.grids], budget, trim=trim)  # (k,) visual
         return span.visual_positions()[chosen].sort().values  # (k,)
 
     @abstractmethod

@@ -4,7 +4,10 @@ Pure tensor code on one image's token grid (``rows x cols``, row-major), shared 
 ILP and PLC stages. The policy (DESIGN.md section 3):
 
 * ``budget=None``: exactly the tokens the region overlaps (the paper's pure variant);
-* region larger than the budget: keep the ``budget`` best-scoring tokens inside the region;
+* region larger than the budget: keep ``budget`` tokens inside the region, chosen by ``trim``:
+  ``"center"`` the best-scoring (a compact blob around the region's centre), ``"stride"``
+  evenly spaced over the region (coverage of all of it, e.g. every object of a whole-image
+  box for a counting question);
 * region smaller: grow the box one cell per side at a time (CROP's thesis is contiguity),
   keep every token of the last box that fits, and fill the rest from the next ring by score.
 """
@@ -41,8 +44,11 @@ def _top(indices: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
     return indices[order[:k]]
 
 
+TRIMS = ("center", "stride")
+
+
 def select_tokens(box: GridBox, rows: int, cols: int, budget: int | None,
-                  scores: torch.Tensor | None = None) -> torch.Tensor:
+                  scores: torch.Tensor | None = None, trim: str = "center") -> torch.Tensor:
     """Token indices to keep for one image.
 
     Args:
@@ -51,12 +57,13 @@ def select_tokens(box: GridBox, rows: int, cols: int, budget: int | None,
         budget: tokens to keep, or ``None`` for exactly the region's tokens.
         scores: ``(rows * cols,)`` token scores for trimming/filling (higher kept first);
             defaults to :func:`center_scores`.
+        trim: how a region larger than the budget is cut (:data:`TRIMS`).
 
     Returns:
         Sorted ``(k,)`` long tensor of row-major token indices, ``k = min(budget, rows*cols)``
         (or the region's size when ``budget`` is ``None``).
     """
-    return select_tokens_multi(box, [(rows, cols)], budget, scores)  # one grid is the general case's simplest
+    return select_tokens_multi(box, [(rows, cols)], budget, scores, trim)  # one grid is the general case's simplest
 
 def _grid_indices(box: GridBox, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The box's tokens on every grid, as indices into the grids' concatenation."""
@@ -68,7 +75,7 @@ def _grid_indices(box: GridBox, grids: Sequence[tuple[int, int]]) -> torch.Tenso
 
 
 def select_tokens_multi(box: GridBox, grids: Sequence[tuple[int, int]], budget: int | None,
-                        scores: torch.Tensor | None = None) -> torch.Tensor:
+                        scores: torch.Tensor | None = None, trim: str = "center") -> torch.Tensor:
     """:func:`select_tokens` for an image seen through several token grids at once.
 
     Each grid covers the whole image (LLaVA-NeXT: the 24x24 base view and the unpadded tile
@@ -81,6 +88,7 @@ def select_tokens_multi(box: GridBox, grids: Sequence[tuple[int, int]], budget: 
         grids: ``(rows, cols)`` of each grid, in order.
         budget: tokens to keep over all grids, or ``None`` for exactly the region's tokens.
         scores: ``(sum rows*cols,)`` token scores; defaults to :func:`center_scores` per grid.
+        trim: how a region larger than the budget is cut (:data:`TRIMS`).
 
     Returns:
         Sorted ``(k,)`` long tensor of indices, ``k = min(budget, total)`` (or the region's size).
@@ -97,7 +105,12 @@ def select_tokens_multi(box: GridBox, grids: Sequence[tuple[int, int]], budget: 
         return region
     if budget >= n:
         return torch.arange(n)
+    if trim not in TRIMS:
+        raise ValueError(f"unknown trim {trim!r}; choose one of {', '.join(TRIMS)}")
     if region.numel() >= budget:
+        if trim == "stride":  # evenly spaced over the region's tokens (grid by grid, row-major)
+            picks = torch.linspace(0, region.numel() - 1, budget, dtype=torch.float64).round().long()  # (budget,)
+            return region[picks].sort().values
         return _top(region, scores, budget).sort().values
     inner, current = region, box
     while True:
