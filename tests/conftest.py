@@ -58,6 +58,12 @@ ARCHS = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", 
 
 
 def greedy(model, inputs, steps: int = 2, **kw):
-    """Greedy ``generate`` of exactly ``steps`` tokens with per-step logits (a random model may emit ``<image>``)."""
+    """Greedy ``generate`` of exactly ``steps`` tokens with per-step logits.
+
+    Image/video placeholders are suppressed: a random model may "generate" one, which a
+    no-cache step would then re-embed as an image token.
+    """
+    placeholders = [t for t in (model.config.image_token_id, getattr(model.config, "video_token_id", None))
+                    if t is not None]
     return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[model.config.image_token_id], **kw)
+                          return_dict_in_generate=True, suppress_tokens=placeholders, **kw)

@@ -27,9 +27,8 @@ from crop.methods.sparsevlm import (
     sparsevlm_schedule,
 )
 from crop.models.base import get_adapter
-from tests.conftest import chat_inputs, random_image, tiny
+from tests.conftest import ARCHS, chat_inputs, greedy, random_image, tiny
 
-ARCHS = ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]
 MATRIX = [(n, "sdpa") for n in ARCHS] + [("tiny-random-llava", "eager")]
 METHODS = ["fastv", "pdrop", "sparsevlm"]
 IMAGES = [random_image(31, (400, 300)), random_image(32, (336, 500))]
@@ -45,9 +44,6 @@ def _config(method: str, visual: int, keep: int | None = None):
     return cls(keep_tokens=keep or visual // 2)
 
 
-def _gen(model, inputs, **kw):
-    return model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[model.config.image_token_id], **kw)
 
 
 _REFS: dict[tuple[str, str], tuple] = {}
@@ -130,9 +126,9 @@ def test_cached_generation_matches_no_cache_greedy(name, attn, method):
     inputs = chat_inputs(proc, IMAGES[1:], QUESTIONS[1:])
     visual = get_adapter(model).image_spans(inputs)[0].visual_tokens
     with apply_method(model, _config(method, visual)) as h:
-        cached = _gen(model, h.prepare(inputs), use_cache=True)
+        cached = greedy(model, h.prepare(inputs), STEPS, use_cache=True)
         kept = h.stats.full_resolution
-        uncached = _gen(model, h.prepare(inputs), use_cache=False)
+        uncached = greedy(model, h.prepare(inputs), STEPS, use_cache=False)
         assert h.stats.full_resolution == kept
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
@@ -146,11 +142,11 @@ def test_batch_of_two_matches_one_by_one(name, method):
     inputs, _, spans = _reference(name, "sdpa")
     config = _config(method, min(s.visual_tokens for s in spans))
     with apply_method(model, config) as h:
-        batch = _gen(model, h.prepare(inputs))
+        batch = greedy(model, h.prepare(inputs), STEPS)
         batch_kept = h.stats.full_resolution
         singles, single_kept = [], []
         for image, question in zip(IMAGES, QUESTIONS, strict=True):
-            singles.append(_gen(model, h.prepare(chat_inputs(proc, [image], [question]))))
+            singles.append(greedy(model, h.prepare(chat_inputs(proc, [image], [question])), STEPS))
             single_kept += h.stats.full_resolution
     assert batch_kept == single_kept
     for i, single in enumerate(singles):
@@ -166,9 +162,9 @@ def test_two_images_in_one_prompt_are_ranked_separately(method):
     inputs = proc(images=IMAGES, text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], return_tensors="pt")
     budget = 160 if method == "pdrop" else 40  # PDrop's first stage (layer 1 of 4) alone costs 144 of 576
     with apply_method(model, config_for(method, budget)) as h:
-        cached = _gen(model, h.prepare(inputs))
+        cached = greedy(model, h.prepare(inputs), STEPS)
         kept = h.stats.visual_tokens_kept
-        uncached = _gen(model, h.prepare(inputs), use_cache=False)
+        uncached = greedy(model, h.prepare(inputs), STEPS, use_cache=False)
     layers = h.method.stage_layers()
     counts = pdrop_schedule(576, budget, 4)[1] if method == "pdrop" else sparsevlm_schedule(576, budget, layers, 4)[1]
     assert [kept[f"after_layer_{k}"] for k in layers] == [[n, n] for n in counts]

@@ -29,9 +29,8 @@ from crop.models.clip_attention import clip_feature_layer
 from crop.models.qwen_vision_attention import received_attention, to_token_order
 from crop.ops.grid_pool import band_layout, pool_grid_to, split_budget
 from crop.ops.similarity import duplication_select, merge_into_targets, spread_indices
-from tests.conftest import chat_inputs, random_image, tiny
+from tests.conftest import ARCHS, chat_inputs, greedy, random_image, tiny
 
-ARCHS = ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]
 IMAGES = [random_image(31, (400, 300)), random_image(32, (336, 500))]
 QUESTIONS = ["What color is the star?", "How many circles are there?"]
 STEPS = 2
@@ -59,9 +58,6 @@ GEN_CASES = [c for c in CASES if c.values[0] != "tiny-random-qwen2.5-vl"]
 HOOK_CASES = [c for c in CASES if c.values[1] in INNER | {"visionzip"} or c.values[0] == "tiny-random-llava"]
 
 
-def _gen(model, inputs, n=STEPS, **kw):
-    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, suppress_tokens=[model.config.image_token_id], **kw)
 
 
 def _max_diff(a, b) -> float:
@@ -143,8 +139,8 @@ def test_cached_generation_matches_no_cache_greedy(name, method):
     inputs = chat_inputs(proc, IMAGES[1:], QUESTIONS[1:])
     with apply_method(model, CONFIGS[method](BUDGET)) as h:
         run = h.prepare(inputs)
-        cached = _gen(model, run, use_cache=True)
-        uncached = _gen(model, h.prepare(inputs), use_cache=False)
+        cached = greedy(model, run, STEPS, use_cache=True)
+        uncached = greedy(model, h.prepare(inputs), STEPS, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert _max_diff(cached.logits, uncached.logits) < 1e-4
 
@@ -154,13 +150,13 @@ def test_batch_of_two_matches_one_by_one(name, method):
     model, proc = tiny(name)
     inputs, _ = _reference(name)
     with apply_method(model, CONFIGS[method](BUDGET)) as h:
-        batch = _gen(model, h.prepare(inputs))
+        batch = greedy(model, h.prepare(inputs), STEPS)
         batch_kept = h.stats.full_resolution
     singles, single_kept = [], []
     for image, question in zip(IMAGES, QUESTIONS, strict=True):
         # random: each image's seed comes from its own prompt, so alone it draws the same tokens
         with apply_method(model, CONFIGS[method](BUDGET)) as h:
-            singles.append(_gen(model, h.prepare(chat_inputs(proc, [image], [question]))))
+            singles.append(greedy(model, h.prepare(chat_inputs(proc, [image], [question])), STEPS))
             single_kept.append(h.stats.full_resolution[0])
     assert batch_kept == single_kept
     for i, single in enumerate(singles):

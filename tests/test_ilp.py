@@ -9,24 +9,18 @@ from crop.api import apply_crop
 from crop.config import CropILPConfig
 from crop.hf_compat import generated_cache
 from crop.regions import GridBox
-from tests.conftest import chat_inputs, random_image, tiny
-
-
-def _gen(model, inputs, n=10, **kw):
-    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True,
-                          suppress_tokens=[model.config.image_token_id], **kw)  # a random model may emit <image>
+from tests.conftest import chat_inputs, greedy, random_image, tiny
 
 
 def test_keep_all_is_bit_identical_forward_and_generate(llava):
     model, proc = llava
     inputs = chat_inputs(proc, [random_image(1)], ["What is in the image?"])
     ref_logits = model(**inputs).logits
-    ref = _gen(model, inputs)
+    ref = greedy(model, inputs, 10)
     with apply_crop(model, CropILPConfig(keep_tokens=None)) as crop:
         run = crop.prepare(inputs, [GridBox.full()])
         assert torch.equal(model(**run).logits, ref_logits)
-        out = _gen(model, crop.prepare(inputs, [None]))
+        out = greedy(model, crop.prepare(inputs, [None]), 10)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         assert torch.equal(a, b)
@@ -77,8 +71,8 @@ def test_cached_generation_matches_no_cache_greedy(llava):
     inputs = chat_inputs(proc, [random_image(5)], ["What shape is left of the red circle?"])
     with apply_crop(model, CropILPConfig(keep_tokens=64, layer=2)) as crop:
         run = crop.prepare(inputs, [GridBox(0, 4, 3, 7)])
-        cached = _gen(model, run, use_cache=True)
-        uncached = _gen(model, run, use_cache=False)
+        cached = greedy(model, run, 10, use_cache=True)
+        uncached = greedy(model, run, 10, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -91,9 +85,9 @@ def test_batch_of_two_matches_one_by_one(llava):
     boxes = [GridBox(0, 0, 2, 2), GridBox(3, 1, 7, 6)]  # 81 vs 270 region tokens: ragged kept sets
     config = CropILPConfig(layer=2)
     with apply_crop(model, config) as crop:
-        batch = _gen(model, crop.prepare(chat_inputs(proc, images, questions), boxes))
+        batch = greedy(model, crop.prepare(chat_inputs(proc, images, questions), boxes), 10)
         assert crop.stats.visual_tokens_kept["after_layer_2"] == [81, 270]
-        singles = [_gen(model, crop.prepare(chat_inputs(proc, [im], [q]), [b]))
+        singles = [greedy(model, crop.prepare(chat_inputs(proc, [im], [q]), [b]), 10)
                    for im, q, b in zip(images, questions, boxes, strict=True)]
     for i, single in enumerate(singles):
         assert torch.equal(batch.sequences[i, -10:], single.sequences[0, -10:])

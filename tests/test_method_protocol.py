@@ -12,7 +12,7 @@ from crop.api import apply_method
 from crop.hf_compat import generated_cache
 from crop.methods import METHODS, InnerLLMMethod, method_for
 from crop.methods.base import equivalent_tokens
-from tests.conftest import chat_inputs, random_image
+from tests.conftest import chat_inputs, greedy, random_image
 
 
 @dataclass
@@ -48,10 +48,6 @@ if "test-norm" not in METHODS:
     METHODS.register("test-norm")(NormMethod)
 
 
-def _gen(model, run, **kw):
-    return model.generate(**run, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True,
-                          suppress_tokens=[model.config.image_token_id], **kw)  # a random model may emit <image>
 
 
 def test_method_for_and_unknown():
@@ -68,9 +64,9 @@ def test_equivalent_tokens():
 def test_deferred_keep_all_is_bit_identical(llava):
     model, proc = llava
     inputs = chat_inputs(proc, [random_image(41)], ["What is it?"])
-    ref = _gen(model, inputs)
+    ref = greedy(model, inputs, 6)
     with apply_method(model, NormConfig(keep=(None,))) as h:
-        out = _gen(model, h.prepare(inputs))
+        out = greedy(model, h.prepare(inputs), 6)
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))
 
@@ -82,14 +78,14 @@ def test_two_stages_kv_lengths_stats_and_cache_consistency(llava):
     text = prompt - 576
     with apply_method(model, NormConfig(layers=(1, 3), keep=(200, 50))) as h:
         run = h.prepare(inputs)
-        cached = _gen(model, run)
+        cached = greedy(model, run, 6)
         stats = h.stats
         assert stats.visual_tokens_kept == {"llm_input": [576], "after_layer_1": [200], "after_layer_3": [50]}
         assert stats.equivalent_tokens == [pytest.approx((576 + 200 * 2 + 50) / 4)]
         assert len(stats.full_resolution[0]) == 50
         lengths = [layer.keys.shape[-2] - 5 for layer in generated_cache(cached).layers]
         assert lengths == [prompt, text + 200, text + 200, text + 50]
-        uncached = _gen(model, h.prepare(inputs), use_cache=False)
+        uncached = greedy(model, h.prepare(inputs), 6, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -101,8 +97,8 @@ def test_two_stages_batch_matches_single(llava_sdpa):
     questions = ["What color is the star?", "How many circles are there in the picture?"]
     config = NormConfig(layers=(1, 3), keep=(150, 40))
     with apply_method(model, config) as h:
-        batch = _gen(model, h.prepare(chat_inputs(proc, images, questions)))
-        singles = [_gen(model, h.prepare(chat_inputs(proc, [im], [q]))) for im, q in zip(images, questions, strict=True)]
+        batch = greedy(model, h.prepare(chat_inputs(proc, images, questions)), 6)
+        singles = [greedy(model, h.prepare(chat_inputs(proc, [im], [q])), 6) for im, q in zip(images, questions, strict=True)]
     for i, single in enumerate(singles):
         assert torch.equal(batch.sequences[i, -6:], single.sequences[0, -6:])
         for step_b, step_s in zip(batch.logits, single.logits, strict=True):
