@@ -119,3 +119,13 @@ def test_vlm_localizer_stops_at_the_box_end():
     endless = VLMLocalizer(forced, processor, max_new_tokens=6, stop_at_box_end=False)
     assert endless.generate(endless.prepare(images, questions)).shape == (2, 6)
     assert endless.localize(images[:1], questions[:1])[0].raw.startswith("[1, 2, 5, 6] star")
+
+
+def test_a_vlm_localizer_answers_on_its_own_grid_and_converts_to_the_callers():
+    from crop.localizers.vlm import VLMLocalizer
+    from crop.regions import GridBox
+
+    loc = VLMLocalizer(model=None, processor=None, grid=16)  # the model answers on 8x8, the caller asks 16x16
+    out = loc._parse("[3, 6, 4, 7]")
+    assert out.box == GridBox(6, 12, 9, 15, grid=16) and not out.fallback
+    assert VLMLocalizer(model=None, processor=None)._parse("[3, 6, 4, 7]").box == GridBox(3, 6, 4, 7)

@@ -104,3 +104,14 @@ def test_parse_box_argument_strict():
 def test_token_indices_dtype():
     idx = GridBox(1, 1, 1, 1).token_indices(24, 24)
     assert idx.dtype == torch.long and idx.numel() == 9
+
+
+def test_on_grid_covers_the_same_part_of_the_image():
+    box = GridBox(3, 6, 4, 7)  # grid 8
+    assert box.on_grid(8) is box
+    assert box.on_grid(16) == GridBox(6, 12, 9, 15, grid=16)  # exactly the same pixels
+    assert box.on_grid(4) == GridBox(1, 3, 2, 3, grid=4)  # the covering cells
+    assert GridBox(0, 0, 0, 0).on_grid(3) == GridBox(0, 0, 0, 0, grid=3)
+    assert GridBox.full(8).on_grid(5) == GridBox.full(5)
+    odd = GridBox(2, 2, 2, 2).on_grid(3)  # [0.25, 0.375) lies in cell 0 ([0, 1/3)) and cell 1 ([1/3, 2/3)): 0.375 > 1/3
+    assert (odd.x0, odd.x1) == (0, 1)

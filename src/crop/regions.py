@@ -121,6 +121,21 @@ class GridBox:
         return GridBox(max(self.x0 - cells, 0), max(self.y0 - cells, 0), min(self.x1 + cells, self.grid - 1),
                        min(self.y1 + cells, self.grid - 1), self.grid)
 
+    def on_grid(self, grid: int) -> GridBox:
+        """The smallest box on a ``grid`` x ``grid`` grid that covers this box's part of the image.
+
+        A cell of the new grid is in it when it overlaps this box with positive area (exact
+        integer arithmetic), so no covered pixel is lost when a localizer's grid and the
+        caller's differ.
+        """
+        if grid == self.grid:
+            return self
+        g = self.grid
+        # new cell i spans [i/grid, (i+1)/grid); it overlaps [x0/g, (x1+1)/g) iff i*g < (x1+1)*grid and (i+1)*g > x0*grid
+        lo = lambda a: (a * grid) // g  # noqa: E731  first new cell with (i+1)*g > a*grid
+        hi = lambda b: -(-(b * grid) // g) - 1  # noqa: E731  last new cell with i*g < b*grid
+        return GridBox(lo(self.x0), lo(self.y0), hi(self.x1 + 1), hi(self.y1 + 1), grid)
+
     def fractions(self) -> tuple[float, float, float, float]:
         """The box as fractions of the image: ``(left, top, right, bottom)`` in [0, 1]."""
         g = self.grid

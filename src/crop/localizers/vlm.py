@@ -30,7 +30,10 @@ class VLMLocalizer:
     Args:
         model: an image-text-to-text model (``generate`` with pixel inputs).
         processor: its processor, with a chat template.
-        grid: the grid side the model was trained to answer on.
+        grid: the grid side of the boxes this localizer returns (the caller's).
+        answer_grid: the grid side the model was trained to answer on (the paper's, and the
+            embedded localizer's, 8); its box is parsed on that grid, then mapped to ``grid``
+            (:meth:`crop.regions.GridBox.on_grid`), so asking for another grid never misreads it.
         max_new_tokens: decode budget for the box text (``"[7, 7, 7, 7]"`` is 12 byte tokens).
         batch_size: images per localizer ``generate`` call.
         image_first: prompt layout, as the model was trained (see
@@ -43,8 +46,9 @@ class VLMLocalizer:
     name = "vlm"
 
     def __init__(self, model: nn.Module, processor, grid: int = 8, max_new_tokens: int = 16, batch_size: int = 8,
-                 image_first: bool = True, stop_at_box_end: bool = True):
+                 image_first: bool = True, stop_at_box_end: bool = True, answer_grid: int = 8):
         self.model = model
+        self.answer_grid = answer_grid
         self.image_first = image_first
         self.processor = processor
         self.grid = grid
@@ -71,7 +75,7 @@ class VLMLocalizer:
 
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
         """Processor inputs for the localization prompts of ``questions``, left-padded."""
-        texts = [self.processor.apply_chat_template(localizer_messages(q, self.grid, self.image_first),
+        texts = [self.processor.apply_chat_template(localizer_messages(q, self.answer_grid, self.image_first),
                                                     add_generation_prompt=True) for q in questions]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
@@ -94,7 +98,8 @@ class VLMLocalizer:
 
     def _parse(self, text: str) -> Localization:
         try:
-            return Localization(parse_grid_box(text, self.grid), fallback=False, raw=text)
+            box = parse_grid_box(text, self.answer_grid)
+            return Localization(box.on_grid(self.grid), fallback=False, raw=text)
         except ValueError as exc:
             logger.warning("localizer output unusable (%s); using the full image", exc)
             return Localization(GridBox.full(self.grid), fallback=True, raw=text)
