@@ -94,3 +94,12 @@ def test_answer_overlay_draws_the_cropped_view_llava_sees(tmp_path):
     red = lambda xy: picture.getpixel(xy)[0] > 200 and picture.getpixel(xy)[1] < 80  # noqa: E731
     # on the view the box is [0, 0, 3, 1]: its left edge is the picture's left edge, not x = 2/8 of it
     assert red((1, 40)) and red((223, 40)) and not red((112, 40))
+
+
+def test_eval_label_reports_a_budget_a_method_cannot_run(tmp_path):
+    out = tmp_path / "eval"
+    # PyramidDrop's first stage (layer 1 of tiny-random-llava's 4) alone costs 144 equivalent tokens of 576
+    assert main(["eval", "--model", "tiny-random-llava", "--localizer", "oracle", "--n", "2", "--batch-size", "2",
+                 "--keep-tokens", "64", "--methods", "pdrop,crop-plc", "--max-new-tokens", "1", "--out", str(out)]) == 0
+    runs = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert "cannot meet keep_tokens=64" in runs["pdrop"]["infeasible"] and runs["crop-plc"]["predictions"]

@@ -1,10 +1,15 @@
-"""Evaluation on the synthetic localized-VQA benchmark: accuracy and cost per method x budget.
+"""Evaluation on the synthetic localized-VQA benchmark (or your own JSONL data): accuracy and cost per method x budget.
 
 One localizer pass serves every CROP run (the region does not depend on the pruning method),
 and its analytic FLOPs are added to every region-guided run's FLOPs: localization is part of
 CROP's cost, always. Budgets are matched per method as ``EvalSpec.match`` says
 (:mod:`crop.eval.matching`). The unpruned model (``full``) runs once; its accuracy is the reference
 for "accuracy kept".
+
+With ``EvalSpec.data`` (a JSONL file, :mod:`crop.eval.data`) the samples are read from it
+instead of generated: ``correct`` is then the normalised exact match against any reference
+answer, each prediction also has its ``vqa_score`` (the VQA soft score) and each run its mean
+``vqa_score``; samples without a box count in the localization metrics only if they have one.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from typing import Any
 
 from crop.data.synth import SynthSample, answers_match, generate
 from crop.eval.flops import DecoderDims, prefill_flops, visual_per_layer, vlm_localization_flops
-from crop.eval.matching import MATCH_MODES, planned_equivalent, planned_flops, solve_budget
+from crop.eval.matching import (
+    MATCH_MODES,
+    BudgetSolution,
+    planned_counts,
+    planned_equivalent,
+    planned_flops,
+    solve_budget,
+)
 from crop.localizers.base import Localization, Localizer
 from crop.methods import MethodOptions, canonical_name, config_for, method_for, with_options
 from crop.pipeline import CropPipeline, chat_prompt
@@ -54,6 +66,9 @@ class EvalSpec:
             fed the label's tokens from layer 0).
         options: ``[method or None, field, value]`` config fields to set (``--option``): a
             prefixed one for that method only, an unprefixed one for every method that has the field.
+        data: a JSONL file of your own samples (:func:`crop.eval.data.read_vqa_jsonl`) instead
+            of the synthetic benchmark (``split`` and ``seed`` then only seed the methods); its
+            first ``n`` samples are used.
     """
 
     methods: list[str]
@@ -67,6 +82,7 @@ class EvalSpec:
     pool: int = 4
     match: str = "label"
     options: list[list] = field(default_factory=list)
+    data: str | None = None
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -106,6 +122,31 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def load_samples(spec: EvalSpec) -> list:
+    """The samples ``spec`` evaluates: the first ``spec.n`` of its JSONL file, or ``spec.n`` synthetic ones.
+
+    Raises:
+        ValueError: for a bad data file (naming the file and line).
+    """
+    if spec.data is None:
+        return list(generate(spec.n, spec.seed, spec.split))
+    from crop.eval.data import read_vqa_jsonl
+
+    return read_vqa_jsonl(spec.data)[:spec.n]
+
+
+def check_oracle(samples: Sequence) -> None:
+    """Raise unless every sample has a ground-truth box (what the oracle localizer returns).
+
+    Raises:
+        ValueError: naming how many samples lack one and the first of them.
+    """
+    missing = [s.id for s in samples if s.box_grid is None]
+    if missing:
+        raise ValueError(f"--localizer oracle needs a box for every sample; {len(missing)} of {len(samples)} have "
+                         f"none (first: id {missing[0]!r}); add box_grid or box_px, or use another localizer")
+
+
 def localize_all(localizer: Localizer | None, samples: Sequence[SynthSample], batch_size: int,
                  progress=None) -> tuple[list[Localization], list[float]]:
     """Regions for every sample and each sample's share of the localizer time.
@@ -129,7 +170,7 @@ def localize_all(localizer: Localizer | None, samples: Sequence[SynthSample], ba
 
 
 def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, localizer_name: str,
-             model_name: str, progress_factory=None) -> dict[str, Any]:
+             model_name: str, progress_factory=None, samples: Sequence | None = None) -> dict[str, Any]:
     """Run every method x budget on the benchmark and return the results document.
 
     Args:
@@ -138,11 +179,14 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         spec: what to run.
         localizer_name, model_name: recorded in the results.
         progress_factory: ``total -> callable(n)`` for a progress bar (e.g. tqdm), or ``None``.
+        samples: the samples, if already loaded (default: :func:`load_samples`).
 
     Returns:
         A JSON-ready dict: config, versions, git hash, per-run metrics and per-sample predictions.
     """
-    samples = list(generate(spec.n, spec.seed, spec.split))
+    samples = load_samples(spec) if samples is None else list(samples)
+    if localizer is None:
+        check_oracle(samples)
     names = [canonical_name(m) for m in spec.methods]
     runs = [("full", None)] + [(m, k) for m in dict.fromkeys(names) if m != "none" for k in spec.keep_tokens]
     total = len(samples) * (len(runs) + (0 if localizer is None else 1))
@@ -188,8 +232,9 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
                 layer_tokens = [r.extra["prompt_tokens"] - r.visual_tokens_in + c for c in visual_per_layer(
                     {k: [v] for k, v in r.visual_tokens_kept.items()}, 0, dims.layers)]
                 preds.append({"id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
-                              "prediction": r.answer, "correct": answers_match(r.answer, s.answer),
-                              "box": r.box, "box_gt": list(s.box_grid), "fallback": r.localizer_fallback,
+                              "prediction": r.answer, **_scores(r.answer, s),
+                              "box": r.box, "box_gt": None if s.box_grid is None else list(s.box_grid),
+                              "fallback": r.localizer_fallback,
                               "visual_tokens_kept": r.visual_tokens_kept,
                               "equivalent_tokens": r.extra.get("equivalent_tokens"),
                               "flops": {"llm_prefill": prefill_flops(dims, layer_tokens),
@@ -201,8 +246,12 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
                         "target": target, "predictions": preds})
 
     full_preds = results[0]["predictions"]
+    benchmark = {"name": "synth", "split": spec.split, "n": spec.n, "seed": spec.seed}
+    if spec.data is not None:  # "split" names the file: the report's and plots' titles read it
+        benchmark = {"name": "jsonl", "path": str(spec.data), "split": Path(spec.data).name, "n": len(samples),
+                     "seed": spec.seed}
     return {
-        "benchmark": {"name": "synth", "split": spec.split, "n": spec.n, "seed": spec.seed},
+        "benchmark": benchmark,
         "model": model_name,
         "localizer": localizer_name,
         "visual_tokens_per_image": visual_tokens,
@@ -215,6 +264,17 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         "localization": _localization_metrics(locs, samples),
         "runs": [{**summarize(r["predictions"], full_preds), **r} if r["predictions"] else r for r in results],
     }
+
+
+def _scores(prediction: str, sample) -> dict[str, Any]:
+    """``correct`` (and, for JSONL samples with their reference answers, ``answers`` and ``vqa_score``)."""
+    answers = getattr(sample, "answers", None)
+    if answers is None:  # a synthetic sample: one reference, the benchmark's own matching
+        return {"correct": answers_match(prediction, sample.answer)}
+    from crop.eval.data import exact_match, vqa_score
+
+    return {"correct": exact_match(prediction, answers), "answers": list(answers),
+            "vqa_score": vqa_score(prediction, answers)}
 
 
 def _config_maker(method: str, options: MethodOptions, extra: list[list]):
@@ -234,8 +294,15 @@ def _config_maker(method: str, options: MethodOptions, extra: list[list]):
 def _budget_for(adapter, config_at, budget: int | None, match: str, visual: int, text: int, loc_flops: float,
                 dims: DecoderDims):
     """``(target, solution)``: what a label asks of ``method`` under ``match`` (``solution=None``: use the label)."""
-    if budget is None or match == "label":
-        return (None if budget is None else scale_budget(budget, visual)), None
+    if budget is None:
+        return None, None
+    if match == "label":
+        keep = scale_budget(budget, visual)
+        try:  # a budget the method cannot run (e.g. PyramidDrop below its first stage) is reported, not run
+            planned_counts(adapter, config_at, keep, visual)
+        except ValueError as exc:
+            return keep, BudgetSolution(keep, float("nan"), keep, False, str(exc))
+        return keep, None
     tokens = budget * visual / REFERENCE_VISUAL_TOKENS  # the label's share of this model's visual tokens
     if match == "equivalent":
         return tokens, solve_budget(lambda b: planned_equivalent(adapter, config_at, b, visual), tokens, visual,
@@ -256,14 +323,21 @@ class _Precomputed:
 
 
 def _localization_metrics(locs: Sequence[Localization], samples: Sequence[SynthSample]) -> dict[str, Any]:
-    """Mean IoU with the ground-truth grid box, containment rate and fallbacks, overall and per family."""
-    per: dict[str, list[tuple[float, bool]]] = {}
+    """Mean IoU with the ground-truth grid box, containment rate and fallbacks, overall and per family.
+
+    Samples without a box (JSONL data may leave it out) are not counted; with none at all the
+    means are NaN and ``n`` is 0.
+    """
+    per: dict[str, list[tuple[float, bool]]] = {"all": []}
     for loc, s in zip(locs, samples, strict=True):
+        if s.box_grid is None:
+            continue
         gt = GridBox(*s.box_grid, grid=loc.box.grid)
         for key in (s.family, "all"):
             per.setdefault(key, []).append((loc.box.iou(gt), loc.box.contains(gt)))
-    out = {key: {"mean_iou": statistics.fmean(v[0] for v in vals),
-                 "contains_gt": statistics.fmean(float(v[1]) for v in vals), "n": len(vals)}
+    nan = float("nan")
+    out = {key: {"mean_iou": statistics.fmean(v[0] for v in vals) if vals else nan,
+                 "contains_gt": statistics.fmean(float(v[1]) for v in vals) if vals else nan, "n": len(vals)}
            for key, vals in per.items()}
     out["all"]["fallbacks"] = sum(loc.fallback for loc in locs)
     return out
@@ -284,6 +358,14 @@ def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> 
     full_acc = acc(full_preds)
     stages = sorted({stage for p in preds for stage in p["visual_tokens_kept"]})
     flops = {k: statistics.fmean(p["flops"][k] for p in preds) for k in ("llm_prefill", "selection", "localizer")}
+    vqa = {}
+    if preds and all("vqa_score" in p for p in preds):  # JSONL data: the VQA soft score next to the exact match
+        def soft(rows):
+            return statistics.fmean(r["vqa_score"] for r in rows) if rows else float("nan")
+
+        full_soft = soft(full_preds) if all("vqa_score" in p for p in full_preds) else float("nan")
+        vqa = {"vqa_score": soft(preds), "vqa_score_kept": soft(preds) / full_soft if full_soft > 0 else float("nan"),
+               "vqa_score_per_family": {f: soft([p for p in preds if p["family"] == f]) for f in families}}
     return {
         "accuracy": accuracy,
         "accuracy_kept": accuracy / full_acc if full_acc > 0 else float("nan"),
@@ -291,4 +373,5 @@ def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> 
         "visual_tokens_kept": {s: statistics.fmean(p["visual_tokens_kept"][s] for p in preds) for s in stages},
         "equivalent_tokens": statistics.fmean(p["equivalent_tokens"] for p in preds),
         "gflops": {**{k: v / 1e9 for k, v in flops.items()}, "total": sum(flops.values()) / 1e9},
+        **vqa,
     }
