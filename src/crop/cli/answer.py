@@ -35,6 +35,8 @@ examples:
   crop answer photo.jpg "What number is on the card?" --method plc --keep-tokens 64
   crop answer img.png "What is this?" --model tiny-random-llava --localizer box:2,2,5,5 --json
   crop answer img.png "What is this?" --model llava-hf/llava-1.5-7b-hf --localizer ./my-qwen2vl-localizer
+  crop answer img.png "Which bus?" --model llava-hf/llava-1.5-13b-hf --device cuda:0 --dtype bfloat16 \\
+      --localizer ./my-qwen2vl-localizer --localizer-device cuda:1
 """
 
 
@@ -70,11 +72,78 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int, default=None, metavar="P", help="PLC pooling block outside the region (default 4)")
     add_option_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="T", help="answer length limit (default 16)")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    add_device_arguments(p)
     p.add_argument("--overlay", default=None, metavar="PNG",
                    help="write a PNG with the region (red) and the tokens kept at full resolution (the rest dimmed)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=run)
+
+
+DEVICE_HELP = ("where the answering model runs: auto (default: cuda if available, else mps, else cpu), cpu, cuda, "
+               "cuda:N (the N-th GPU) or mps")
+DTYPE_HELP = ("the answering model's parameter dtype: auto (default: bfloat16 on a CUDA GPU that supports it, else "
+              "float32), float32, bfloat16 or float16")
+ATTN_HELP = ("attention implementation: sdpa (default), eager, or flash_attention_2 (CUDA, bfloat16/float16 and the "
+             "flash-attn package)")
+DEVICE_MAP_HELP = ("'auto': let accelerate spread the answering model over the visible GPUs (then the CPU), for "
+                   "checkpoints too large for one GPU; --device must stay auto")
+LOCALIZER_DEVICE_HELP = ("where a generative localizer VLM runs (same words as --device; default: the answerer's "
+                         "device); its dtype is auto there")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, localizer: bool = True) -> None:
+    """Add ``--device``, ``--dtype``, ``--attn``, ``--device-map`` (and ``--localizer-device``), shared by subcommands.
+
+    Args:
+        parser: the subcommand's parser.
+        localizer: also add ``--localizer-device``.
+    """
+    group = parser.add_argument_group("devices and precision")
+    group.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}", help=DEVICE_HELP)
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help=DTYPE_HELP)
+    group.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"), help=ATTN_HELP)
+    group.add_argument("--device-map", default=None, choices=("auto",), help=DEVICE_MAP_HELP)
+    if localizer:
+        group.add_argument("--localizer-device", default=None, metavar="{auto,cpu,cuda,cuda:N,mps}",
+                           help=LOCALIZER_DEVICE_HELP)
+
+
+def device_settings(args: argparse.Namespace) -> tuple[dict, str]:
+    """Check the device flags before any model loads; ``(load_model keyword arguments, localizer device)``.
+
+    Raises:
+        CropInputError: for a device this machine does not have, a dtype it cannot run there,
+            flash attention without its requirements, or ``--device-map`` with an explicit ``--device``.
+    """
+    from crop.models.loading import check_attention, resolve_device, resolve_dtype
+
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None and args.device.strip().lower() != "auto":
+        raise CropInputError(f"--device-map {device_map} places the model itself: leave --device at auto "
+                             f"(got --device {args.device})")
+    device = resolve_device(args.device)
+    check_attention(args.attn, device, resolve_dtype(args.dtype, device))
+    localizer_device = getattr(args, "localizer_device", None)
+    localizer_device = str(device) if localizer_device is None else str(resolve_device(localizer_device))
+    kwargs = {"attn_implementation": args.attn, "device": args.device, "dtype": args.dtype, "device_map": device_map}
+    return kwargs, localizer_device
+
+
+def device_report(model, localizer, args: argparse.Namespace) -> dict:
+    """For the results file: where the answerer (and a VLM localizer) ran, its dtype and attention, the GPUs' names."""
+    import torch
+
+    from crop.models.loading import input_device
+
+    out = {"answerer": str(input_device(model)), "dtype": str(model.dtype).removeprefix("torch."),
+           "attn": args.attn, "device_map": args.device_map}
+    if args.device_map is not None:
+        out["answerer_map"] = sorted({str(p.device) for p in model.parameters()})
+    if getattr(localizer, "model", None) is not None:
+        out["localizer"] = str(input_device(localizer.model))
+    if torch.cuda.is_available():
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return out
 
 
 def _config(args: argparse.Namespace):
@@ -150,14 +219,16 @@ def run(args: argparse.Namespace) -> int:
     if args.overlay:
         _check_overlay_path(args.overlay)
     config = _config(args)
+    load_kwargs, localizer_device = device_settings(args)
 
     from crop.localizers import make_localizer
     from crop.models.loading import load_model
     from crop.models.tiny import TINY_MODEL_NAMES
     from crop.pipeline import CropPipeline
 
-    model, processor = load_model(args.model, attn_implementation=args.attn)
-    localizer = make_localizer(args.localizer or ("embedded" if args.model == "embedded" else "full"), args.grid)
+    model, processor = load_model(args.model, **load_kwargs)
+    localizer = make_localizer(args.localizer or ("embedded" if args.model == "embedded" else "full"), args.grid,
+                               device=localizer_device)
     try:
         pipeline = CropPipeline(model, processor, localizer, config)
     except ValueError as exc:

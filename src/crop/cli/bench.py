@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from crop.cli.answer import add_device_arguments, device_report, device_settings
 from crop.errors import CropInputError
 
 DESCRIPTION = """\
@@ -18,6 +19,8 @@ same kept tokens fed from layer 0). Writes OUT/bench.json, OUT/bench.md, OUT/ben
 
 Models: 'tiny-random-llava', 'llava-shape-0.5b' (CLIP ViT-L/14-336-shaped tower, ~0.5B
 Llama LM, random weights: realistic proportions on a CPU), 'embedded', a path or hub id.
+On a GPU (--device cuda) every clock reading waits for the queued kernels
+(torch.cuda.synchronize), and bench.json records the devices, dtype and GPU names.
 """
 
 
@@ -43,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer (default 32)")
     p.add_argument("--layer", type=int, default=2, help="ILP's K (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    add_device_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--render-only", action="store_true",
                    help="do not measure: re-render OUT/bench.md and OUT/bench.png from OUT/bench.json")
@@ -71,16 +75,18 @@ def run(args: argparse.Namespace) -> int:
                          new_tokens=args.new_tokens, layer=args.layer)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
+    load_kwargs, localizer_device = device_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load_model(args.model)
-    localizer = None if args.localizer == "oracle" else make_localizer(args.localizer)
+    model, processor = load_model(args.model, **load_kwargs)
+    localizer = None if args.localizer == "oracle" else make_localizer(args.localizer, device=localizer_device)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(spec.batches) * (spec.repeats + 1), desc="crop bench", unit="round", file=sys.stderr) as bar:
         try:
             results = run_bench(model, processor, localizer, spec, args.model, args.localizer, bar.update)
         except ValueError as exc:
             raise CropInputError(str(exc)) from None
+    results["devices"] = device_report(model, localizer, args)
     (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return _write_reports(results, out)
 

@@ -1,4 +1,4 @@
-"""``crop eval``: accuracy and cost of CROP vs the unpruned model on the synthetic benchmark."""
+"""``crop eval``: accuracy and cost of CROP vs the unpruned model on the synthetic benchmark or your own JSONL."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from crop.cli._options import add_option_argument, parse_options
+from crop.cli.answer import add_device_arguments, device_report, device_settings
 from crop.errors import CropInputError
 
 DESCRIPTION = """\
@@ -23,6 +24,15 @@ cannot meet a matched target says so in the table instead of running more. The l
 once per sample and its FLOPs count for every region-guided run. 'full' (the unpruned model)
 always runs, as the reference. Also writes OUT/accuracy_vs_flops.png (the Pareto chart).
 No timings: speed is measured by `crop bench`.
+
+Your own data: --data FILE.jsonl replaces the synthetic benchmark. One JSON object per line:
+"image" (a path, relative to the file's folder or absolute), "question", "answers" (a string
+or a list), optional "box_px" [x0,y0,x1,y1] (pixels) or "box_grid" [x0,y0,x1,y1] (8x8 grid
+cells, inclusive), optional "family" and "id". Accuracy is then the normalised exact match
+against any answer, and every run also reports the VQA soft score (min(#annotators who gave
+the answer / 3, 1), averaged over leave-one-annotator-out subsets, with the answer normalisation
+of the official VQA evaluation script). --localizer oracle needs a box on every line.
+scripts/convert_vqa.py converts TextVQA- and GQA-style annotation files to this format.
 """
 
 
@@ -32,12 +42,17 @@ def _csv(text: str) -> list[str]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
-    p = subparsers.add_parser("eval", help="evaluate CROP on the synthetic benchmark", description=DESCRIPTION,
+    p = subparsers.add_parser("eval", help="evaluate CROP on the synthetic benchmark or your own JSONL data",
+                              description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", default="synth", choices=("synth",), help="benchmark (only 'synth' for now)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="benchmark split (default test)")
-    p.add_argument("--n", type=int, default=200, help="number of samples (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="benchmark seed (default 0)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="synthetic benchmark split (default test)")
+    p.add_argument("--data", default=None, metavar="FILE.jsonl",
+                   help="evaluate on your own JSONL samples instead of the synthetic benchmark (see above)")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of samples (default 200 synthetic; with --data, every line of the file)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed, also the methods' seed (default 0)")
     p.add_argument("--methods", default="full,crop-ilp,crop-plc", help="comma-separated: full, crop-ilp, crop-plc")
     p.add_argument("--keep-tokens", default="64,128,192", help="comma-separated budgets, as counts of 576")
     p.add_argument("--localizer", default="embedded",
@@ -52,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option_argument(p)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
+    add_device_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
@@ -61,19 +77,31 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from crop.eval.report import markdown_table, plot_accuracy_vs_flops, plot_accuracy_vs_tokens
-    from crop.eval.runner import EvalSpec, run_eval
+    from crop.eval.runner import EvalSpec, check_oracle, load_samples, run_eval
     from crop.localizers import make_localizer
     from crop.models.loading import load_model
 
+    if args.n is not None and args.n < 1:
+        raise CropInputError(f"--n must be >= 1, got {args.n}")
+    n = args.n if args.n is not None else (200 if args.data is None else 10**9)
     try:
         budgets = [int(k) for k in _csv(args.keep_tokens)]
-        spec = EvalSpec(methods=_csv(args.methods), keep_tokens=budgets, n=args.n, split=args.split, seed=args.seed,
+        spec = EvalSpec(methods=_csv(args.methods), keep_tokens=budgets, n=n, split=args.split, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, layer=args.layer,
-                        pool=args.pool, match=args.match, options=[list(o) for o in parse_options(args.option)])
+                        pool=args.pool, match=args.match, options=[list(o) for o in parse_options(args.option)],
+                        data=args.data)
     except ValueError as exc:
         raise CropInputError(f"bad arguments: {exc}") from None
-    model, processor = load_model(args.model)
-    localizer = None if args.localizer == "oracle" else make_localizer(args.localizer)
+    try:  # the data file is read and checked before any model loads
+        samples = load_samples(spec)
+        if args.localizer == "oracle":
+            check_oracle(samples)
+    except ValueError as exc:
+        raise CropInputError(f"--data: {exc}" if args.data else str(exc)) from None
+    spec.n = len(samples)
+    load_kwargs, localizer_device = device_settings(args)
+    model, processor = load_model(args.model, **load_kwargs)
+    localizer = None if args.localizer == "oracle" else make_localizer(args.localizer, device=localizer_device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bar = None
@@ -84,14 +112,18 @@ def run(args: argparse.Namespace) -> int:
         return bar.update
 
     try:
-        results = run_eval(model, processor, localizer, spec, args.localizer, args.model, progress_factory)
+        results = run_eval(model, processor, localizer, spec, args.localizer, args.model, progress_factory, samples)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     finally:
         if bar is not None:
             bar.close()
+    results["devices"] = device_report(model, localizer, args)
     (out / "results.json").write_text(json.dumps(results, separators=(",", ":")) + "\n", encoding="utf-8")
     table = markdown_table(results)
+    if args.data is not None:  # the table's footer names the synthetic benchmark; say which file it was
+        table = table.replace(f"Benchmark: synth/{results['benchmark']['split']},", f"Benchmark: {args.data},", 1)
+        table += _vqa_table(results)
     (out / "results.md").write_text(table, encoding="utf-8")
     plot_accuracy_vs_tokens(results, out / "accuracy_vs_tokens.png")
     plot_accuracy_vs_flops(results, out / "accuracy_vs_flops.png")
@@ -99,3 +131,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}, "
           f"{out / 'accuracy_vs_flops.png'}")
     return 0
+
+
+def _vqa_table(results: dict) -> str:
+    """The VQA soft score of every run (JSONL data), as a small markdown table."""
+    lines = ["", "| method | budget (of 576) | exact match | VQA score | VQA score kept vs full |",
+             "|---|---|---|---|---|"]
+    for r in results["runs"]:
+        if "vqa_score" not in r:
+            continue
+        label = "-" if r["keep_tokens_576"] is None else str(r["keep_tokens_576"])
+        lines.append(f"| {r['method']} | {label} | {100 * r['accuracy']:.1f}% | {100 * r['vqa_score']:.1f}% | "
+                     f"{100 * r['vqa_score_kept']:.1f}% |")
+    return "\n".join(lines) + "\n"

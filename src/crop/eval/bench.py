@@ -15,6 +15,9 @@ Cases, for one batch of synthetic images and questions:
 The LLM prefill is timed on precomputed image features (the vision tower is timed on its own,
 once per repeat, and shared by every case); the localizer (prefill + box decode) is timed once
 per repeat and charged to every CROP case's end-to-end time.
+
+On a GPU every clock reading first waits for the queued kernels (:func:`_sync`,
+``torch.cuda.synchronize``), so a time covers the work it names and not just its launch.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from crop.eval.runner import _git_hash, _versions, scale_budget
 from crop.localizers.base import Localizer
 from crop.methods import ALIASES, InnerLLMMethod, MethodOptions, config_for, method_names
 from crop.models.base import CompressedImage, get_adapter
+from crop.models.loading import synchronize
 from crop.pipeline import _cache_after_prefill, _FirstTokenClock, chat_prompt
 from crop.regions import GridBox
 
@@ -88,11 +92,27 @@ class BenchSpec:
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
 
 
+def _sync() -> None:
+    """Wait for every device's queued work before a clock reading (``torch.cuda.synchronize``; no-op on the CPU)."""
+    synchronize()
+
+
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``fn(*args)`` and the seconds it took."""
+    """``fn(*args)`` and the seconds it took (device work included)."""
+    _sync()
     start = time.perf_counter()
     out = fn(*args)
+    _sync()
     return out, time.perf_counter() - start
+
+
+class _SyncedFirstTokenClock(_FirstTokenClock):
+    """:class:`crop.pipeline._FirstTokenClock` that waits for the prefill's kernels before reading the clock."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first is None:
+            _sync()
+        return super().__call__(input_ids, scores)
 
 
 class _Bench:
@@ -137,12 +157,14 @@ class _Bench:
 
     def generate(self, run: dict[str, Any]) -> dict[str, Any]:
         """Time one greedy generate: prefill (to the first token's scores) and decode per token."""
-        clock = _FirstTokenClock()
+        clock = _SyncedFirstTokenClock()
         n = self.spec.new_tokens
+        _sync()
         start = time.perf_counter()
         out = self.model.generate(**run, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
                                   pad_token_id=self.pad_id)
+        _sync()
         end = time.perf_counter()
         lengths, kv_bytes = _cache_after_prefill(out, out.sequences.shape[1] -
                                                  run["input_ids"].shape[1] - 1)
@@ -163,10 +185,12 @@ def _time_encoding(adapter) -> list[float]:
             continue
 
         def timed(*args, _original=original, **kwargs):
+            _sync()
             start = time.perf_counter()
             try:
                 return _original(*args, **kwargs)
             finally:
+                _sync()
                 spent[0] += time.perf_counter() - start
 
         setattr(adapter, name, timed)

@@ -10,16 +10,20 @@ from crop.regions import parse_box_argument
 __all__ = ["FixedBoxLocalizer", "FullImageLocalizer", "Localization", "Localizer", "VLMLocalizer", "make_localizer"]
 
 
-def make_localizer(spec: str, grid: int = 8) -> Localizer:
+def make_localizer(spec: str, grid: int = 8, device: str = "cpu") -> Localizer:
     """A localizer from a short spec, as the CLI takes it.
 
     Args:
         spec: ``"full"``; ``"box:x0,y0,x1,y1"`` (grid coordinates); ``"embedded"`` (the shipped
             toy localizer); or a local path / hub id of a generative localizer VLM.
         grid: the region grid side.
+        device: where a generative localizer VLM runs (``"cpu"``, ``"auto"``, ``"cuda"``,
+            ``"cuda:N"``, ``"mps"``; its dtype is ``"auto"`` there: bfloat16 on CUDA, else
+            float32); unused by ``full`` and ``box:``.
 
     Raises:
-        CropInputError: for a malformed box or a localizer model that cannot be loaded.
+        CropInputError: for a malformed box, a localizer model that cannot be loaded, or a
+            device this machine does not have.
     """
     if spec == "full":
         return FullImageLocalizer(grid)
@@ -30,7 +34,7 @@ def make_localizer(spec: str, grid: int = 8) -> Localizer:
             raise CropInputError(f"bad --localizer box: {exc}") from None
     from crop.models.loading import load_model
 
-    model, processor = load_model(spec, role="localizer")
+    model, processor = load_model(spec, role="localizer", device=device)
     image_first = True
     if spec == "embedded":  # the shipped toy localizer records the prompt layout it was trained with
         from crop.embedded import load_embedded_metadata

@@ -38,7 +38,7 @@ def resize_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         the old position each new position copies (``-1`` inside new runs and padding);
         ``starts`` per sample the new start of each run.
     """
-    batch = input_ids.shape[0]
+    batch, device = input_ids.shape[0], input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     rows, masks, sources, all_starts = [], [], [], []
@@ -47,13 +47,13 @@ def resize_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         starts: list[int] = []
         cursor, length = 0, 0
         for (start, old_len), new_len in zip(runs[b], new_lengths[b], strict=True):
-            pieces_src.append(torch.arange(cursor, start))
+            pieces_src.append(torch.arange(cursor, start, device=device))
             length += start - cursor
             starts.append(length)
-            pieces_src.append(torch.full((new_len,), -1, dtype=torch.long))
+            pieces_src.append(torch.full((new_len,), -1, dtype=torch.long, device=device))
             length += new_len
             cursor = start + old_len
-        pieces_src.append(torch.arange(cursor, input_ids.shape[1]))
+        pieces_src.append(torch.arange(cursor, input_ids.shape[1], device=device))
         src = torch.cat(pieces_src)  # (L_b,)
         ids = torch.where(src >= 0, input_ids[b, src.clamp(min=0)], torch.full_like(src, token_id))
         mask = torch.where(src >= 0, attention_mask[b, src.clamp(min=0)], torch.ones_like(src))
@@ -64,7 +64,7 @@ def resize_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     width = max(r.numel() for r in rows)
     out_ids = input_ids.new_full((batch, width), pad_id)
     out_mask = attention_mask.new_zeros((batch, width))
-    out_src = torch.full((batch, width), -1, dtype=torch.long)
+    out_src = torch.full((batch, width), -1, dtype=torch.long, device=device)
     for b in range(batch):
         pad = width - rows[b].numel()
         out_ids[b, pad:] = rows[b]
