@@ -68,8 +68,10 @@ def matched(path: str) -> None:
         rows = [(m, r) for (m, b), r in cells.items() if b == budget]
         ranked = sorted((r["accuracy"] for _, r in rows if "infeasible" not in r), reverse=True)
         target = next(r["target"] for _, r in rows)
-        print(f"\n**{budget} of 576** (target: {target:.1f} equivalent visual tokens of "
-              f"{data['visual_tokens_per_image']}); full: {full:.1%}\n")
+        goal = (f"{target / 1e9:.3f} GFLOPs, an unpruned prefill of {budget * data['visual_tokens_per_image'] / 576:.1f} "
+                "visual tokens" if spec["match"] == "flops" else
+                f"{target:.1f} equivalent visual tokens of {data['visual_tokens_per_image']}")
+        print(f"\n**{budget} of 576** (target: {goal}); full: {full:.1%}\n")
         print("| method | budget argument | equivalent tokens | prefill GFLOPs (LLM + selection + localizer) | "
               "accuracy (kept) | rank |")
         print("|---|---|---|---|---|---|")
@@ -90,7 +92,7 @@ def families(first: str, second: str, method: str) -> None:
     print("| budget (of 576) | file | " + " | ".join(fams) + " | all |")
     print("|" + "---|" * (len(fams) + 3))
     for budget in sorted({r["keep_tokens_576"] for r in a["runs"] if r["method"] == method}):
-        for name, data in ((first, a), (second, b)):
+        for data in (a, b):
             run = next(r for r in data["runs"] if r["method"] == method and r["keep_tokens_576"] == budget)
             trim = next((v for t, f, v in data["spec"].get("options", []) if f == "trim"), "center")
             print(f"| {budget} | trim={trim} | " + " | ".join(f"{run['accuracy_per_family'][f]:.1%}" for f in fams)

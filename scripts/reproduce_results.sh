@@ -21,7 +21,15 @@ $CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 192 --localizer e
     --layer 1 --out results/eval-matched-equivalent
 $PY scripts/readme_accuracy_table.py matched results/eval-matched-equivalent/results.json
 
-# CROP-ILP's budget policy when the region holds more tokens than the budget: centre blob vs stride
+# the same target matched on FLOPs instead, the localizer's included
+$CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 192 --localizer embedded --match flops \
+    --layer 1 --out results/eval-matched-flops
+$PY scripts/readme_accuracy_table.py matched results/eval-matched-flops/results.json
+
+# CROP-ILP's budget policy when the region holds more tokens than the budget: centre blob vs stride,
+# at matched compute (K = 1) and per label (K = 2)
+$CROP eval --split test --n 400 --methods full,crop-ilp --keep-tokens 192 --localizer embedded --match equivalent \
+    --layer 1 --option trim=stride --out results/eval-matched-equivalent-stride
 $CROP eval --split test --n 400 --methods full,crop-ilp --keep-tokens 64,128,192 --localizer embedded \
     --option trim=stride --out results/eval-trim-stride
 $PY scripts/readme_accuracy_table.py families results/eval-embedded-localizer/results.json \

@@ -67,3 +67,32 @@ def greedy(model, inputs, steps: int = 2, **kw):
                     if t is not None]
     return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
                           return_dict_in_generate=True, suppress_tokens=placeholders, **kw)
+
+
+# LLaVA-1.5 geometry (336 px, 14 px patches: 576 visual tokens) with a 32-layer LM like 7B's, tiny widths:
+# the model the reference tests compare official rules on
+LLAVA15_32_SHAPE = dict(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, text_hidden=64,
+                        text_layers=32, text_heads=4, text_kv_heads=4, text_intermediate=128)
+
+
+def llava15_32_model_and_inputs():
+    """A seeded random model of :data:`LLAVA15_32_SHAPE` and one prompt's inputs for it."""
+    from crop.embedded import build_from_shape
+
+    torch.manual_seed(0)
+    model, proc = build_from_shape("llava", LLAVA15_32_SHAPE)
+    inputs = chat_inputs(proc, [random_image(5, (336, 336))], ["What color is the star left of the circle?"])
+    return model, inputs
+
+
+def llm_input_embeddings(model, inputs) -> torch.Tensor:
+    """``(B, L, D)`` the hidden states entering the first decoder layer in a stock forward of ``inputs``."""
+    layer = model.model.language_model.layers[0]
+    seen = {}
+    grab = layer.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"]),
+                                           with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        grab.remove()
+    return seen["h"]

@@ -17,32 +17,22 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from crop.api import apply_method
-from crop.embedded import build_from_shape
 from crop.methods.pdrop import PDropConfig, pdrop_schedule, solve_ratio
 from crop.models.base import get_adapter
-from tests.conftest import chat_inputs, random_image
+from tests.conftest import LLAVA15_32_SHAPE, llava15_32_model_and_inputs, llm_input_embeddings
 
-SHAPE = dict(image_size=336, patch_size=14, vision_hidden=32, vision_layers=1, text_hidden=64, text_layers=32,
-             text_heads=4, text_kv_heads=4, text_intermediate=128)  # 576 visual tokens, a 32-layer LM like 7B's
+SHAPE = LLAVA15_32_SHAPE  # 576 visual tokens, a 32-layer LM like 7B's
 
 
 @pytest.fixture(scope="module")
 def model_and_inputs():
-    torch.manual_seed(0)
-    model, proc = build_from_shape("llava", SHAPE)
-    inputs = chat_inputs(proc, [random_image(5, (336, 336))], ["What color is the star left of the circle?"])
-    return model, inputs
+    return llava15_32_model_and_inputs()
 
 
 def _reference(model, inputs, layers, ratio):
     """Official PDrop by hand: (kept image indices per stage, last-token logits)."""
     lm = model.model.language_model
-    seen = {}
-    grab = lm.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0] if a else k["hidden_states"]),
-                                                  with_kwargs=True)
-    model(**inputs)
-    grab.remove()
-    h = seen["h"]  # (1, L, D) what enters layer 0
+    h = llm_input_embeddings(model, inputs)  # (1, L, D) what enters layer 0
     span = get_adapter(model).image_spans(inputs)[0]
     n_img = span.visual_tokens
     origin = torch.arange(h.shape[1])  # the prompt position of each slot

@@ -91,7 +91,8 @@ def planned_flops(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int, n_
     return flops + (localizer_flops if method.uses_region else 0.0)
 
 
-def solve_budget(value: Callable[[int], float], target: float, n_in: int, tolerance: float) -> BudgetSolution:
+def solve_budget(value: Callable[[int], float], target: float, n_in: int, tolerance: float,
+                 unit: Callable[[float], str] = lambda v: f"{v:.1f}") -> BudgetSolution:
     """The integer budget in ``[1, n_in]`` whose planned ``value`` is closest to ``target``.
 
     Every budget is tried (a method's plan is arithmetic, so this is cheap); budgets the method
@@ -107,6 +108,7 @@ def solve_budget(value: Callable[[int], float], target: float, n_in: int, tolera
         target: what to meet.
         n_in: the image's visual tokens (the largest budget tried).
         tolerance: how far outside the method's range still counts as met (one token per image).
+        unit: how a planned value is written in the reason (e.g. as GFLOPs).
     """
     planned: dict[int, float] = {}
     for budget in range(1, n_in + 1):
@@ -120,8 +122,8 @@ def solve_budget(value: Callable[[int], float], target: float, n_in: int, tolera
     low, high = min(planned.values()), max(planned.values())
     if target < low - tolerance:
         return BudgetSolution(best, planned[best], target, False,
-                              f"its cheapest budget plans {low:.1f}, over the target {target:.1f}")
+                              f"its cheapest budget plans {unit(low)}, over the target {unit(target)}")
     if target > high + tolerance:
         return BudgetSolution(best, planned[best], target, False,
-                              f"keeping every token plans {high:.1f}, under the target {target:.1f}")
+                              f"keeping every token plans {unit(high)}, under the target {unit(target)}")
     return BudgetSolution(best, planned[best], target, True)

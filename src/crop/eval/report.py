@@ -67,43 +67,8 @@ def pyplot():
     return plt
 
 
-def plot_accuracy_vs_tokens(results: dict[str, Any], path: str | Path) -> Path | None:
-    """Accuracy against equivalent visual tokens (the compute-fair axis), one line per method.
-
-    Returns ``None`` if matplotlib is missing.
-    """
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for r in results["runs"]:
-        if "infeasible" not in r:
-            by_method.setdefault(r["method"], []).append((r["equivalent_tokens"], 100 * r["accuracy"]))
-    for method, points in by_method.items():
-        points.sort()
-        xs, ys = zip(*points, strict=True)
-        if method == "full":
-            ax.axhline(ys[0], color="gray", linestyle="--", label=f"full ({int(xs[0])} tokens)")
-        else:
-            ax.plot(xs, ys, marker="o", label=method)
-    ax.set_xlabel("equivalent visual tokens per image (layer-weighted average)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"synth/{results['benchmark']['split']} (n={results['benchmark']['n']}), localizer: {results['localizer']}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_accuracy_vs_flops(results: dict[str, Any], path: str | Path) -> Path | None:
-    """The Pareto chart: accuracy against analytic prefill GFLOPs (selection and localizer included), per method.
-
-    Returns ``None`` if matplotlib is missing.
-    """
+def _plot_accuracy(results: dict[str, Any], path: str | Path, x_of, xlabel: str, full_label) -> Path | None:
+    """Accuracy against ``x_of(run)``, one line per method (full as a dashed line); ``None`` without matplotlib."""
     plt = pyplot()
     if plt is None:
         return None
@@ -111,15 +76,15 @@ def plot_accuracy_vs_flops(results: dict[str, Any], path: str | Path) -> Path | 
     by_method: dict[str, list[tuple[float, float]]] = {}
     for r in results["runs"]:
         if "infeasible" not in r:
-            by_method.setdefault(r["method"], []).append((r["gflops"]["total"], 100 * r["accuracy"]))
+            by_method.setdefault(r["method"], []).append((x_of(r), 100 * r["accuracy"]))
     for method, points in by_method.items():
         points.sort()
         xs, ys = zip(*points, strict=True)
         if method == "full":
-            ax.axhline(ys[0], color="gray", linestyle="--", label=f"full ({xs[0]:.2f} GFLOPs)")
+            ax.axhline(ys[0], color="gray", linestyle="--", label=f"full ({full_label(xs[0])})")
         else:
             ax.plot(xs, ys, marker="o", label=method, linewidth=2.5 if method.startswith("crop") else 1.2)
-    ax.set_xlabel("prefill GFLOPs per sample (LLM + selection + localizer), analytic")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     match = results.get("spec", {}).get("match", "label")
     ax.set_title(f"synth/{results['benchmark']['split']} (n={results['benchmark']['n']}), match: {match}, "
@@ -131,3 +96,22 @@ def plot_accuracy_vs_flops(results: dict[str, Any], path: str | Path) -> Path | 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_accuracy_vs_tokens(results: dict[str, Any], path: str | Path) -> Path | None:
+    """Accuracy against equivalent visual tokens (the layer-weighted average), one line per method.
+
+    Returns ``None`` if matplotlib is missing.
+    """
+    return _plot_accuracy(results, path, lambda r: r["equivalent_tokens"],
+                          "equivalent visual tokens per image (layer-weighted average)", lambda x: f"{int(x)} tokens")
+
+
+def plot_accuracy_vs_flops(results: dict[str, Any], path: str | Path) -> Path | None:
+    """The Pareto chart: accuracy against analytic prefill GFLOPs (selection and localizer included), per method.
+
+    Returns ``None`` if matplotlib is missing.
+    """
+    return _plot_accuracy(results, path, lambda r: r["gflops"]["total"],
+                          "prefill GFLOPs per sample (LLM + selection + localizer), analytic",
+                          lambda x: f"{x:.2f} GFLOPs")

@@ -310,7 +310,7 @@ def _budget_for(adapter, config_at, budget: int | None, match: str, visual: int,
     target = float(prefill_flops(dims, [text + round(tokens)] * dims.layers))  # the label's tokens from layer 0
     per_token = float(prefill_flops(dims, [text + 1] * dims.layers) - prefill_flops(dims, [text] * dims.layers))
     return target, solve_budget(lambda b: planned_flops(adapter, config_at, b, visual, text, loc_flops), target,
-                                visual, tolerance=per_token)
+                                visual, tolerance=per_token, unit=lambda v: f"{v / 1e9:.3f} GFLOPs")
 
 
 class _Precomputed:
