@@ -117,7 +117,7 @@ def test_reader_takes_crop_synth_output(tmp_path):
     ({"image": "data.jsonl", "question": "q?", "answers": "x"}, "cannot identify image file"),
     ({"image": "imgs/0.png", "question": "q?", "answers": "x", "box_grid": [0, 0, 8, 8]}, "box"),
     ({"image": "imgs/0.png", "question": "q?", "answers": "x", "box_grid": [0, 0, 1]}, "four integers"),
-    ({"image": "imgs/0.png", "question": "q?", "answers": "x", "box_px": [10, 10, 5, 5]}, ""),
+    ({"image": "imgs/0.png", "question": "q?", "answers": "x", "box_px": [10, 10, 5, 5]}, "pixel box .* is empty"),
     ({"image": "imgs/0.png", "question": "q?", "answers": "x", "family": "all"}, "reserved"),
 ])
 def test_reader_errors_name_file_and_line(tmp_path, record, message):
