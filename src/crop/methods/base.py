@@ -393,7 +393,7 @@ class InnerLLMMethod(PruningMethod):
         return select
 
 
-class TopKSelection:
+class TopKSelection(ABC):
     """Mixin for inner-LLM methods that keep each image's top-scored visual tokens (FastV, PyramidDrop).
 
     The method supplies :meth:`scores` (one score per sequence slot, per sample) and
@@ -402,13 +402,13 @@ class TopKSelection:
     (the pattern of NVIDIA/kvpress's ``ScorerPress``).
     """
 
+    @abstractmethod
     def scores(self, stage: int, hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
         """Per sample, ``(L,)`` scores of every slot entering the stage's layer (higher = kept first)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def keep_count(self, image: int, stage: int, n: int) -> int:
         """Visual tokens image ``image`` (batch order) keeps at ``stage`` out of its ``n`` candidates."""
-        raise NotImplementedError
 
     def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
         rows = self.scores(stage, hidden, layer_kwargs)  # per sample: (L,)
