@@ -16,8 +16,9 @@ $PY scripts/readme_accuracy_table.py label results/eval-embedded-localizer/resul
     results/eval-oracle-localizer/results.json
 
 # matched compute: every method solved for the same equivalent visual tokens (K = 1: on the 4-layer default
-# answerer the first layer alone is 1/4 of the compute, so 192 of 576 is the only label every method can meet)
-$CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 192 --localizer embedded --match equivalent \
+# answerer the first layer alone is 1/4 of the compute, so at 64 and 128 of 576 the inner-LLM methods are
+# reported infeasible; 192 of 576 is the label every method can meet)
+$CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded --match equivalent \
     --layer 1 --out results/eval-matched-equivalent
 $PY scripts/readme_accuracy_table.py matched results/eval-matched-equivalent/results.json
 
