@@ -153,10 +153,7 @@ def visual_per_layer(kept: dict[str, list[int]], image: int, layers: int) -> lis
         image: the image's index.
         layers: the LM's depth.
     """
-    stages = sorted((int(k.rsplit("_", 1)[1]), v[image]) for k, v in kept.items() if k.startswith("after_layer_"))
-    counts, current = [], kept["llm_input"][image]
-    for layer in range(layers):
-        while stages and stages[0][0] <= layer:
-            current = stages.pop(0)[1]
-        counts.append(current)
-    return counts
+    from crop.methods.base import visual_counts_per_layer
+
+    stages = [(int(k.rsplit("_", 1)[1]), v[image]) for k, v in kept.items() if k.startswith("after_layer_")]
+    return visual_counts_per_layer(kept["llm_input"][image], stages, layers)

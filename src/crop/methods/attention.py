@@ -260,6 +260,12 @@ class AttentionScoredMethod(InnerLLMMethod):
                 q, k = parts.q_proj(normed), parts.k_proj(normed)  # (B, L, H*d), (B, L, Hkv*d)
             return attention_rows(parts, q, k, cos, sin, queries, valid)
 
+    def last_token_scores(self, stage: int, hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
+        """Per sample, ``(L,)`` the head-averaged attention of the prompt's last real token over every slot."""
+        _, valid = self.slot_validity(stage, hidden)  # (B, L)
+        rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)
+        return [r[0] for r in rows]
+
     @staticmethod
     def last_slots(valid: torch.Tensor) -> list[torch.Tensor]:
         """Per sample, ``(1,)`` the last real slot (the prompt's last token)."""

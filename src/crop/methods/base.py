@@ -88,14 +88,19 @@ class MethodOptions:
     seed: int = 0
 
 
-def equivalent_tokens(n_in: int, stages: Sequence[tuple[int, int]], num_layers: int) -> float:
-    """Layer-weighted visual tokens: ``n_in`` until each ``(layer, kept)`` stage, averaged over layers."""
+def visual_counts_per_layer(n_in: int, stages: Sequence[tuple[int, int]], num_layers: int) -> list[int]:
+    """Visual tokens entering each layer: ``n_in`` until each ``(layer, kept)`` stage, then its count."""
     counts, current, boundary = [], n_in, sorted(stages)
     for layer in range(num_layers):
         while boundary and boundary[0][0] <= layer:
             current = boundary.pop(0)[1]
         counts.append(current)
-    return sum(counts) / num_layers
+    return counts
+
+
+def equivalent_tokens(n_in: int, stages: Sequence[tuple[int, int]], num_layers: int) -> float:
+    """Layer-weighted visual tokens: :func:`visual_counts_per_layer` averaged over layers."""
+    return sum(visual_counts_per_layer(n_in, stages, num_layers)) / num_layers
 
 
 class PruningMethod(ABC):

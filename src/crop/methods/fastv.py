@@ -75,9 +75,7 @@ class FastV(TopKSelection, AttentionScoredMethod):
         return n_in - int(n_in * self.config.drop) if budget is None else min(budget, n_in)
 
     def scores(self, stage, hidden, layer_kwargs):
-        _, valid = self.slot_validity(stage, hidden)  # (B, L)
-        rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)
-        return [r[0] for r in rows]
+        return self.last_token_scores(stage, hidden, layer_kwargs)
 
     def keep_count(self, image, stage, n):
         return self.kept_after_stage(n)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin, scaled_layers
-from crop.methods.base import METHODS, TopKSelection
+from crop.methods.base import METHODS, TopKSelection, visual_counts_per_layer
 
 # the paper's LLaVA-1.5-7B schedule: stages end after layers 8, 16 and 24 of 32, lambda = 0.5
 PAPER_STAGE_FRACTIONS = (8 / 32, 16 / 32, 24 / 32)
@@ -204,7 +204,7 @@ class PyramidDrop(TopKSelection, AttentionScoredMethod):
     def planned_counts(self, n_in):
         layers, counts = pdrop_schedule(n_in, self.config.keep_tokens, self.adapter.num_layers, self.config.layers,
                                         self.config.ratio)
-        return _per_layer(n_in, layers, counts, self.adapter.num_layers)
+        return visual_counts_per_layer(n_in, list(zip(layers, counts, strict=True)), self.adapter.num_layers)
 
     def selection_flops(self, seq_len, n_in):
         # per stage: the stage layer's q/k projections over the sequence entering it, plus one row
@@ -222,20 +222,7 @@ class PyramidDrop(TopKSelection, AttentionScoredMethod):
         return total
 
     def scores(self, stage, hidden, layer_kwargs):
-        _, valid = self.slot_validity(stage, hidden)  # (B, L)
-        rows = self.attention_rows_at(stage, hidden, layer_kwargs, self.last_slots(valid), valid)  # per b: (1, L)
-        return [r[0] for r in rows]
+        return self.last_token_scores(stage, hidden, layer_kwargs)
 
     def keep_count(self, image, stage, n):
         return self._counts[image][stage]
-
-
-def _per_layer(n_in: int, layers: list[int], counts: list[int], num_layers: int) -> list[int]:
-    """Visual tokens entering each layer: ``n_in`` until the first stage layer, then each stage's count."""
-    out, current, stages = [], n_in, dict(zip(layers, counts, strict=True))
-    for layer in range(num_layers):
-        current = stages.get(layer, current)
-        out.append(current)
-    return out
-
-

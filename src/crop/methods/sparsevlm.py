@@ -10,7 +10,7 @@ import torch
 
 from crop.hf_compat import layer_cache
 from crop.methods.attention import AttentionScoredMethod, BaselineConfigMixin
-from crop.methods.base import METHODS
+from crop.methods.base import METHODS, visual_counts_per_layer
 
 # the official code prunes the *output* of layers 2, 6 and 15 of LLaVA-1.5-7B's 32 with each
 # layer's own attention: our stage layers (dropped at their input) are 3, 7 and 16
@@ -329,11 +329,9 @@ class SparseVLM(AttentionScoredMethod):
                                   self._columns, self.config.recycle, self.config.cluster_size)
 
     def planned_counts(self, n_in):
-        from crop.methods.pdrop import _per_layer
-
         plan = self.schedule(n_in)
         totals = [n_in] * len(self._layers) if plan is None else plan[1]
-        return _per_layer(n_in, self._layers, totals, self.adapter.num_layers)
+        return visual_counts_per_layer(n_in, list(zip(self._layers, totals, strict=True)), self.adapter.num_layers)
 
     def attach(self) -> None:
         # registered before the pruners' hooks, so a replayed merge happens before the stage's gather
