@@ -2,7 +2,7 @@
 
 Public API (imported lazily so ``import crop`` stays light):
 
-- :class:`CropILPConfig`, :class:`CropPLCConfig`, :func:`apply_crop` / :class:`CropHandle`: apply
+- :class:`CropILPConfig`, :class:`CropPLCConfig`, :class:`CropSelfConfig`, :func:`apply_crop` / :class:`CropHandle`: apply
   CROP to a model, reversibly (any method: :func:`apply_method` with its config);
 - :class:`CropPipeline`, :class:`CropResult`: localize -> prune -> generate, with stats;
 - :class:`GridBox`, :func:`parse_grid_box`: regions on the localizer's grid.
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CropILPConfig": "crop.config",
     "CropPLCConfig": "crop.config",
+    "CropSelfConfig": "crop.config",
     "NoPruningConfig": "crop.config",
     "apply_crop": "crop.api",
     "apply_method": "crop.api",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from crop.config import CropILPConfig, CropPLCConfig
+from crop.config import CropILPConfig, CropPLCConfig, CropSelfConfig
 from crop.hf_compat import layer_cache
 from crop.methods import InnerLLMMethod, PruneStats, method_for
 from crop.models.base import VLMAdapter, get_adapter
@@ -163,7 +163,7 @@ def apply_method(model: nn.Module, config: Any) -> PruningHandle:
     return PruningHandle(model, config)
 
 
-def apply_crop(model: nn.Module, config: CropILPConfig | CropPLCConfig | None = None) -> PruningHandle:
+def apply_crop(model: nn.Module, config: CropILPConfig | CropPLCConfig | CropSelfConfig | None = None) -> PruningHandle:
     """Apply CROP to ``model`` (in place, reversibly) and return the handle.
 
     Args:
@@ -173,7 +173,7 @@ def apply_crop(model: nn.Module, config: CropILPConfig | CropPLCConfig | None = 
     Returns:
         A :class:`PruningHandle`; use its ``prepare`` before each forward/generate call.
     """
-    if config is not None and not isinstance(config, (CropILPConfig, CropPLCConfig)):
-        raise ValueError(f"apply_crop takes a CropILPConfig or CropPLCConfig, got {type(config).__name__}; "
+    if config is not None and not isinstance(config, (CropILPConfig, CropPLCConfig, CropSelfConfig)):
+        raise ValueError(f"apply_crop takes a CropILPConfig, CropPLCConfig or CropSelfConfig, got {type(config).__name__}; "
                          "use apply_method for other methods")
     return PruningHandle(model, config or CropILPConfig())

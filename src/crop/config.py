@@ -105,6 +105,65 @@ class CropILPConfig(ConfigMixin):
 
 
 @dataclass
+class CropSelfConfig(ConfigMixin):
+    """Configuration of CROP-self: CROP's ILP with the region read off the answerer's own attention.
+
+    No localizer model runs: at the input of layer ``layer`` (K), the attention that the text
+    after the image paid to the image's visual tokens in the layers before K is summed per grid
+    cell, one contiguous box is chosen from it (:mod:`crop.ops.attention_box`), and ILP keeps
+    that box's tokens under the same budget policy as :class:`CropILPConfig`. The box is decided
+    inside the one prefill; nothing runs twice.
+
+    Args:
+        keep_tokens, layer, grid, trim: as in :class:`CropILPConfig`.
+        queries: whose attention counts: ``"last"`` (the prompt's last token, as FastV) or
+            ``"text"`` (every text token after the image, averaged).
+        attention_layers: ``"last"`` (layer K-1's attention, as FastV) or ``"all"`` (the mean
+            over layers 0..K-1).
+        rule: how the box is chosen from the cell masses (:data:`crop.ops.attention_box.BOX_RULES`):
+            ``"price"`` (maximum-sum sub-rectangle of mass minus ``price`` times the uniform share
+            per cell) or ``"share"`` (the smallest box holding ``share`` of the mass).
+        price: the per-cell price of ``rule="price"`` (> 0; 1 = the uniform share).
+        share: the mass share of ``rule="share"``, in (0, 1].
+
+    Raises:
+        ValueError: on any invalid field.
+    """
+
+    keep_tokens: int | None = None
+    layer: int = 2
+    grid: int = 8
+    trim: str = "center"
+    queries: str = "text"
+    attention_layers: str = "all"
+    rule: str = "price"
+    price: float = 1.0
+    share: float = 0.5
+    method_name: ClassVar[str] = "crop-self"
+
+    def __post_init__(self) -> None:
+        from crop.ops.attention_box import BOX_RULES
+        from crop.ops.selection import TRIMS
+
+        check_keep_tokens(self.keep_tokens)
+        check_layer(self.layer)
+        check_grid(self.grid)
+        choices = {"trim": TRIMS, "queries": ("last", "text"), "attention_layers": ("last", "all"), "rule": BOX_RULES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if isinstance(self.price, bool) or not isinstance(self.price, (int, float)) or not math.isfinite(self.price) \
+                or self.price <= 0:
+            raise ValueError(f"price must be a finite number > 0, got {self.price!r}")
+        check_ratio("share", self.share)
+
+    @classmethod
+    def from_ilp(cls, config: CropILPConfig, **choices: Any) -> CropSelfConfig:
+        """The CROP-self config with ``config``'s budget, layer, grid and trim (and any other field in ``choices``)."""
+        return cls(keep_tokens=config.keep_tokens, layer=config.layer, grid=config.grid, trim=config.trim, **choices)
+
+
+@dataclass
 class CropPLCConfig(ConfigMixin):
     """Configuration of CROP's pre-LLM compression (PLC), training-free.
 

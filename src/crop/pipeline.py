@@ -34,7 +34,9 @@ class CropResult:
         answer: the generated text.
         box: the localizer's region on the image, ``[x0, y0, x1, y1]`` on the grid. If the
             model sees a padded or cropped view (LLaVA-1.5 centre-crops non-square images), the
-            box used on that view is ``extra["model_view_box"]``.
+            box used on that view is ``extra["model_view_box"]``. With CROP-self (the answerer
+            found the region in its own attention, ``extra["self_localized"]``), it is the box
+            found, on the model's view (also in ``extra["model_view_box"]``).
         grid: the grid side.
         method, layer, keep_tokens: the settings used (``layer``: the pruning layer of a
             single-stage inner-LLM method, else ``None``).
@@ -128,6 +130,10 @@ class CropPipeline:
         self.processor = processor
         self.localizer = localizer
         self.config = config or CropILPConfig()
+        if getattr(localizer, "in_model", False):  # the answerer finds the region itself (CROP-self)
+            from crop.methods.self_region import for_self_localizer
+
+            self.config = for_self_localizer(self.config, getattr(localizer, "choices", None))
         self.adapter = get_adapter(model)
         grid = getattr(self.config, "grid", localizer.grid)  # region-free configs need not carry one
         if localizer.grid != grid:
@@ -222,6 +228,9 @@ class CropPipeline:
         prompt_tokens = mask.sum(1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * batch
         results = []
         for i, (answer, loc, view) in enumerate(zip(answers, localizations, view_boxes, strict=True)):
+            found = bool(stats.self_localized and stats.self_localized[i])
+            if found:  # the region the answerer's own attention pointed at, on its view of the image
+                loc, view = Localization(stats.boxes[i]), stats.boxes[i]
             results.append(CropResult(
                 answer=answer.strip(),
                 box=loc.box.as_list(),
@@ -242,6 +251,7 @@ class CropPipeline:
                        "prompt_tokens": prompt_tokens[i], "selection_flops": handle.method.selection_flops(
                            prompt_tokens[i], stats.visual_tokens_in[i]),
                        **({"layers": layers} if len(layers) > 1 else {}),
-                       **({"model_view_box": view.as_list()} if view != loc.box else {})},
+                       **({"model_view_box": view.as_list()} if view != loc.box or found else {}),
+                       **({"self_localized": True} if found else {})},
             ))
         return results

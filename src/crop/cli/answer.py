@@ -57,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "weights, smoke tests only), or a local path / hub id of a LLaVA-1.5, LLaVA-NeXT, "
                         "Qwen2-VL or Qwen2.5-VL checkpoint")
     p.add_argument("--localizer", default=None,
-                   help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'embedded' (the "
-                        "shipped toy localizer), or a path / hub id of a generative localizer VLM "
+                   help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'self' (no second "
+                        "model: the answerer's own attention before layer K picks the box; ILP becomes crop-self), "
+                        "'embedded' (the shipped toy localizer), or a path / hub id of a generative localizer VLM "
                         "(default: 'embedded' with the embedded model, else 'full')")
     p.add_argument("--method", default="ilp",
                    help="ilp (CROP inner-LLM pruning, default), plc (CROP pre-LLM compression), none (unpruned), "
@@ -272,6 +273,9 @@ def _region_line(result) -> str:
     """The region the model's tokens were actually selected with, and how it came from the localizer's."""
     used = result.extra.get("model_view_box")
     line = f"region: {used or result.box} on a {result.grid}x{result.grid} grid"
+    if result.extra.get("self_localized"):
+        return line + (f" of the model's view, found by the answerer's own attention before layer {result.layer} "
+                       "(CROP-self, no localizer model)")
     if used is not None and list(used) != list(result.box):
         line += (f" of the model's view (the localizer's box {result.box} on the whole image, mapped onto the "
                  "padded / centre-cropped picture the model sees)")

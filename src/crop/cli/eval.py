@@ -53,11 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=None,
                    help="number of samples (default 200 synthetic; with --data, every line of the file)")
     p.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed, also the methods' seed (default 0)")
-    p.add_argument("--methods", default="full,crop-ilp,crop-plc", help="comma-separated: full, crop-ilp, crop-plc")
+    p.add_argument("--methods", default="full,crop-ilp,crop-plc", help="comma-separated registered names or aliases: full, crop-ilp, crop-plc, crop-self, fastv, dart, ... "
+                        "(see 'crop methods')")
     p.add_argument("--keep-tokens", default="64,128,192", help="comma-separated budgets, as counts of 576")
     p.add_argument("--localizer", default="embedded",
                    help="'embedded', 'oracle' (ground-truth boxes, the ceiling for localization), 'full', "
-                        "or a path / hub id of a localizer VLM")
+                        "'self' (no localizer model: crop-ilp runs as crop-self, the answerer's own attention "
+                        "picks the box), or a path / hub id of a localizer VLM")
     p.add_argument("--model", default="embedded", help="answerer: 'embedded', a tiny-random-* name, a path or hub id")
     p.add_argument("--layer", type=int, default=2,
                    help="K of single-stage inner-LLM methods (crop-ilp, fastv, dart, random-inner; default 2)")

@@ -35,7 +35,7 @@ from crop.eval.matching import (
     solve_budget,
 )
 from crop.localizers.base import Localization, Localizer
-from crop.methods import MethodOptions, canonical_name, config_for, method_for, with_options
+from crop.methods import METHODS, MethodOptions, canonical_name, config_for, method_for, with_options
 from crop.pipeline import CropPipeline, chat_prompt
 from crop.regions import GridBox
 
@@ -188,6 +188,8 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
     if localizer is None:
         check_oracle(samples)
     names = [canonical_name(m) for m in spec.methods]
+    if getattr(localizer, "in_model", False):  # --localizer self: ILP finds its own box (CROP-self)
+        names = [_self_localized_name(n) for n in names]
     runs = [("full", None)] + [(m, k) for m in dict.fromkeys(names) if m != "none" for k in spec.keep_tokens]
     total = len(samples) * (len(runs) + (0 if localizer is None else 1))
     progress = progress_factory(total) if progress_factory else None
@@ -235,6 +237,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
                               "prediction": r.answer, **_scores(r.answer, s),
                               "box": r.box, "box_gt": None if s.box_grid is None else list(s.box_grid),
                               "fallback": r.localizer_fallback,
+                              **({"self_localized": True} if r.extra.get("self_localized") else {}),
                               "visual_tokens_kept": r.visual_tokens_kept,
                               "equivalent_tokens": r.extra.get("equivalent_tokens"),
                               "flops": {"llm_prefill": prefill_flops(dims, layer_tokens),
@@ -322,25 +325,50 @@ class _Precomputed:
         raise RuntimeError("evaluation passes precomputed localizations")
 
 
-def _localization_metrics(locs: Sequence[Localization], samples: Sequence[SynthSample]) -> dict[str, Any]:
-    """Mean IoU with the ground-truth grid box, containment rate and fallbacks, overall and per family.
+def _self_localized_name(name: str) -> str:
+    """What method ``name`` runs as when the localizer is ``self``: ILP becomes CROP-self; PLC cannot run."""
+    if name == "crop-ilp":
+        return "crop-self"
+    if name != "crop-self" and METHODS.get(name).uses_region:
+        raise ValueError(f"--localizer self cannot serve {name}: it needs the region before the LLM runs, and the "
+                         "answerer's own attention gives it only inside the prefill (a second pass would be needed)")
+    return name
 
-    Samples without a box (JSONL data may leave it out) are not counted; with none at all the
-    means are NaN and ``n`` is 0.
+
+def box_metrics(boxes: Sequence[GridBox], gts: Sequence[GridBox | None], families: Sequence[str]) -> dict[str, Any]:
+    """Mean IoU with the ground-truth grid box and containment rate, overall and per family.
+
+    Samples without a ground-truth box (JSONL data may leave it out) are not counted; with none
+    at all the means are NaN and ``n`` is 0.
     """
     per: dict[str, list[tuple[float, bool]]] = {"all": []}
-    for loc, s in zip(locs, samples, strict=True):
-        if s.box_grid is None:
+    for box, gt, family in zip(boxes, gts, families, strict=True):
+        if gt is None:
             continue
-        gt = GridBox(*s.box_grid, grid=loc.box.grid)
-        for key in (s.family, "all"):
-            per.setdefault(key, []).append((loc.box.iou(gt), loc.box.contains(gt)))
+        for key in (family, "all"):
+            per.setdefault(key, []).append((box.iou(gt), box.contains(gt)))
     nan = float("nan")
-    out = {key: {"mean_iou": statistics.fmean(v[0] for v in vals) if vals else nan,
-                 "contains_gt": statistics.fmean(float(v[1]) for v in vals) if vals else nan, "n": len(vals)}
-           for key, vals in per.items()}
+    return {key: {"mean_iou": statistics.fmean(v[0] for v in vals) if vals else nan,
+                  "contains_gt": statistics.fmean(float(v[1]) for v in vals) if vals else nan, "n": len(vals)}
+            for key, vals in per.items()}
+
+
+def _localization_metrics(locs: Sequence[Localization], samples: Sequence[SynthSample]) -> dict[str, Any]:
+    """:func:`box_metrics` of the localizer's boxes, plus its fallbacks."""
+    out = box_metrics([loc.box for loc in locs],
+                      [None if s.box_grid is None else GridBox(*s.box_grid, grid=loc.box.grid)
+                       for loc, s in zip(locs, samples, strict=True)], [s.family for s in samples])
     out["all"]["fallbacks"] = sum(loc.fallback for loc in locs)
     return out
+
+
+def _self_box_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`box_metrics` of the boxes a self-localizing method found (``{}`` for any other run)."""
+    if not preds or not all(p.get("self_localized") for p in preds):
+        return {}
+    boxes = [GridBox(*p["box"], grid=8) for p in preds]
+    gts = [None if p["box_gt"] is None else GridBox(*p["box_gt"], grid=8) for p in preds]
+    return {"self_localization": box_metrics(boxes, gts, [p["family"] for p in preds])}
 
 
 def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -374,4 +402,5 @@ def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> 
         "equivalent_tokens": statistics.fmean(p["equivalent_tokens"] for p in preds),
         "gflops": {**{k: v / 1e9 for k, v in flops.items()}, "total": sum(flops.values()) / 1e9},
         **vqa,
+        **_self_box_metrics(preds),
     }

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from crop.errors import CropInputError
-from crop.localizers.base import FixedBoxLocalizer, FullImageLocalizer, Localization, Localizer
+from crop.localizers.base import FixedBoxLocalizer, FullImageLocalizer, Localization, Localizer, SelfLocalizer
 from crop.localizers.vlm import VLMLocalizer
 from crop.regions import parse_box_argument
 
-__all__ = ["FixedBoxLocalizer", "FullImageLocalizer", "Localization", "Localizer", "VLMLocalizer", "make_localizer"]
+__all__ = ["FixedBoxLocalizer", "FullImageLocalizer", "Localization", "Localizer", "SelfLocalizer", "VLMLocalizer",
+           "make_localizer"]
 
 
 def make_localizer(spec: str, grid: int = 8, device: str = "cpu") -> Localizer:
     """A localizer from a short spec, as the CLI takes it.
 
     Args:
-        spec: ``"full"``; ``"box:x0,y0,x1,y1"`` (grid coordinates); ``"embedded"`` (the shipped
-            toy localizer); or a local path / hub id of a generative localizer VLM.
+        spec: ``"full"``; ``"box:x0,y0,x1,y1"`` (grid coordinates); ``"self"`` (no second model:
+            the answerer's own early attention, CROP-self); ``"embedded"`` (the shipped toy
+            localizer); or a local path / hub id of a generative localizer VLM.
         grid: the region grid side.
         device: where a generative localizer VLM runs (``"cpu"``, ``"auto"``, ``"cuda"``,
             ``"cuda:N"``, ``"mps"``; its dtype is ``"auto"`` there: bfloat16 on CUDA, else
@@ -27,6 +29,8 @@ def make_localizer(spec: str, grid: int = 8, device: str = "cpu") -> Localizer:
     """
     if spec == "full":
         return FullImageLocalizer(grid)
+    if spec == "self":
+        return SelfLocalizer(grid)
     if spec.startswith("box:"):
         try:
             return FixedBoxLocalizer(parse_box_argument(spec[4:], grid))

@@ -68,3 +68,28 @@ class FixedBoxLocalizer:
 
     def localize(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Localization]:
         return [Localization(self.box) for _ in images]
+
+
+class SelfLocalizer:
+    """No localizer model: the answerer finds the region itself, from its own attention (CROP-self).
+
+    ``localize`` only hands the whole image on; a pipeline given this localizer runs CROP's ILP
+    as :class:`crop.config.CropSelfConfig` (:func:`crop.methods.self_region.for_self_localizer`),
+    whose box is decided inside the answerer's prefill at layer K. PLC cannot use it: its box is
+    needed before the LLM runs.
+
+    Args:
+        grid: the grid side.
+        choices: :class:`crop.config.CropSelfConfig` fields (``queries``, ``rule``, ``price`` ...)
+            passed on to the config.
+    """
+
+    name = "self"
+    in_model = True  # the region is found inside the answerer's forward, not here
+
+    def __init__(self, grid: int = 8, **choices) -> None:
+        self.grid = grid
+        self.choices = choices
+
+    def localize(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Localization]:
+        return [Localization(GridBox.full(self.grid)) for _ in images]

@@ -19,7 +19,7 @@ __all__ = ["ALIASES", "METHODS", "InnerLLMMethod", "MethodOptions", "NoPruning",
            "parse_option_value", "with_options"]
 
 # short names accepted wherever a method name is (CLI, evaluation); translated once, by canonical_name
-ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc"}
+ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc", "self": "crop-self"}
 
 
 def _register_builtin() -> None:
@@ -31,6 +31,7 @@ def _register_builtin() -> None:
     import crop.methods.plc  # noqa: F401
     import crop.methods.pool  # noqa: F401
     import crop.methods.random_prune  # noqa: F401
+    import crop.methods.self_region  # noqa: F401
     import crop.methods.sparsevlm  # noqa: F401
     import crop.methods.visionzip  # noqa: F401
 

@@ -49,6 +49,9 @@ class PruneStats:
             recorded when the forward runs.
         kept_per_stage: inner pruning: per stage (``"after_layer_K"``), per image, the span
             indices that survived it (what the layer's hook really kept).
+        self_localized: per image, True when ``boxes`` holds a region the method found itself
+            inside the forward (CROP-self), on the model's view of the image, rather than the
+            box it was given.
     """
 
     visual_tokens_in: list[int] = field(default_factory=list)
@@ -59,6 +62,7 @@ class PruneStats:
     token_grids: list[tuple[int, int]] = field(default_factory=list)
     full_resolution: list[list[int]] = field(default_factory=list)
     kept_per_stage: dict[str, list[list[int]]] = field(default_factory=dict)
+    self_localized: list[bool] = field(default_factory=list)
 
     @classmethod
     def start(cls, spans: Sequence[ImageSpan], boxes: Sequence[GridBox]) -> PruneStats:
@@ -68,7 +72,8 @@ class PruneStats:
                    equivalent_tokens=[float(s.visual_tokens) for s in spans],
                    region_tokens=[0 for _ in spans], boxes=list(boxes),
                    token_grids=[(s.rows, s.cols) for s in spans],
-                   full_resolution=[s.visual_positions().tolist() for s in spans])
+                   full_resolution=[s.visual_positions().tolist() for s in spans],
+                   self_localized=[False for _ in spans])
 
 
 @dataclass(frozen=True)

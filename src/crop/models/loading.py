@@ -218,7 +218,8 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
     Args:
         spec: ``"embedded"`` (the shipped toy model for ``role``), one of
             :data:`crop.models.tiny.TINY_MODEL_NAMES` or ``SHAPE_MODEL_NAMES`` (random weights),
-            a local path, or a hub id.
+            a local folder exported by ``crop train`` (``crop_embedded.json`` + safetensors),
+            a local checkpoint directory, or a hub id.
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (CUDA, half
             precision, the ``flash-attn`` package).
         role: ``"answerer"`` or ``"localizer"`` (which embedded model ``"embedded"`` means).
@@ -259,15 +260,26 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
             raise CropInputError(str(exc)) from None
     elif spec.startswith("tiny-random"):
         raise CropInputError(f"unknown model {spec!r}; tiny random models: {', '.join(TINY_MODEL_NAMES)}")
+    elif _is_embedded_layout(spec):  # a model `crop train` exported (e.g. runs/x-export): built in code, then loaded
+        from crop import embedded
+
+        model, processor = embedded.load_embedded_from(spec)
     else:
         model, processor = _from_pretrained(spec, attn_implementation, target, torch_dtype, device_map)
         return model, _wrap(model, processor)
     # models built in code: random or embedded weights in float32 on the CPU, then placed
     model = model.to(torch_dtype)
-    if attn_implementation != _built_attn(attn_implementation) or spec == EMBEDDED:
+    if attn_implementation != _built_attn(attn_implementation) or spec == EMBEDDED or _is_embedded_layout(spec):
         _set_attention(model, attn_implementation)
     model = _dispatch(model, torch_dtype) if device_map is not None else model.to(target)
     return model.eval(), _wrap(model, processor)
+
+
+def _is_embedded_layout(spec: str) -> bool:
+    """Whether ``spec`` is a local folder in the layout ``crop train`` exports (its metadata file + safetensors)."""
+    from crop.embedded import META_FILE
+
+    return Path(spec).is_dir() and (Path(spec) / META_FILE).is_file()
 
 
 def _built_attn(attn_implementation: str) -> str:

@@ -1,0 +1,144 @@
+"""CROP-self: CROP's ILP with the region taken from the answerer's own early attention (no localizer model).
+
+CROP's cost is a second VLM that finds the region. Attention-based pruners (FastV) already read
+where the text looks in the first layers but keep a scattered set of tokens; CROP's thesis is
+that a contiguous region is better. CROP-self combines them, inside one prefill:
+
+1. layers ``0..K-1`` run on the whole prompt, as in ILP; the queries/keys of those layers (or of
+   layer K-1 alone) are captured by instance-level hooks (:class:`crop.methods.attention.QKCapture`,
+   SDPA stays on);
+2. at the input of layer K, the attention rows of the text after the image (every text token, or
+   the last one) over the image's visual tokens are recomputed from the captures, averaged over
+   heads, queries and layers, and summed per region-grid cell;
+3. one contiguous box is chosen from the cell masses (:func:`crop.ops.attention_box.best_box`);
+4. ILP keeps that box's tokens at layer K with the same budget policy as with a localizer's box
+   (:mod:`crop.ops.selection`: trim or grow to ``keep_tokens``), and drops the rest.
+
+The box lives on the view the model sees (for LLaVA-1.5 the centre crop of a non-square image);
+it is recorded in the stats (:attr:`PruneStats.boxes`, flagged in :attr:`PruneStats.self_localized`).
+
+Not done for PLC: PLC compresses before the LLM, so its box must be known before layer 0; the
+answerer's attention exists only once the LLM has run, which would take a second pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crop.config import CropSelfConfig
+from crop.methods.attention import AttentionScoredMethod, QKCapture, attention_rows
+from crop.methods.base import METHODS
+from crop.ops.attention_box import best_box, cell_mass
+
+
+@METHODS.register("crop-self")
+class CropSelf(AttentionScoredMethod):
+    """CROP-ILP whose region is the box the answerer's own attention before layer K points at.
+
+    Paper: the CROP paper (EMNLP 2025, arXiv 2505.21233) asks for training-free localizers in its
+    limitations; this is our answer to it, not a method of the paper (see the module docstring).
+    Stage: inside the LLM, once, at layer K, like ILP. Cost: the captured attention rows and the
+    box search, counted in :meth:`selection_flops`; no localizer. Config: :class:`CropSelfConfig`.
+    """
+
+    name = "crop-self"
+    config_class = CropSelfConfig
+
+    def __init__(self, adapter, config) -> None:
+        super().__init__(adapter, config)
+        if config.attention_layers == "all":  # pool the attention of every layer before K
+            self.captures = [QKCapture(adapter.attention_parts(k)) for k in range(config.layer)]
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return CropSelfConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
+
+    def prepare(self, inputs, spans, boxes):
+        prepared = super().prepare(inputs, spans, boxes)
+        self._stats.self_localized = [True for _ in spans]
+        return prepared
+
+    def selection_flops(self, seq_len, n_in):
+        """The recomputed attention rows (RoPE on the keys, query-key products, softmax) per captured layer.
+
+        The queries are the text tokens after the image (``"text"``) or the last one; the box
+        search over the ``G^4`` boxes of the grid is a few thousand additions and is left out.
+        """
+        parts = self.captures[0].parts
+        queries = 1 if self.config.queries == "last" else max(seq_len - n_in, 1)
+        rope = 3 * seq_len * parts.kv_heads * parts.head_dim + 3 * queries * parts.heads * parts.head_dim
+        scores = 2 * queries * seq_len * parts.heads * parts.head_dim
+        softmax = 5 * queries * seq_len * parts.heads
+        return len(self.captures) * (rope + scores + softmax)
+
+    def query_slots(self, valid: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the slots whose attention counts: the last real one, or every real one after the last image."""
+        if self.config.queries == "last":
+            return self.last_slots(valid)
+        positions = torch.arange(valid.shape[1], device=valid.device)  # (L,)
+        out = []
+        for b, row in enumerate(valid):
+            ends = [s.start + s.length for s in self._spans if s.sample == b]
+            after = positions >= max(ends, default=0)
+            slots = positions[row & after]
+            out.append(slots if slots.numel() else self.last_slots(valid[b:b + 1])[0])
+        return out
+
+    def token_weights(self, hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
+        """Per sample, ``(L,)`` the attention each slot received: mean over heads, query slots and captured layers."""
+        _, valid = self.slot_validity(0, hidden)  # (B, L)
+        queries = self.query_slots(valid)
+        cos, sin = layer_kwargs["position_embeddings"]  # (B|1, L, d) each; the same tables at every layer
+        total = [torch.zeros(hidden.shape[1], device=hidden.device) for _ in queries]
+        with torch.no_grad():
+            for capture in self.captures:
+                q, k = capture.take(hidden.shape[1])  # (B, L, H*d), (B, L, Hkv*d)
+                rows = attention_rows(capture.parts, q, k, cos, sin, queries, valid)  # per b: (n_b, L)
+                for b, r in enumerate(rows):
+                    total[b] += r.mean(dim=0)
+        return [t / len(self.captures) for t in total]
+
+    def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
+        weights = self.token_weights(hidden, layer_kwargs)  # per sample: (L,)
+        cfg, out, image = self.config, [], 0
+        for b, per_sample in enumerate(candidates):
+            for slots in per_sample:
+                span = self._spans[image]
+                grids = [(g.rows, g.cols) for g in span.token_grids]
+                mass = cell_mass(weights[b][slots.to(weights[b].device)], grids, cfg.grid)  # (G, G)
+                box = best_box(mass, cfg.rule, cfg.price, cfg.share)
+                chosen = self.adapter.select(span, box, cfg.keep_tokens, cfg.trim)  # (k,) span positions
+                visual = span.visual_positions()  # (V,) sorted span positions, the candidates' order
+                out.append(torch.searchsorted(visual, chosen.cpu()))  # (k,) indices into the candidates
+                self._stats.boxes[image] = box
+                self._stats.region_tokens[image] = int(chosen.numel())
+                image += 1
+        return out
+
+
+def for_self_localizer(config, choices: dict | None = None):
+    """The config to run when the localizer is ``self`` (:class:`crop.localizers.SelfLocalizer`).
+
+    CROP's ILP becomes CROP-self with the same budget, layer, grid and trim (plus ``choices``,
+    e.g. ``{"rule": "share"}``); a CROP-self config takes ``choices``; region-free methods run
+    unchanged (they never read the box).
+
+    Raises:
+        ValueError: for a method that needs the region before the LLM runs (CROP's PLC), which
+            the answerer's own attention cannot give without a second pass.
+    """
+    import dataclasses
+
+    from crop.config import CropILPConfig
+    from crop.methods import method_for
+
+    choices = dict(choices or {})
+    if isinstance(config, CropILPConfig):
+        return CropSelfConfig.from_ilp(config, **choices)
+    if isinstance(config, CropSelfConfig):
+        return dataclasses.replace(config, **choices) if choices else config
+    if method_for(config).uses_region:
+        raise ValueError(f"{config.method_name} needs the region before the LLM runs, but the 'self' localizer finds it "
+                         "inside the answerer's prefill (a second pass would be needed); use another localizer, or "
+                         "crop-ilp / crop-self with --localizer self")
+    return config
