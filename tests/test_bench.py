@@ -77,3 +77,21 @@ def test_bench_charges_the_embedded_localizer(tmp_path):
     assert ilp["timings"]["localizer_s"]["median"] > 0 and full["timings"]["localizer_s"]["median"] == 0
     assert ilp["flops"]["localizer"] > 0 and full["flops"].get("localizer", 0) == 0
     assert ilp["localizer_share_of_e2e"] > 0
+
+
+def test_bench_reports_crop_self_localization_cost(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "tiny-random-llava", "--methods", "full,crop-ilp,crop-self", "--repeats", "2",
+                 "--new-tokens", "2", "--keep-tokens", "64", "--batch", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "bench.json").read_text())
+    cases = results["batches"][0]["cases"]
+    own, ilp = cases["crop-self@64"], cases["crop-ilp@64"]
+    assert own["flops"]["localizer"] == 0 and own["timings"]["localizer_s"]["max"] == 0  # no second model
+    assert own["flops"]["selection"] > 0 and ilp["flops"]["selection"] == 0
+    assert own["flops"]["llm_prefill"] == ilp["flops"]["llm_prefill"]  # the same tokens at every layer
+    cost = own["self_localization_cost"]
+    assert cost["analytic_share_of_full_prefill"] == pytest.approx(
+        own["flops"]["selection"] / cases["full"]["flops"]["llm_prefill"])
+    measured = cost["measured_share_of_full_prefill"]
+    assert measured["min"] <= measured["median"] <= measured["max"]
+    assert "CROP-self's localization cost" in (out / "bench.md").read_text()

@@ -9,6 +9,8 @@ Cases, for one batch of synthetic images and questions:
 - ``full``: the unpruned model;
 - ``crop-ilp@N``: all tokens for layers < K, then text + N visual tokens;
 - ``crop-plc@N``: N visual tokens (region + pooled context) from layer 0;
+- ``crop-self@N``: as ``crop-ilp@N``, the box found in the answerer's own attention (no localizer;
+  its cost, the captured attention rows, is reported against the full prefill);
 - ``ideal@N``: the ILP's N kept visual tokens fed from layer 0 (what a perfect pre-LLM selection
   would cost; ILP cannot reach it by construction, its first K layers see every token).
 
@@ -203,6 +205,27 @@ def _text_tokens(inputs, visual_in: list[int]) -> list[int]:
     return [int(n) - v for n, v in zip(lengths, visual_in, strict=True)]
 
 
+def _selection_flops(handle: PruningHandle | None, bench: _Bench) -> int:
+    """The method's own selection FLOPs over the batch (0 for the reference cases)."""
+    if handle is None:
+        return 0
+    prompt = _text_tokens(bench.inputs, [0] * len(bench.spans))  # each sample's real prompt length
+    return sum(handle.method.selection_flops(n, s.visual_tokens) for n, s in zip(prompt, bench.spans, strict=True))
+
+
+def _self_localization_cost(samples: dict[str, dict[str, list]], budget: int) -> dict[str, float] | None:
+    """CROP-self's extra prefill time over CROP-ILP at the same budget, as a share of the full prefill.
+
+    Both keep the same tokens at every layer; the difference is the captured attention rows and
+    the box search. Ratios are paired repeat by repeat (the cases are interleaved), then
+    summarized (median, min, max).
+    """
+    own, ilp, full = (samples.get(n, {}).get("prefill_s") for n in (f"crop-self@{budget}", f"crop-ilp@{budget}", "full"))
+    if not own or not ilp or not full:
+        return None
+    return _summary([(a - b) / f for a, b, f in zip(own, ilp, full, strict=True)])
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -254,7 +277,8 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
                     stats = handle.stats if handle is not None else None
                     kept_info[name] = {"stats": stats.visual_tokens_kept if stats else {"llm_input": [
                         int(k.numel()) for k in keep] if method == "ideal" else [bench.visual] * batch},
-                        "equivalent": stats.equivalent_tokens if stats else None, "uses_region": uses_region}
+                        "equivalent": stats.equivalent_tokens if stats else None, "uses_region": uses_region,
+                        "selection": _selection_flops(handle, bench)}
                     kv_info[name] = {"kv_cache_lengths": measured["kv_cache_lengths"],
                                      "kv_cache_bytes": measured["kv_cache_bytes"]}
                     continue
@@ -304,6 +328,7 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
             "visual_tokens_kept": kept, "equivalent_tokens": kept_info[name]["equivalent"], "timings": med,
             "flops": {"vision": llava_vision_flops(model.config, bench.visual) * batch,
                       "localizer": loc_flops * batch if kept_info[name]["uses_region"] else 0,
+                      "selection": kept_info[name]["selection"],
                       "llm_prefill": prefill, "decode_per_token": decode},
             "kv_cache_bytes": kv_info[name]["kv_cache_bytes"], "kv_cache_bytes_analytic": analytic_kv,
             "kv_cache_lengths": kv_info[name]["kv_cache_lengths"],
@@ -319,6 +344,10 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
         row["end_to_end_speedup"] = full["timings"]["end_to_end_s"]["median"] / t["end_to_end_s"]["median"]
         row["localizer_share_of_e2e"] = t["localizer_s"]["median"] / t["end_to_end_s"]["median"]
         row["kv_vs_analytic"] = row["kv_cache_bytes"] / row["kv_cache_bytes_analytic"]
+        if row["method"] == "crop-self":  # its localizer is the capture: its cost vs the full prefill
+            row["self_localization_cost"] = {
+                "measured_share_of_full_prefill": _self_localization_cost(samples, row["keep_tokens_576"]),
+                "analytic_share_of_full_prefill": row["flops"]["selection"] / full["flops"]["llm_prefill"]}
         if row["keep_tokens_576"] is not None and f"ideal@{row['keep_tokens_576']}" in rows:
             ideal = rows[f"ideal@{row['keep_tokens_576']}"]
             row["prefill_share_of_ideal"] = (row["prefill_speedup"] /

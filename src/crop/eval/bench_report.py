@@ -70,7 +70,25 @@ def bench_table(results: dict[str, Any]) -> str:
         lines += [f"**batch {block['batch']}** ({block['visual_tokens_per_image']} visual tokens per image): prefill "
                   "and decode", "", *speed, "", f"**batch {block['batch']}**: end to end (localizer included for "
                   "CROP) and memory", "", *cost, ""]
+        lines += _self_cost_lines(block)
     return "\n".join(lines)
+
+
+def _self_cost_lines(block: dict[str, Any]) -> list[str]:
+    """CROP-self's localization cost (its captured attention rows) as a share of the full prefill, if it ran."""
+    rows = [(name, row["self_localization_cost"]) for name, row in block["cases"].items()
+            if "self_localization_cost" in row]
+    if not rows:
+        return []
+    out = [f"**batch {block['batch']}**: CROP-self's localization cost, as a share of the full model's prefill "
+           "(measured: its prefill minus CROP-ILP's at the same budget, paired per repeat; analytic: its selection "
+           "FLOPs)", "", "| case | measured (median, min-max) | analytic |", "|---|---|---|"]
+    for name, cost in rows:
+        m = cost["measured_share_of_full_prefill"]
+        measured = "- (needs crop-ilp at the same budget)" if m is None else \
+            f"{100 * m['median']:.1f}% ({100 * m['min']:.1f} to {100 * m['max']:.1f})"
+        out.append(f"| {name} | {measured} | {100 * cost['analytic_share_of_full_prefill']:.3f}% |")
+    return out + [""]
 
 
 def plot_breakdown(results: dict[str, Any], path: str | Path) -> Path | None:
