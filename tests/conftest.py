@@ -96,3 +96,34 @@ def llm_input_embeddings(model, inputs) -> torch.Tensor:
     finally:
         grab.remove()
     return seen["h"]
+
+
+_COMPRESSORS: dict[int, str] = {}
+
+
+def random_compressor(dim: int) -> str:
+    """Folder of a seeded, untrained PLC compressor for ``dim``-dim tokens (built once per session).
+
+    Untrained, it mixes tokens by near-uniform attention: what the invariants need (shapes,
+    order, positions, caching), not what a trained one answers.
+    """
+    if dim not in _COMPRESSORS:
+        import tempfile
+
+        from crop.compressor import CompressorConfig, RegionCompressor, save_compressor
+
+        torch.manual_seed(dim)
+        folder = tempfile.mkdtemp(prefix=f"crop-compressor-{dim}-")
+        save_compressor(RegionCompressor(CompressorConfig(dim=dim, max_queries=64)), folder)
+        _COMPRESSORS[dim] = folder
+    return _COMPRESSORS[dim]
+
+
+def method_config(method: str, keep_tokens, model, options=None):
+    """``config_for`` plus what a method needs to run on ``model`` here (a compressor for the trained PLC)."""
+    from crop.methods import MethodOptions, config_for, with_options
+
+    config = config_for(method, keep_tokens, options or MethodOptions())
+    if method == "crop-plc-trained":
+        config = with_options(config, {"compressor": random_compressor(model.config.get_text_config().hidden_size)})
+    return config

@@ -28,7 +28,7 @@ from crop.models.base import get_adapter
 from crop.models.loading import input_device, load_model, resolve_device
 from crop.pipeline import CropPipeline
 from crop.regions import GridBox
-from tests.conftest import ARCHS, chat_inputs, greedy, random_image
+from tests.conftest import ARCHS, chat_inputs, greedy, method_config, random_image
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
@@ -90,11 +90,11 @@ def check_keep_all_and_removal(name: str, method: str, device: str, dtype: str, 
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)
     assert inputs["input_ids"].device == input_device(model)  # the processor puts inputs where the model reads them
     ref = model(**inputs).logits
-    with apply_method(model, config_for(method, 10**6)) as h:
+    with apply_method(model, method_config(method, 10**6, model)) as h:
         logits = model(**h.prepare(inputs, BOXES)).logits
     assert logits.device == ref.device
     _close(logits, ref, model)
-    with apply_method(model, config_for(method, _budget(model, inputs))) as h:
+    with apply_method(model, method_config(method, _budget(model, inputs), model)) as h:
         model(**h.prepare(inputs, BOXES))
     _close(model(**inputs).logits, ref, model)
 
@@ -103,7 +103,7 @@ def check_cache_and_batch(name: str, method: str, device: str, dtype: str, attn:
     """Cached greedy decoding equals no-cache decoding; a batch equals its samples one by one."""
     model, proc = placed(name, device, dtype, attn)
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)
-    config = config_for(method, _budget(model, inputs), MethodOptions(layer=2))
+    config = method_config(method, _budget(model, inputs), model, MethodOptions(layer=2))
     tol = _tolerance(model)
     with apply_method(model, config) as h:
         cached = greedy(model, h.prepare(inputs, BOXES), steps=STEPS, use_cache=True)
@@ -124,7 +124,7 @@ def check_kv_lengths(name: str, method: str, device: str, dtype: str, attn: str 
     model, proc = placed(name, device, dtype, attn)
     inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
     span = get_adapter(model).image_spans(inputs)[0]
-    with apply_method(model, config_for(method, _budget(model, inputs))) as h:
+    with apply_method(model, method_config(method, _budget(model, inputs), model)) as h:
         run = h.prepare(inputs, BOXES[:1])
         out = model(**run, use_cache=True)
         kept = h.stats.visual_tokens_kept

@@ -13,10 +13,10 @@ import torch
 
 from crop.api import apply_method
 from crop.hf_compat import generated_cache
-from crop.methods import METHODS, InnerLLMMethod, MethodOptions, config_for, method_names
+from crop.methods import METHODS, InnerLLMMethod, MethodOptions, method_names
 from crop.models.base import get_adapter
 from crop.regions import GridBox
-from tests.conftest import ARCHS, chat_inputs, greedy, random_image, tiny
+from tests.conftest import ARCHS, chat_inputs, greedy, method_config, random_image, tiny
 
 IMAGES = [random_image(41, (400, 300)), random_image(42, (336, 500))]
 QUESTIONS = ["What color is the star?", "How many circles are there?"]
@@ -45,10 +45,10 @@ def test_keep_all_is_bit_identical_and_removal_restores(method, name):
     model, _ = tiny(name)
     inputs = _inputs(name)
     ref = model(**inputs).logits
-    with apply_method(model, config_for(method, 10**6)) as h:  # a budget above every image's tokens
+    with apply_method(model, method_config(method, 10**6, model)) as h:  # a budget above every image's tokens
         logits = model(**h.prepare(inputs, BOXES)).logits
     assert torch.equal(logits, ref)
-    with apply_method(model, config_for(method, _budget(model, inputs, 0.6))) as h:
+    with apply_method(model, method_config(method, _budget(model, inputs, 0.6), model)) as h:
         model(**h.prepare(inputs, BOXES))
     assert torch.equal(model(**inputs).logits, ref)  # removed: the stock model again
 
@@ -57,7 +57,7 @@ def test_keep_all_is_bit_identical_and_removal_restores(method, name):
 def test_cache_equals_no_cache_and_batch_equals_one_by_one(method, name):
     model, _ = tiny(name)
     inputs = _inputs(name)
-    config = config_for(method, _budget(model, inputs, 0.6), MethodOptions(layer=2))
+    config = method_config(method, _budget(model, inputs, 0.6), model, MethodOptions(layer=2))
     with apply_method(model, config) as h:
         cached = greedy(model, h.prepare(inputs, BOXES), use_cache=True)
         batch_kept = h.stats.full_resolution
@@ -79,7 +79,7 @@ def test_each_layer_caches_what_the_stats_say(method, name):
     model, _ = tiny(name)
     inputs = _inputs(name, IMAGES[:1], QUESTIONS[:1])
     span = get_adapter(model).image_spans(inputs)[0]
-    with apply_method(model, config_for(method, _budget(model, inputs, 0.6))) as h:
+    with apply_method(model, method_config(method, _budget(model, inputs, 0.6), model)) as h:
         out = model(**h.prepare(inputs, BOXES[:1]), use_cache=True)
         kept, layers = h.stats.visual_tokens_kept, h.method.stage_layers()
         planned = h.method.planned_counts(span.visual_tokens)

@@ -190,6 +190,49 @@ class CropPLCConfig(ConfigMixin):
 
 
 @dataclass
+class CropPLCTrainedConfig(ConfigMixin):
+    """Configuration of CROP's trained PLC: region anchors + tokens from a trained compressor.
+
+    Args:
+        keep_tokens: visual tokens per image that reach the LLM (anchors + compressed); required.
+        compressor: folder of a trained compressor (``crop train plc``); it belongs to one
+            answerer (its token dimension is checked).
+        grid: side of the region grid the localizer answers on.
+        context_share: share of ``keep_tokens`` made by the compressor (``M``, at least 1, at most
+            the compressor's query bank); the rest are the region's anchors ``X_r`` at full
+            resolution, chosen as CROP-ILP chooses its tokens (:mod:`crop.ops.selection`).
+        anchors: ``False`` is the ablation without anchors (the paper's Table 6): every token
+            reaching the LLM is a compressed one (``M = keep_tokens``).
+        attend: what the queries read: ``"outside"`` (the tokens that are not anchors; the region
+            is already there at full resolution) or ``"all"``.
+
+    Raises:
+        ValueError: on any invalid field.
+    """
+
+    keep_tokens: int | None = 64
+    compressor: str | None = None
+    grid: int = 8
+    context_share: float = 0.25
+    anchors: bool = True
+    attend: str = "outside"
+    method_name: ClassVar[str] = "crop-plc-trained"
+
+    def __post_init__(self) -> None:
+        check_keep_tokens(self.keep_tokens)
+        if self.keep_tokens is None:
+            raise ValueError("the trained PLC needs keep_tokens (anchors + compressed tokens per image)")
+        check_grid(self.grid)
+        check_ratio("context_share", self.context_share)
+        if not isinstance(self.anchors, bool):
+            raise ValueError(f"anchors must be true or false, got {self.anchors!r}")
+        if self.attend not in ("outside", "all"):
+            raise ValueError(f"unknown attend {self.attend!r}; choose one of outside, all")
+        if self.compressor is not None and not isinstance(self.compressor, str):
+            raise ValueError(f"compressor must be a folder path, got {self.compressor!r}")
+
+
+@dataclass
 class NoPruningConfig(ConfigMixin):
     """The unpruned model (the reference every method is compared with).
 

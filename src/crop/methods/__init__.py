@@ -29,6 +29,7 @@ def _register_builtin() -> None:
     import crop.methods.ilp  # noqa: F401
     import crop.methods.pdrop  # noqa: F401
     import crop.methods.plc  # noqa: F401
+    import crop.methods.plc_trained  # noqa: F401
     import crop.methods.pool  # noqa: F401
     import crop.methods.random_prune  # noqa: F401
     import crop.methods.self_region  # noqa: F401

@@ -1,0 +1,123 @@
+"""CROP's trained PLC: the region's tokens as anchors + a trained compressor's tokens, before the LLM.
+
+Per image, ``keep_tokens`` tokens reach the LLM: ``A`` anchors ``X_r`` (the region's own tokens at
+full resolution, chosen and trimmed/grown as CROP-ILP chooses its tokens) and ``M`` tokens made
+by a trained :class:`crop.compressor.RegionCompressor` whose queries read the tokens outside the
+anchors (or all of them). Every token is placed at its source in the image's span (anchors at
+their own position, a compressed token at the token it draws most from), sorted, so LLaVA's
+sequence order and Qwen's M-RoPE positions follow one rule; LLaVA-NeXT's row newlines go with
+the rows that hold a source. Config: :class:`crop.config.CropPLCTrainedConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from crop.compressor import RegionCompressor, grid_coordinates, load_compressor
+from crop.config import CropPLCTrainedConfig
+from crop.methods.base import METHODS, PreLLMMethod
+from crop.models.base import CompressedImage, ImageSpan
+
+DEFAULT_COMPRESSOR = Path(__file__).resolve().parent.parent / "embedded" / "weights" / "plc-compressor"
+
+
+def split_budget(config: CropPLCTrainedConfig, max_queries: int) -> tuple[int, int]:
+    """``(anchors A, compressed M)`` for the config's ``keep_tokens``: ``A + M == keep_tokens``."""
+    keep = config.keep_tokens
+    if not config.anchors:
+        count = keep
+    else:
+        count = max(1, round(config.context_share * keep))
+    if count > max_queries:
+        if not config.anchors:
+            raise ValueError(f"without anchors every one of the {keep} tokens is compressed, but this compressor "
+                             f"makes at most {max_queries}; train one with more queries or lower keep_tokens")
+        count = max_queries
+    return keep - count, count
+
+
+@METHODS.register("crop-plc-trained")
+class CropPLCTrained(PreLLMMethod):
+    """CROP's trained pre-LLM compression: region anchors + learnable-query tokens.
+
+    Paper: Contextual Region-Oriented Visual Token Pruning, EMNLP 2025 (arXiv 2505.21233),
+    section 3 (PLC with learnable queries; the region's tokens kept as anchors, Table 6). The
+    paper's compressor and recipe were not released; ours is described in :mod:`crop.compressor`
+    and trained by ``crop train plc`` (the answerer frozen). Stage: before the LLM.
+    """
+
+    name = "crop-plc-trained"
+    config_class = CropPLCTrainedConfig
+    uses_region = True
+
+    def __init__(self, adapter, config) -> None:
+        super().__init__(adapter, config)
+        self._compressor: RegionCompressor | None = None
+        self.compressor_meta: dict = {}
+
+    @property
+    def compressor(self) -> RegionCompressor:
+        """The trained compressor, loaded on first use (planning a budget needs no weights).
+
+        Raises:
+            ValueError: if there is none at the config's folder, or it belongs to another answerer.
+        """
+        if self._compressor is None:
+            folder = self.config.compressor or DEFAULT_COMPRESSOR
+            try:
+                compressor, meta = load_compressor(folder)
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
+            dim = self.adapter.text_config.hidden_size
+            if compressor.config.dim != dim:
+                raise ValueError(f"the compressor in {folder} makes {compressor.config.dim}-dim tokens but this "
+                                 f"model's LLM reads {dim}-dim ones: a compressor belongs to the answerer it was "
+                                 "trained for")
+            self._compressor = compressor.to(next(self.adapter.model.parameters()).device)
+            self.compressor_meta = meta
+        return self._compressor
+
+    @classmethod
+    def config_from_options(cls, keep_tokens, options):
+        return CropPLCTrainedConfig(keep_tokens=keep_tokens, grid=options.grid)
+
+    def compress_image(self, features, span, box, image_index):
+        return compress_with(self.compressor, self.adapter, self.config, features, span, box)
+
+
+def compress_with(compressor: RegionCompressor, adapter, config: CropPLCTrainedConfig, features: torch.Tensor,
+                  span: ImageSpan, box) -> tuple[CompressedImage, list[int]]:
+    """One image through the trained PLC (differentiable in the compressor; used by the method and its training).
+
+    Args:
+        compressor: the trained (or training) compressor.
+        adapter: the model's adapter (its ``select`` picks the anchors).
+        config: the method's config.
+        features: ``(span.length, D)`` the image's features as the LLM would receive them.
+        span: the image's span.
+        box: the region.
+
+    Returns:
+        The compressed image and the span positions of the anchors.
+    """
+    n_anchor, count = split_budget(config, compressor.config.max_queries)
+    visual = span.visual_positions().to(features.device)  # (V,) span positions of the visual tokens
+    anchors = adapter.select(span, box, n_anchor).to(features.device) if n_anchor > 0 else \
+        torch.empty(0, dtype=torch.long, device=features.device)  # (A,) span positions
+    is_anchor = torch.isin(visual, anchors)  # (V,)
+    # "outside": the queries read what the anchors do not already give (everything when there are none)
+    outside = config.attend == "outside" and bool(is_anchor.any()) and not bool(is_anchor.all())
+    attend = ~is_anchor if outside else None
+    coords = grid_coordinates([(g.rows, g.cols) for g in span.token_grids]).to(features.device)  # (V, 2)
+    made, weights = compressor(features[visual], coords, count, attend)  # (M, D), (M, V)
+    made_source = visual[weights.argmax(dim=-1)]  # (M,) the token each one draws most from
+    sources = torch.cat([anchors, made_source])  # (A + M,)
+    tokens = torch.cat([features[anchors], made])  # (A + M, D)
+    structure = span.structure_positions(sources.cpu()).to(features.device)  # (s,) newlines of live rows
+    source = torch.cat([sources, structure])
+    order = torch.argsort(source, stable=True)  # anchors before a compressed token drawn from the same spot
+    image = CompressedImage(torch.cat([tokens, features[structure]])[order], source[order],
+                            structure=int(structure.numel()))
+    return image, anchors.tolist()
