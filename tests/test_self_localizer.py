@@ -159,7 +159,7 @@ def test_planted_attention_gives_back_the_planted_box(name):
     handles = [h for layer in (0, 1) for h in _plant(model, layer, {s: 10.0 for s in _region_slots(span, planted)},
                                                       seq_len)]
     try:
-        with apply_method(model, CropSelfConfig(keep_tokens=None, layer=2)) as h:
+        with apply_method(model, CropSelfConfig(keep_tokens=None, layer=2, rule="price", attention_layers="all")) as h:
             model(**h.prepare(inputs))
             stats = h.stats
     finally:
@@ -198,7 +198,7 @@ def test_batches_get_their_own_boxes_in_one_forward():
     calls = []
     handles.append(get_adapter(model).decoder_layers()[0].register_forward_pre_hook(lambda m, a: calls.append(1)))
     try:
-        with apply_method(model, CropSelfConfig(keep_tokens=30, layer=2)) as h:
+        with apply_method(model, CropSelfConfig(keep_tokens=30, layer=2, rule="price", attention_layers="all")) as h:
             model(**h.prepare(inputs))
             stats = h.stats
     finally:
@@ -214,7 +214,7 @@ def test_selection_flops_are_the_captured_rows_and_tiny_next_to_a_7b_prefill():
     def flops(**choices):
         return CropSelf(get_adapter(model), CropSelfConfig(keep_tokens=64, layer=2, **choices)).selection_flops(640, 576)
 
-    method = CropSelf(get_adapter(model), CropSelfConfig(keep_tokens=64, layer=2))
+    method = CropSelf(get_adapter(model), CropSelfConfig(keep_tokens=64, layer=2, attention_layers="all"))
     assert flops(attention_layers="all") == 2 * flops(attention_layers="last")  # one set of rows per layer < K
     assert flops(queries="text") > 32 * flops(queries="last") > 0  # 64 text queries vs one (keys' RoPE shared)
     # LLaVA-1.5-7B: 32 heads of 128, 640-token prompt; two layers of 64 text queries vs ~2 * 6.7e9 * 640

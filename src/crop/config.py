@@ -126,6 +126,10 @@ class CropSelfConfig(ConfigMixin):
         price: the per-cell price of ``rule="price"`` (> 0; 1 = the uniform share).
         share: the mass share of ``rule="share"``, in (0, 1].
 
+    The defaults (text queries, layer K-1, the smallest box holding 70% of the mass) are the best
+    self boxes at K = 2 on the default answerer's validation split
+    (``results/self-localizer-study``); see the README for how little that is.
+
     Raises:
         ValueError: on any invalid field.
     """
@@ -135,10 +139,10 @@ class CropSelfConfig(ConfigMixin):
     grid: int = 8
     trim: str = "center"
     queries: str = "text"
-    attention_layers: str = "all"
-    rule: str = "price"
+    attention_layers: str = "last"
+    rule: str = "share"
     price: float = 1.0
-    share: float = 0.5
+    share: float = 0.7
     method_name: ClassVar[str] = "crop-self"
 
     def __post_init__(self) -> None:
