@@ -147,3 +147,41 @@ def test_gradients_reach_the_compressor_through_the_frozen_answerer():
         loss.backward()
     assert comp.queries.grad is not None and comp.queries.grad.abs().sum() > 0
     assert comp.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_the_recipe_trains_resumes_and_serves(tmp_path, capsys):
+    from crop.cli import main
+    from crop.train.plc import PLCTrainConfig, synth_examples, train_plc
+
+    model, proc = tiny("tiny-random-llava")
+    train = synth_examples(1, seed=3)
+    config = PLCTrainConfig(steps=12, batch_size=1, lr=3e-2, warmup_steps=1, budgets=(64,), checkpoint_every=6)
+    out = tmp_path / "compressor"
+    summary = train_plc(model, proc, train, config, tmp_path / "run", out, "tiny-random-llava", progress=False)
+    assert summary["steps_run"] == 12 and summary["loss_last_10"] < summary["loss_first_10"]  # it learns the answer
+    assert all(not p.requires_grad for p in model.parameters())  # the answerer stays frozen
+    _, meta = load_compressor(out)
+    assert meta["answerer"] == "tiny-random-llava" and "ground-truth region box" in (out / "MODEL_CARD.md").read_text()
+    longer = PLCTrainConfig(steps=14, batch_size=1, lr=3e-2, warmup_steps=1, budgets=(64,), checkpoint_every=6)
+    resumed = train_plc(model, proc, train, longer, tmp_path / "run", out, "tiny-random-llava", resume=True,
+                        progress=False)
+    assert resumed["steps_run"] == 14
+    for p in model.parameters():
+        p.requires_grad_(True)  # the cached test model as other tests expect it
+    assert main(["answer", "--sample", "What color is the star?", "--model", "tiny-random-llava", "--localizer",
+                 "box:1,1,4,4", "--method", "crop-plc-trained", "--keep-tokens", "40", "--option",
+                 f"compressor={out}", "--max-new-tokens", "2"]) == 0
+    assert "llm_input: 40" in capsys.readouterr().out
+
+
+def test_the_recipe_with_lora_saves_the_merged_answerer(tmp_path):
+    pytest.importorskip("peft")
+    from crop.models.tiny import build_tiny_model
+    from crop.train.plc import PLCTrainConfig, synth_examples, train_plc
+
+    model, proc = build_tiny_model("tiny-random-llava", seed=0)  # its own copy: LoRA wraps the model
+    config = PLCTrainConfig(steps=2, batch_size=1, warmup_steps=1, budgets=(64,), lora=True, lora_rank=2)
+    train_plc(model, proc, synth_examples(2, seed=0), config, tmp_path / "run", tmp_path / "out", "tiny",
+              progress=False)
+    assert (tmp_path / "out" / "answerer" / "config.json").is_file()
+    assert (tmp_path / "out" / "compressor.safetensors").is_file()

@@ -142,7 +142,7 @@ def save_compressor(compressor: RegionCompressor, folder: str | Path, meta: dict
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in compressor.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
-    payload = {"kind": "plc-compressor", "config": asdict(compressor.config), **(meta or {})}
+    payload = {**(meta or {}), "kind": "plc-compressor", "config": asdict(compressor.config)}
     (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return folder
 

@@ -52,7 +52,7 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
 
 
 def register(subparsers) -> None:
-    """Add the ``train`` subcommand (``answerer``, ``localizer``, ``cost``) to ``subparsers``."""
+    """Add the ``train`` subcommand (``answerer``, ``localizer``, ``plc``, ``cost``) to ``subparsers``."""
     p = subparsers.add_parser("train", help="train the embedded models", description=(
         "Train the embedded models from scratch on the synthetic benchmark (seeded, resumable, time-boxed), "
         "evaluate them on the held-out split, and export safetensors weights + configs + model card."))
@@ -65,6 +65,40 @@ def register(subparsers) -> None:
     from crop.train.finetune_localizer import add_finetune_arguments
 
     add_finetune_arguments(loc)
+    plc = sub.add_parser("plc", help="the trained PLC compressor, for a given answerer", description=(
+        "Train CROP's PLC compressor (learnable queries; the region's tokens kept as anchors) with the answerer's "
+        "LM loss on the answers, the answerer frozen (or with --lora). Writes compressor.safetensors + "
+        "compressor.json + MODEL_CARD.md into --out; use it with --method crop-plc-trained --option "
+        "compressor=OUT."))
+    plc.add_argument("--answerer", default="embedded",
+                     help="'embedded' (the shipped answerer), a folder exported by crop train, a local checkpoint or "
+                          "hub id (e.g. llava-hf/llava-1.5-7b-hf on a GPU), or a tiny-random-* name (smoke runs)")
+    plc.add_argument("--data", default="synth", metavar="{synth,FILE.jsonl}",
+                     help="'synth' (the synthetic benchmark's train split) or a region-annotated JSONL with answers "
+                          "(the format crop train localizer reads)")
+    plc.add_argument("--n-train", type=int, default=20000, help="synthetic training examples (default %(default)s)")
+    plc.add_argument("--steps", type=int, default=1000, help="optimizer steps (default %(default)s)")
+    plc.add_argument("--batch-size", type=int, default=8)
+    plc.add_argument("--lr", type=float, default=1e-3, help="compressor learning rate (default %(default)s)")
+    plc.add_argument("--warmup-steps", type=int, default=50)
+    plc.add_argument("--seed", type=int, default=0)
+    plc.add_argument("--budgets", default="64,128,192", help="budgets drawn per example, of 576 (default %(default)s)")
+    plc.add_argument("--context-share", type=float, default=0.25,
+                     help="share of the budget made by the compressor; the rest are the region's anchors")
+    plc.add_argument("--no-anchors", action="store_true", help="ablation: every token is a compressed one")
+    plc.add_argument("--attend", choices=("outside", "all"), default="outside",
+                     help="what the queries read: the tokens outside the anchors (default) or all of them")
+    plc.add_argument("--max-queries", type=int, default=64, help="the compressor's query bank (default %(default)s)")
+    plc.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (peft); merged on save")
+    plc.add_argument("--device", default="cpu", help="torch device (cuda on a GPU machine)")
+    plc.add_argument("--checkpoint-every", type=int, default=100)
+    plc.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; stops cleanly, then saves")
+    plc.add_argument("--threads", type=int, default=1)
+    plc.add_argument("--run-dir", default="runs/train-plc")
+    plc.add_argument("--out", required=True, help="folder of the trained compressor")
+    plc.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    plc.add_argument("--no-progress", action="store_true")
+    plc.set_defaults(func=run_plc)
     c = sub.add_parser("cost", help="time the localizer against the answerer's prefill and record it in its card")
     c.add_argument("--weights-dir", default=None, help="folder holding answerer/ and localizer/ (default: the package's)")
     c.add_argument("--n", type=int, default=20, help="timed batches per batch size (default %(default)s)")
@@ -126,6 +160,38 @@ def run(args: argparse.Namespace) -> int:
     summary = train(task, config, args.run_dir, None if args.no_export else out, resume=args.resume,
                     progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("kind", "steps_run", "train_wall_minutes", "metrics")}, indent=2))
+    return 0
+
+
+def run_plc(args: argparse.Namespace) -> int:
+    """``crop train plc``: train a compressor for an answerer; print the summary as JSON."""
+    import torch
+
+    from crop.errors import CropInputError
+    from crop.models.loading import load_model
+    from crop.train.plc import PLCTrainConfig, jsonl_examples, synth_examples, train_plc
+
+    try:
+        config = PLCTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                warmup_steps=args.warmup_steps, seed=args.seed,
+                                budgets=tuple(int(b) for b in args.budgets.split(",") if b.strip()),
+                                context_share=args.context_share, anchors=not args.no_anchors, attend=args.attend,
+                                max_queries=args.max_queries, lora=args.lora, checkpoint_every=args.checkpoint_every,
+                                max_minutes=args.max_minutes, device=args.device)
+        train = synth_examples(args.n_train, args.seed) if args.data == "synth" else jsonl_examples(args.data)
+    except (ValueError, OSError) as exc:
+        raise CropInputError(str(exc)) from None
+    if not train:
+        raise CropInputError("no training examples")
+    torch.set_num_threads(max(1, args.threads))
+    model, processor = load_model(args.answerer)
+    try:
+        summary = train_plc(model, processor, train, config, args.run_dir, args.out, args.answerer,
+                            resume=args.resume, progress=not args.no_progress)
+    except ValueError as exc:
+        raise CropInputError(str(exc)) from None
+    print(json.dumps({k: summary[k] for k in ("steps_run", "train_wall_minutes", "loss_first_10", "loss_last_10")},
+                     indent=2))
     return 0
 
 
