@@ -64,15 +64,19 @@ def test_budget_split():
         CropPLCTrainedConfig(attend="inside")
 
 
-@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl"])
-def test_anchors_are_the_region_tokens_and_every_token_sits_at_its_source(name):
+def _one_image(name: str):
+    """``(adapter, span, features, compressor, its folder)`` for one prompt on a tiny model."""
     model, proc = tiny(name)
     adapter = get_adapter(model)
     inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
-    span = adapter.image_spans(inputs)[0]
-    features = adapter.encode_images(inputs)[0]
     folder = random_compressor(adapter.text_config.hidden_size)
     comp, _ = load_compressor(folder)
+    return adapter, adapter.image_spans(inputs)[0], adapter.encode_images(inputs)[0], comp, folder
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl"])
+def test_anchors_are_the_region_tokens_and_every_token_sits_at_its_source(name):
+    adapter, span, features, comp, folder = _one_image(name)
     box = GridBox(2, 2, 5, 4)
     config = CropPLCTrainedConfig(keep_tokens=40, compressor=folder)
     image, anchors = compress_with(comp, adapter, config, features, span, box)
@@ -87,13 +91,7 @@ def test_anchors_are_the_region_tokens_and_every_token_sits_at_its_source(name):
 
 
 def test_outside_queries_never_read_the_anchors_and_the_ablation_has_none():
-    model, proc = tiny("tiny-random-llava")
-    adapter = get_adapter(model)
-    inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
-    span = adapter.image_spans(inputs)[0]
-    features = adapter.encode_images(inputs)[0]
-    folder = random_compressor(adapter.text_config.hidden_size)
-    comp, _ = load_compressor(folder)
+    adapter, span, features, comp, folder = _one_image("tiny-random-llava")
     box = GridBox(0, 0, 3, 3)
     seen = {}
     hook = comp.register_forward_hook(lambda m, a, out: seen.update(attend=a[3] if len(a) > 3 else None,

@@ -131,12 +131,17 @@ def build_batch(processor, samples: list[RegionSample], grid: int) -> dict[str, 
     return batch
 
 
-def _add_lora(model, config: FinetuneConfig):
+def add_lora(model, rank: int, alpha: int):
+    """``model`` with LoRA adapters (peft) on its language model's attention projections.
+
+    Raises:
+        ValueError: if peft is not installed.
+    """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ValueError("--lora needs peft: pip install 'crop-vlm[train]'") from None
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                       target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
     return get_peft_model(model, lora)
 
@@ -222,7 +227,7 @@ def finetune_localizer(model, processor, train: list[RegionSample], config: Fine
     torch.manual_seed(config.seed)
     model.to(config.device)
     if config.lora:
-        model = _add_lora(model, config)
+        model = add_lora(model, config.lora_rank, config.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, elapsed = 0, 0.0

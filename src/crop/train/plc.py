@@ -38,9 +38,9 @@ from crop.methods.plc_trained import compress_with
 from crop.models.base import get_adapter
 from crop.pipeline import chat_prompt
 from crop.regions import GridBox
+from crop.train.finetune_localizer import IGNORE, add_lora
 
 logger = logging.getLogger(__name__)
-IGNORE = -100
 
 
 @dataclass
@@ -173,16 +173,6 @@ def _lr_factor(step: int, config: PLCTrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _add_lora(model, config: PLCTrainConfig):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ValueError("--lora needs peft: pip install 'crop-vlm[train]'") from None
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
-                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
-    return get_peft_model(model, lora)
-
-
 def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, run_dir: str | Path,
               out_dir: str | Path, answerer_name: str, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train a compressor for ``model``; save it (and the LoRA-merged answerer with ``lora``) into ``out_dir``.
@@ -205,7 +195,7 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     compressor.to(config.device)
     model.to(config.device)
     if config.lora:
-        model = _add_lora(model, config)
+        model = add_lora(model, config.lora_rank, 2 * config.lora_rank)
     lora_params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": list(compressor.parameters()), "lr": config.lr, "base_lr": config.lr}]
     if lora_params:
