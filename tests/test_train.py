@@ -150,6 +150,21 @@ def test_training_streams_carry_more_cards_than_the_benchmark():
     assert stream_config("test") == default_config("test") and stream_config("val") == default_config("val")
 
 
+def test_dense_rows_follow_the_curriculum_and_stay_in_the_training_range():
+    from crop.data.synth import default_config
+    from crop.train.common import TrainConfig, batch_streams
+    from crop.train.data import stream_config
+
+    cfg = TrainConfig(steps=10, batch_size=4, curriculum_fraction=0.2, dense_fraction=0.5)
+    assert batch_streams(1, cfg) == ["train-easy"] * 4  # no dense rows during the curriculum
+    assert batch_streams(2, cfg) == ["train-dense"] * 2 + ["train"] * 2
+    dense, train = stream_config("train-dense"), stream_config("train")
+    assert (dense.n_objects, dense.object_scale) == (default_config("test").n_objects, default_config("test").object_scale)
+    assert train.n_objects[0] <= dense.n_objects[0] <= dense.n_objects[1] <= train.n_objects[1]
+    with pytest.raises(ValueError, match="dense_fraction"):
+        TrainConfig(dense_fraction=1.5)
+
+
 def test_question_targets():
     from crop.train.common import COLOR_CLASSES, DIRECTION_CLASSES, question_targets
 

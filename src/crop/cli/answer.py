@@ -239,8 +239,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a PLC budget below the pooled context of this image's token grid
         raise CropInputError(str(exc)) from None
     if args.overlay:
-        view = pipeline.adapter.view_image(image, getattr(processor, "image_processor", None))
-        _write_overlay(args.overlay, view, result, args.grid)
+        panels = pipeline.adapter.overlay_panels(image, getattr(processor, "image_processor", None),
+                                                 tuple(result.token_grid))
+        _write_overlay(args.overlay, panels, result, args.grid)
     note = None
     if args.model in TINY_MODEL_NAMES:
         note = f"{args.model} has random weights: its answer is gibberish by design (use it for smoke tests)"
@@ -256,13 +257,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_overlay(path: str, view, result, grid: int) -> None:
-    """Save the region + kept-token drawing for ``result`` over ``view``, the picture the model's tokens cover."""
+def _write_overlay(path: str, panels, result, grid: int) -> None:
+    """Save the region + kept-token drawing for ``result`` over ``panels``, what the model's tokens cover."""
     from crop.regions import GridBox
-    from crop.viz import draw_overlay
+    from crop.viz import draw_panels
 
     box = result.extra.get("model_view_box", result.box)  # the region where the model sees it
-    picture = draw_overlay(view, GridBox(*box, grid=grid), tuple(result.token_grid), result.full_resolution_tokens)
+    picture = draw_panels(panels, GridBox(*box, grid=grid), result.full_resolution_tokens)
     try:
         picture.save(path)
     except (OSError, ValueError) as exc:

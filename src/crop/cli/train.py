@@ -27,6 +27,9 @@ def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
     p.add_argument("--curriculum-fraction", type=float, default=0.1, help="share of steps on sparse scenes")
     p.add_argument("--tiny-fraction", type=float, default=0.0,
                    help="share of steps, first of all, on scenes of 3-4 objects (default %(default)s)")
+    p.add_argument("--dense-fraction", type=float, default=0.0,
+                   help="share of each batch (after the curriculum) on dense scenes of 12-16 small objects, the "
+                        "hard end of the training range (default %(default)s)")
     p.add_argument("--digit-weight", type=float, default=1.0,
                    help="weight of the digit probe among the per-token probes (answerer; default %(default)s)")
     p.add_argument("--init-from", default=None, metavar="DIR",
@@ -115,7 +118,8 @@ def _config(args: argparse.Namespace):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         data_seed=args.data_seed, eval_seed=args.eval_seed, eval_split=args.eval_split, eval_n=args.eval_n,
         val_every=args.val_every, val_n=args.val_n, checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
-        aux_weight=args.aux_weight, attn_weight=args.attn_weight, curriculum_fraction=args.curriculum_fraction, tiny_fraction=args.tiny_fraction, threads=args.threads,
+        aux_weight=args.aux_weight, attn_weight=args.attn_weight, curriculum_fraction=args.curriculum_fraction, tiny_fraction=args.tiny_fraction,
+        dense_fraction=args.dense_fraction, threads=args.threads,
         workers=args.workers, turns=args.turns, shape=args.shape, digit_weight=args.digit_weight,
         init_from=args.init_from, init_parts=args.init_parts, freeze_parts=args.freeze_parts,
     )

@@ -64,6 +64,26 @@ class TokenGrid:
 
 
 @dataclass(frozen=True)
+class OverlayPanel:
+    """One picture of what a model sees of an image, and the token grid laid over it (see :mod:`crop.viz`).
+
+    Attributes:
+        title: what the panel shows (e.g. ``"base view"``), printed over it when there are several.
+        picture: the image content the grid covers, at the aspect ratio it is drawn with.
+        grid: the token grid; kept tokens are the span positions ``grid.local`` maps into it.
+        tile: ``(rows, cols)`` of tokens per tile when the grid is stitched from tiles, else ``None``.
+        tile_origin: the grid cell ``(row, col)`` where a tile corner falls (the tiles' padding
+            cut off by unpadding moves the first tile boundary off the grid's edge).
+    """
+
+    title: str
+    picture: Image.Image
+    grid: TokenGrid
+    tile: tuple[int, int] | None = None
+    tile_origin: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
 class ImageSpan:
     """One image's visual tokens inside a tokenized batch.
 
@@ -282,6 +302,17 @@ class VLMAdapter(ABC):
             The region on the model's view, or ``None`` if none of it is visible there.
         """
         return box
+
+    def overlay_panels(self, image: Image.Image, image_processor: Any,
+                       token_grid: tuple[int, int]) -> list[OverlayPanel]:
+        """What the model sees of ``image``, as pictures with the token grids that cover them (for drawing).
+
+        The default is one panel: :meth:`view_image` covered by the plain ``token_grid``
+        (``(rows, cols)``, e.g. a result's ``token_grid``), at the view's own aspect ratio.
+        Adapters whose images are several grids (LLaVA-NeXT: base view + tiles) return one
+        panel per grid.
+        """
+        return [OverlayPanel("model view", self.view_image(image, image_processor), TokenGrid(*token_grid))]
 
     def view_image(self, image: Image.Image, image_processor: Any) -> Image.Image:
         """The picture the model's token grid covers (for drawing), at the view's own size.

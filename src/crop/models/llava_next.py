@@ -43,7 +43,15 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, TokenGrid, VisionSaliency, VLMAdapter
+from crop.models.base import (
+    ADAPTERS,
+    CompressedImage,
+    ImageSpan,
+    OverlayPanel,
+    TokenGrid,
+    VisionSaliency,
+    VLMAdapter,
+)
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
 
@@ -88,6 +96,23 @@ class LlavaNextAdapter(VLMAdapter):
         rows, cols = unpad_image(full, torch.as_tensor(image_size)).shape[1:]
         base = TokenGrid(self.side, self.side, 0, self.side)
         return base, TokenGrid(int(rows), int(cols), self.side * self.side, int(cols) + 1)
+
+    def overlay_panels(self, image, image_processor: Any, token_grid: tuple[int, int]) -> list[OverlayPanel]:
+        """Two panels over the image at its own aspect ratio: the base view's grid, and the tiles' grid.
+
+        Both grids cover the whole image (the base view squashes it to a square, so its cells are
+        drawn stretched back to the image's shape). The high-res panel marks the tile boundaries
+        where they fall after unpadding (``token_grid`` is the base view's and is not needed).
+        """
+        width, height = image.size
+        base, high = self.grids_for((height, width))
+        tiles_high, tiles_wide = get_anyres_image_grid_shape([height, width], self.config.image_grid_pinpoints,
+                                                             self.tile_px)
+        origin = ((tiles_high * self.side - high.rows) // 2, (tiles_wide * self.side - high.cols) // 2)  # cut padding
+        picture = image.convert("RGB")
+        return [OverlayPanel(f"base view ({base.rows}x{base.cols}, squashed)", picture, base),
+                OverlayPanel(f"tiles ({tiles_high}x{tiles_wide}: {high.rows}x{high.cols})", picture, high,
+                             tile=(self.side, self.side), tile_origin=(-origin[0], -origin[1]))]
 
     def image_spans(self, inputs: Mapping[str, Any]) -> list[ImageSpan]:
         """Every image's span (base view + high-res grid + newlines), matched to ``image_sizes`` in order.

@@ -60,6 +60,9 @@ def _signals(cfg: dict, shape: dict) -> str:
     if cfg.get("tiny_fraction", 0):
         lines.append(f"- Curriculum: the first {cfg['tiny_fraction']:.0%} of steps on scenes of 3-4 objects, then "
                      f"{cfg['curriculum_fraction']:.0%} on 3-8 objects, then the training mix.")
+    if cfg.get("dense_fraction", 0):
+        lines.append(f"- {cfg['dense_fraction']:.0%} of each batch of the training mix on dense scenes (12-16 objects "
+                     "of 30-46 px at 336, the hard end of the training range), from the train split's own stream.")
     return "\n".join(x for x in lines if x) + "\n"
 
 

@@ -67,6 +67,8 @@ class TrainConfig:
             before the default scene mix.
         tiny_fraction: fraction of the steps, before the sparse ones, on scenes of 3-4 objects
             (the first rung for a model that must learn to find the asked-about object).
+        dense_fraction: share of each batch of the default mix drawn from dense scenes (12-16
+            small objects, the hard end of the training range); 0 = the plain mix.
         threads: ``torch.set_num_threads`` (the CPU is shared).
         workers: data-loader worker processes generating samples (0 = in the main process).
         turns: questions per training image (answerer): the benchmark question first, then
@@ -116,6 +118,7 @@ class TrainConfig:
     aux_weight: float = 0.5
     curriculum_fraction: float = 0.1
     tiny_fraction: float = 0.0
+    dense_fraction: float = 0.0
     threads: int = 1
     workers: int = 1
     turns: int = 1
@@ -138,12 +141,31 @@ class TrainConfig:
         if not 0 <= self.curriculum_fraction < 1 or not 0 <= self.tiny_fraction < 1 \
                 or self.curriculum_fraction + self.tiny_fraction >= 1:
             raise ValueError("curriculum_fraction and tiny_fraction must be in [0, 1) and sum to less than 1")
+        if not 0 <= self.dense_fraction <= 1:
+            raise ValueError(f"dense_fraction must be in [0, 1], got {self.dense_fraction}")
         if self.turns < 1:
             raise ValueError(f"turns must be >= 1, got {self.turns}")
         if self.freeze_parts not in ("none", "vision"):
             raise ValueError(f"freeze_parts must be 'none' or 'vision', got {self.freeze_parts!r}")
         if self.init_parts not in WARM_START_PARTS:
             raise ValueError(f"init_parts must be one of {sorted(WARM_START_PARTS)}, got {self.init_parts!r}")
+
+
+def batch_streams(step: int, config: TrainConfig) -> list[str]:
+    """The sample stream of each row of optimizer step ``step``'s batch (see :func:`crop.train.data.stream_config`).
+
+    The first ``tiny_fraction`` of the steps draw from ``train-tiny``, the next
+    ``curriculum_fraction`` from ``train-easy``; after that ``dense_fraction`` of each batch's
+    rows come from ``train-dense`` and the rest from ``train``.
+    """
+    n_tiny = int(config.tiny_fraction * config.steps)
+    n_curriculum = n_tiny + int(config.curriculum_fraction * config.steps)
+    if step < n_tiny:
+        return ["train-tiny"] * config.batch_size
+    if step < n_curriculum:
+        return ["train-easy"] * config.batch_size
+    n_dense = round(config.dense_fraction * config.batch_size)
+    return ["train-dense"] * n_dense + ["train"] * (config.batch_size - n_dense)
 
 
 # state-dict prefixes each ``init_parts`` value loads (None: everything)
@@ -546,14 +568,8 @@ def train(task: Task, config: TrainConfig, run_dir: str | Path, out_dir: str | P
     def elapsed() -> float:
         return elapsed_before + time.time() - start_time
 
-    n_tiny = int(config.tiny_fraction * config.steps)
-    n_curriculum = n_tiny + int(config.curriculum_fraction * config.steps)
-
-    def stream(s: int) -> str:
-        return "train-tiny" if s < n_tiny else "train-easy" if s < n_curriculum else "train"
-
-    batches = [[(stream(s), s * config.batch_size + i) for i in range(config.batch_size)]
-               for s in range(step, config.steps)]
+    batches = [list(zip(batch_streams(s, config), range(s * config.batch_size, (s + 1) * config.batch_size),
+                        strict=True)) for s in range(step, config.steps)]
     loader = torch.utils.data.DataLoader(
         _IndexDataset(task, batches), batch_size=None, shuffle=False, num_workers=config.workers,
         worker_init_fn=_worker_init if config.workers else None, prefetch_factor=4 if config.workers else None,
