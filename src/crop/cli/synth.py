@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--background", default=None, metavar="NAMES",
                    help=f"comma-separated background textures from {','.join(BACKGROUNDS)} (default all)")
     p.add_argument("--image-size", type=int, default=336, help="image side in pixels (default 336)")
+    p.add_argument("--lmms-task", action="store_true",
+                   help="also write the lmms-eval task crop_synth next to the split (crop_synth.yaml + "
+                        "crop_synth_utils.py), for: python -m lmms_eval --model crop --tasks crop_synth "
+                        "--include_path OUT")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -69,5 +73,26 @@ def run(args: argparse.Namespace) -> int:
         raise CropInputError(str(exc)) from exc
     with tqdm(total=args.n, desc=f"synth {args.split}", unit="img", disable=args.no_progress) as bar:
         path = write_split(args.out, args.split, args.n, args.seed, config, progress=bar.update)
+    if args.lmms_task:
+        write_lmms_task(path)
     print(path)
     return 0
+
+
+def write_lmms_task(jsonl) -> list:
+    """Copy the ``crop_synth`` lmms-eval task next to ``jsonl``, reading that file as its test split.
+
+    Returns:
+        The paths written (the task YAML, then its document functions).
+    """
+    import shutil
+    from pathlib import Path
+
+    from crop.lmms import TASKS_DIR
+
+    jsonl = Path(jsonl)
+    yaml_text = (TASKS_DIR / "crop_synth.yaml").read_text(encoding="utf-8")
+    yaml_path = jsonl.parent / "crop_synth.yaml"
+    yaml_path.write_text(yaml_text.replace("test: test.jsonl", f"test: {jsonl.name}"), encoding="utf-8")
+    utils_path = Path(shutil.copyfile(TASKS_DIR / "crop_synth_utils.py", jsonl.parent / "crop_synth_utils.py"))
+    return [yaml_path, utils_path]

@@ -1,0 +1,113 @@
+"""The ``crop`` model for lmms-eval: any supported answerer, any method, budget and localizer.
+
+lmms-eval calls :meth:`CropLMM.generate_until` with its requests; each is answered by
+:class:`crop.pipeline.CropPipeline`, the code ``crop answer`` and ``crop eval`` run, so a
+score here and ``crop eval``'s on the same samples are the same number. What pruning kept and
+what the localizer cost are reported beside the scores twice:
+
+* per sample, in :data:`crop.lmms.SAMPLE_STATS` (keyed by the document's ``id``), which the shipped
+  task's ``process_results`` turns into the metrics ``visual_tokens_kept`` and
+  ``localizer_ms`` (mean over the task, next to ``accuracy``);
+* per run, through lmms-eval's throughput metrics (``results["throughput"]``):
+  ``avg_visual_tokens_kept``, ``avg_localizer_ms``, ``avg_localizer_share``.
+
+Model arguments (``--model_args k=v,...``): ``pretrained`` (``embedded``, a tiny-random-*
+name, a folder or a hub id), ``method`` (default ``crop-ilp``), ``keep_tokens`` (visual
+tokens of the model's own grid), ``localizer`` (default ``embedded`` with the embedded
+answerer, else ``full``), ``layer``, ``pool``, ``grid``, ``seed``, ``device``, ``dtype``,
+``attn``, ``localizer_device``, ``max_new_tokens`` (default 8, as ``crop eval``),
+``batch_size``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from crop.lmms import SAMPLE_STATS
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value in (None, "", "none", "None") else int(value)
+
+
+class CropLMM(lmms):
+    """lmms-eval's view of a CROP pipeline (a "simple" model: ``doc_to_visual`` + ``doc_to_text``)."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str = "embedded", method: str = "crop-ilp", keep_tokens: Any = 64,
+                 localizer: str | None = None, layer: Any = 2, pool: Any = 4, grid: Any = 8, seed: Any = 0,
+                 device: str = "cpu", dtype: str = "auto", attn: str = "sdpa", localizer_device: str | None = None,
+                 max_new_tokens: Any = 8, batch_size: Any = 1, **unused: Any) -> None:
+        super().__init__()
+        from crop.localizers import make_localizer
+        from crop.methods import MethodOptions, config_for
+        from crop.models.loading import load_model
+        from crop.pipeline import CropPipeline
+
+        if unused:
+            raise ValueError(f"crop: unknown model_args {sorted(unused)}; see crop.lmms.model's docstring")
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        model, processor = load_model(str(pretrained), attn_implementation=attn, device=device, dtype=dtype)
+        localizer = localizer or ("embedded" if pretrained == "embedded" else "full")
+        self.localizer_name = str(localizer)
+        loc = make_localizer(self.localizer_name, int(grid), device=localizer_device or device)
+        options = MethodOptions(layer=int(layer), pool=int(pool), grid=int(grid), seed=int(seed))
+        self.config = config_for(str(method), _int_or_none(keep_tokens), options)
+        self.pipeline = CropPipeline(model, processor, loc, self.config)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answer every request in batches of ``batch_size``, in request order."""
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        answers: list[str] = []
+        kept, loc_ms, shares, elapsed, new_tokens = [], [], [], 0.0, 0
+        for start in range(0, len(requests), self.batch_size):
+            chunk = [r.args for r in requests[start:start + self.batch_size]]
+            images, questions, ids = [], [], []
+            limit = self.max_new_tokens
+            for context, gen_kwargs, doc_to_visual, doc_id, task, split in chunk:
+                doc = self.task_dict[task][split][doc_id]
+                visuals = doc_to_visual(doc)
+                if len(visuals) != 1:
+                    raise ValueError(f"crop answers about one image per question; document {doc_id} has {len(visuals)}")
+                images.append(visuals[0])
+                questions.append(context)
+                ids.append(str(doc.get("id", f"{task}/{split}/{doc_id}")))
+                limit = int(gen_kwargs.get("max_new_tokens", limit))
+            tic = time.perf_counter()
+            results = self.pipeline.answer_batch(images, questions, max_new_tokens=limit)
+            elapsed += time.perf_counter() - tic
+            for doc_key, result in zip(ids, results, strict=True):
+                tokens = float(min(result.visual_tokens_kept.values()))  # the last stage's count
+                ms = 1000 * result.timings["localizer_s"]
+                share = result.timings["localizer_s"] / result.timings["total_s"] if result.timings["total_s"] else 0.0
+                SAMPLE_STATS[doc_key] = {"visual_tokens_kept": tokens, "visual_tokens_in": float(result.visual_tokens_in),
+                                         "localizer_ms": ms}
+                kept.append(tokens)
+                loc_ms.append(ms)
+                shares.append(share)
+                new_tokens += len(self.tokenizer(result.answer, add_special_tokens=False)["input_ids"])
+                answers.append(result.answer)
+        n = max(len(answers), 1)
+        log_metrics(elapsed, new_tokens, new_tokens / elapsed if elapsed else 0.0,
+                    additional_metrics={"visual_tokens_kept": sum(kept) / n, "localizer_ms": sum(loc_ms) / n,
+                                        "localizer_share": sum(shares) / n})
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("crop answers by generation (output_type: generate_until); loglikelihood tasks "
+                                  "are not supported")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("crop answers single-turn questions; multi-round tasks are not supported")
