@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +120,45 @@ def test_cli_finetune_then_serve_by_path(tmp_path, region_jsonl, capsys):
     assert isinstance(localizer, VLMLocalizer)
     assert main(["train", "localizer", "--base", "tiny-random-qwen2-vl", "--out", str(out)]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_micro_batches_partition_each_step_over_processes(region_jsonl):
+    from crop.train.finetune_localizer import micro_batch
+
+    samples = read_region_jsonl(region_jsonl)
+    one = FinetuneConfig(batch_size=2, grad_accum=2)
+    two = FinetuneConfig(batch_size=1, grad_accum=2)
+    for step in range(3):  # crosses an epoch boundary (6 examples, 4 per step)
+        for micro in range(2):
+            split = micro_batch(samples, two, step, micro, 0, 2) + micro_batch(samples, two, step, micro, 1, 2)
+            assert split == micro_batch(samples, one, step, micro, 0, 1)
+
+
+def _train_cli(tmp_path, region_jsonl, name: str, launcher: list[str], batch: int, *extra: str):
+    out = tmp_path / name
+    proc = subprocess.run([*launcher, "-m", "crop", "train", "localizer", "--base", "tiny-random-qwen2-vl", "--data",
+                           str(region_jsonl), "--steps", "2", "--batch-size", str(batch), "--grad-accum", "2",
+                           "--run-dir", str(tmp_path / f"run-{name}"), "--out", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path, region_jsonl):
+    """Data parallel through accelerate (2 CPU processes, gloo; what ``accelerate launch`` runs on GPUs):
+    2 processes x 1 example per micro-batch end where 1 process x 2 examples does."""
+    from safetensors.torch import load_file
+
+    single, s1 = _train_cli(tmp_path, region_jsonl, "one", [sys.executable], 2)
+    double, s2 = _train_cli(tmp_path, region_jsonl, "two", [sys.executable, "-m", "torch.distributed.run",
+                                                           "--nproc_per_node", "2", "--master_port", "29533"], 1)
+    assert (s1["processes"], s2["processes"]) == (1, 2)
+    a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    base = build_tiny_qwen("qwen2_vl")[0].state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a if k in base)  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_mixed_precision_bf16_runs_on_the_cpu(tmp_path, region_jsonl):
+    _, summary = _train_cli(tmp_path, region_jsonl, "bf16", [sys.executable], 2, "--mixed-precision", "bf16")
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])

@@ -183,3 +183,29 @@ def test_the_recipe_with_lora_saves_the_merged_answerer(tmp_path):
               progress=False)
     assert (tmp_path / "out" / "answerer" / "config.json").is_file()
     assert (tmp_path / "out" / "compressor.safetensors").is_file()
+
+
+def test_two_processes_train_the_compressor_one_process_trains(tmp_path):
+    """Data parallel through accelerate (2 CPU processes, gloo; what ``accelerate launch`` runs on GPUs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def run(name: str, launcher: list[str]):
+        out = tmp_path / name
+        proc = subprocess.run([*launcher, "-m", "crop", "train", "plc", "--answerer", "tiny-random-llava", "--n-train",
+                               "4", "--steps", "2", "--batch-size", "2", "--warmup-steps", "1", "--budgets", "64",
+                               "--run-dir", str(tmp_path / f"run-{name}"), "--out", str(out), "--no-progress"],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return load_file(out / "compressor.safetensors"), json.loads(proc.stdout[proc.stdout.index("{"):])
+
+    one, s1 = run("one", [sys.executable])
+    two, s2 = run("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29534"])
+    assert (s1["processes"], s2["processes"]) == (1, 2)
+    assert s1["loss_first_10"] == pytest.approx(s2["loss_first_10"], rel=1e-5)
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5

@@ -93,7 +93,11 @@ def register(subparsers) -> None:
                      help="what the queries read: the tokens outside the anchors (default) or all of them")
     plc.add_argument("--max-queries", type=int, default=64, help="the compressor's query bank (default %(default)s)")
     plc.add_argument("--lora", action="store_true", help="also train LoRA adapters on the LLM (peft); merged on save")
-    plc.add_argument("--device", default="cpu", help="torch device (cuda on a GPU machine)")
+    plc.add_argument("--device", default="cpu",
+                     help="'cpu' (default), or 'cuda': accelerate places each process (its own GPU under "
+                          "accelerate launch)")
+    plc.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                     help="autocast through accelerate (default no)")
     plc.add_argument("--checkpoint-every", type=int, default=100)
     plc.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget; stops cleanly, then saves")
     plc.add_argument("--threads", type=int, default=1)
@@ -181,7 +185,8 @@ def run_plc(args: argparse.Namespace) -> int:
                                 budgets=tuple(int(b) for b in args.budgets.split(",") if b.strip()),
                                 context_share=args.context_share, anchors=not args.no_anchors, attend=args.attend,
                                 max_queries=args.max_queries, lora=args.lora, checkpoint_every=args.checkpoint_every,
-                                max_minutes=args.max_minutes, device=args.device)
+                                max_minutes=args.max_minutes, device=args.device,
+                                mixed_precision=args.mixed_precision)
         train = synth_examples(args.n_train, args.seed) if args.data == "synth" else jsonl_examples(args.data)
     except (ValueError, OSError) as exc:
         raise CropInputError(str(exc)) from None
@@ -194,8 +199,10 @@ def run_plc(args: argparse.Namespace) -> int:
                             resume=args.resume, progress=not args.no_progress)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
-    print(json.dumps({k: summary[k] for k in ("steps_run", "train_wall_minutes", "loss_first_10", "loss_last_10")},
-                     indent=2))
+    if not summary["main_process"]:  # accelerate launch: the main process saves and reports
+        return 0
+    print(json.dumps({k: summary[k] for k in ("steps_run", "processes", "train_wall_minutes", "loss_first_10",
+                                              "loss_last_10")}, indent=2))
     return 0
 
 

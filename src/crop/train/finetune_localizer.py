@@ -13,13 +13,16 @@ region-annotated JSONL (:mod:`crop.data.region_vqa`):
   projections; LoRA weights are merged before export, so the result loads by path like any
   checkpoint;
 - AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping;
-- checkpoints (trainable weights + optimizer + step) every ``checkpoint_every`` steps and
-  ``resume``; a seeded data order that a resumed run continues exactly;
+- Hugging Face ``accelerate`` runs the loop: one process on the CPU or a GPU as it is, several
+  GPUs (or CPU processes) under ``accelerate launch`` with data parallelism (each process takes
+  its own micro-batches of every optimizer step), mixed precision (``bf16``/``fp16``);
+- checkpoints (trainable weights + optimizer + step, written by the main process) every
+  ``checkpoint_every`` steps and ``resume``; a seeded data order that a resumed run continues
+  exactly, whatever the number of processes;
 - evaluation (mean IoU, ground truth contained, fallbacks) on a held-out file through
   :class:`crop.localizers.vlm.VLMLocalizer`, the code that serves the localizer.
 
-The same code runs a 2B model on a GPU (move the model with ``device``) and a tiny random
-model on a CPU.
+The same code runs a 2B model on several GPUs and a tiny random model on a CPU.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ class FinetuneConfig:
         seed: seed of the data order and of LoRA's initialization.
         checkpoint_every: steps between checkpoints.
         eval_batch_size: localizer batch size at evaluation.
-        device: torch device of the run.
+        device: ``"cpu"`` forces the CPU; anything else lets ``accelerate`` place each process
+            (its GPU under ``accelerate launch``, else the first GPU, else the CPU).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast through ``accelerate``).
     """
 
     steps: int = 200
@@ -81,6 +86,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     eval_batch_size: int = 8
     device: str = "cpu"
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "eval_batch_size", "lora_rank"):
@@ -88,6 +94,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0 and warmup_steps >= 0")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
 
 def _prompt_inputs(processor, images: list[Image.Image], questions: list[str], grid: int):
@@ -175,34 +183,51 @@ def _order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def _train_steps(model, processor, train, config: FinetuneConfig, optimizer, params, step: int, start_time: float,
-                 ckpt: Path, losses: list[float], bar) -> int:
+def micro_batch(train: list, config: FinetuneConfig, step: int, micro: int, rank: int, world: int) -> list:
+    """The examples process ``rank`` of ``world`` trains on in micro-batch ``micro`` of optimizer step ``step``.
+
+    The seeded order is the same for any ``world``: an optimizer step consumes ``batch_size x
+    grad_accum x world`` consecutive examples of it, process ``rank`` the ``rank``-th slice of
+    each micro-batch's share.
+    """
+    per_step = config.batch_size * config.grad_accum * world
+    first = step * per_step + (micro * world + rank) * config.batch_size
+    epoch, offset = divmod(first, len(train))
+    order = _order(len(train), config.seed, epoch) + _order(len(train), config.seed, epoch + 1)
+    return [train[i] for i in order[offset:offset + config.batch_size]]
+
+
+def _train_steps(accelerator, model, processor, train, config: FinetuneConfig, optimizer, step: int,
+                 start_time: float, ckpt: Path, losses: list[float], bar) -> int:
     """Optimizer steps from ``step`` to ``config.steps``, checkpointing on the way; returns the last step."""
-    per_step = config.batch_size * config.grad_accum
+    rank, world = accelerator.process_index, accelerator.num_processes
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(config.grad_accum):
-            first = step * per_step + micro * config.batch_size
-            epoch, offset = divmod(first, len(train))
-            order = _order(len(train), config.seed, epoch) + _order(len(train), config.seed, epoch + 1)
-            chunk = [train[i] for i in order[offset:offset + config.batch_size]]
-            batch = {k: v.to(config.device) for k, v in build_batch(processor, chunk, config.grid).items()}
-            loss = model(**batch).loss / config.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
+            chunk = micro_batch(train, config, step, micro, rank, world)
+            batch = {k: v.to(accelerator.device) for k, v in build_batch(processor, chunk, config.grid).items()}
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = model(**batch).loss
+                accelerator.backward(loss)  # divided by grad_accum inside
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach()) / config.grad_accum
+        total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean"))
         step += 1
         losses.append(total)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.3f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "step": step,
-                        "elapsed": time.perf_counter() - start_time, "config": asdict(config)}, ckpt)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                trainable = {n: p.detach() for n, p in accelerator.unwrap_model(model).named_parameters()
+                             if p.requires_grad}
+                torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "step": step,
+                            "elapsed": time.perf_counter() - start_time, "config": asdict(config)}, ckpt)
     return step
 
 
@@ -211,21 +236,28 @@ def finetune_localizer(model, processor, train: list[RegionSample], config: Fine
                        progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Fine-tune ``model`` as a localizer; returns the trained (LoRA-merged) model and a summary.
 
+    Under ``accelerate launch`` every process runs this; only the main one evaluates, writes
+    ``summary.json`` and should export (``summary["main_process"]``).
+
     Args:
         model, processor: the base checkpoint (any image-text-to-text model with a chat template).
         train: training examples.
         config: hyper-parameters.
         run_dir: checkpoints (``checkpoint.pt``) and ``summary.json``.
-        eval_samples: held-out examples, evaluated before and after training.
+        eval_samples: held-out examples, evaluated before and after training (main process).
         resume: continue from ``run_dir/checkpoint.pt``.
-        progress: show a progress bar.
+        progress: show a progress bar (main process).
     """
+    from accelerate import Accelerator
     from tqdm import tqdm
 
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              cpu=config.device == "cpu")
+    main = accelerator.is_main_process
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model.to(config.device)
+    model.to(accelerator.device)
     if config.lora:
         model = add_lora(model, config.lora_rank, config.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -235,32 +267,36 @@ def finetune_localizer(model, processor, train: list[RegionSample], config: Fine
     if resume:
         if not ckpt.exists():
             raise ValueError(f"nothing to resume: {ckpt} does not exist")
-        state = torch.load(ckpt, map_location=config.device, weights_only=False)
+        state = torch.load(ckpt, map_location=accelerator.device, weights_only=False)
         if state["config"] != asdict(config):
             logger.warning("resuming with a different config than the checkpoint's")
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
     before = evaluate_localizer_file(model.eval(), processor, eval_samples, config.grid, config.eval_batch_size) \
-        if eval_samples and step == 0 else None
+        if eval_samples and step == 0 and main else None
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     start_time = time.perf_counter() - elapsed
     losses: list[float] = []
-    bar = tqdm(total=config.steps, initial=step, desc="finetune localizer", unit="step", disable=not progress)
-    model.train()
+    bar = tqdm(total=config.steps, initial=step, desc="finetune localizer", unit="step", disable=not (progress and main))
+    prepared.train()
     with torch.enable_grad():
-        step = _train_steps(model, processor, train, config, optimizer, params, step, start_time, ckpt, losses, bar)
+        step = _train_steps(accelerator, prepared, processor, train, config, optimizer, step, start_time, ckpt,
+                            losses, bar)
     bar.close()
-    model.eval()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(prepared).eval()
     if config.lora:
         model = model.merge_and_unload()
     after = evaluate_localizer_file(model, processor, eval_samples, config.grid, config.eval_batch_size) \
-        if eval_samples else None
+        if eval_samples and main else None
     summary = {"config": asdict(config), "steps": step, "train_examples": len(train),
+               "processes": accelerator.num_processes, "main_process": main,
                "wall_minutes": (time.perf_counter() - start_time) / 60, "final_loss": losses[-1] if losses else None,
                "eval_before": before, "eval_after": after}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return model, summary
-
 
 
 def add_finetune_arguments(parser) -> None:
@@ -279,7 +315,11 @@ def add_finetune_arguments(parser) -> None:
     group.add_argument("--lora-rank", type=int, default=16)
     group.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
     group.add_argument("--grid", type=int, default=8, help="region grid side (default 8)")
-    group.add_argument("--device", default="cpu", help="torch device (cuda on a GPU machine)")
+    group.add_argument("--device", default="cpu",
+                       help="'cpu' (default), or 'cuda': accelerate places each process (its own GPU under "
+                            "accelerate launch)")
+    group.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                       help="autocast through accelerate (default no)")
 
 
 def run_finetune_cli(args, scratch_lr: float) -> int:
@@ -299,17 +339,21 @@ def run_finetune_cli(args, scratch_lr: float) -> int:
         config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
                                 warmup_steps=min(args.warmup_steps, max(args.steps // 10, 1)), lora=args.lora,
                                 lora_rank=args.lora_rank, grid=args.grid, seed=args.seed,
-                                checkpoint_every=args.checkpoint_every, device=args.device)
+                                checkpoint_every=args.checkpoint_every, device=args.device,
+                                mixed_precision=args.mixed_precision)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     _torch.set_num_threads(max(1, args.threads))
     model, processor = load_model(args.base, role="localizer")
     model, summary = finetune_localizer(model, processor, train, config, args.run_dir, held_out, resume=args.resume,
                                         progress=not args.no_progress)
+    if not summary["main_process"]:  # accelerate launch: the main process exports
+        return 0
     out = Path(args.out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "crop_localizer.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: summary[k] for k in ("steps", "wall_minutes", "final_loss", "eval_before", "eval_after")},
+    print(json.dumps({k: summary[k] for k in ("steps", "processes", "wall_minutes", "final_loss", "eval_before",
+                                              "eval_after")},
                      indent=2))
     return 0

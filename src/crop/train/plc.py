@@ -62,7 +62,9 @@ class PLCTrainConfig:
         lora, lora_rank, lora_lr: fine-tune the LLM too, with LoRA adapters.
         checkpoint_every: steps between checkpoints.
         max_minutes: wall-clock budget over all resumed runs (stops cleanly, then saves).
-        device: torch device of the answerer and the compressor.
+        device: ``"cpu"`` forces the CPU; anything else lets ``accelerate`` place each process
+            (its GPU under ``accelerate launch``, else the first GPU, else the CPU).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast through ``accelerate``).
         grid: the region grid.
     """
 
@@ -85,6 +87,7 @@ class PLCTrainConfig:
     checkpoint_every: int = 100
     max_minutes: float | None = None
     device: str = "cpu"
+    mixed_precision: str = "no"
     grid: int = 8
     signals: list[str] = field(default_factory=lambda: [
         "the answerer's cross-entropy on the reference answer tokens (the answerer frozen unless --lora)",
@@ -98,6 +101,8 @@ class PLCTrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be positive ints, got {self.budgets!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         CropPLCTrainedConfig(keep_tokens=max(self.budgets), context_share=self.context_share, anchors=self.anchors,
                              attend=self.attend, grid=self.grid)  # the method's own checks
 
@@ -177,13 +182,21 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
               out_dir: str | Path, answerer_name: str, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train a compressor for ``model``; save it (and the LoRA-merged answerer with ``lora``) into ``out_dir``.
 
+    ``accelerate`` runs the loop: one process as it is, or data parallel under ``accelerate
+    launch`` (every process draws the step's examples from the same seeded stream and computes
+    the gradient of its share; the gradients are summed over processes before the step, so the
+    update is the one-process update). Only the main process checkpoints and saves.
+
     Returns:
         The training summary (also in ``run_dir/summary.json`` and the compressor's metadata).
     """
+    from accelerate import Accelerator
     from tqdm import tqdm
 
     from crop.eval.runner import scale_budget
 
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -192,8 +205,8 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
         p.requires_grad_(False)
     compressor = RegionCompressor(CompressorConfig(dim=adapter.text_config.hidden_size,
                                                    max_queries=config.max_queries, key_dim=config.key_dim))
-    compressor.to(config.device)
-    model.to(config.device)
+    compressor.to(accelerator.device)
+    model.to(accelerator.device)
     if config.lora:
         model = add_lora(model, config.lora_rank, 2 * config.lora_rank)
     lora_params = [p for p in model.parameters() if p.requires_grad]
@@ -210,7 +223,7 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     if resume:
         if not ckpt.exists():
             raise ValueError(f"nothing to resume: {ckpt} does not exist")
-        state = torch.load(ckpt, map_location=config.device, weights_only=False)
+        state = torch.load(ckpt, map_location=accelerator.device, weights_only=False)
         compressor.load_state_dict(state["compressor"])
         if state.get("lora"):
             model.load_state_dict(state["lora"], strict=False)
@@ -219,12 +232,16 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     start = time.perf_counter() - elapsed
 
     def save_checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if not main:
+            return
         lora = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"compressor": compressor.state_dict(), "lora": lora, "optimizer": optimizer.state_dict(),
                     "step": step, "elapsed": time.perf_counter() - start, "losses": losses,
                     "config": asdict(config)}, ckpt)
 
-    bar = tqdm(total=config.steps, initial=step, desc="train plc", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, initial=step, desc="train plc", unit="step", disable=not (progress and main))
+    trainable = [p for g in groups for p in g["params"]]
     compressor.train()
     stopped_by_time = False
     with torch.enable_grad():
@@ -237,14 +254,24 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
             rng = random.Random(config.seed * 1_000_003 + step)  # the step's examples and budgets, resumable
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for _ in range(config.batch_size):
+            for i in range(config.batch_size):
                 example = train[rng.randrange(len(train))]
-                method_config = CropPLCTrainedConfig(keep_tokens=rng.choice(budgets), context_share=config.context_share,
+                keep = rng.choice(budgets)
+                if i % world != rank:  # another process's share of the step
+                    continue
+                method_config = CropPLCTrainedConfig(keep_tokens=keep, context_share=config.context_share,
                                                      anchors=config.anchors, attend=config.attend, grid=config.grid)
-                loss = example_loss(model, processor, compressor, method_config, example) / config.batch_size
-                loss.backward()
+                with accelerator.autocast():
+                    loss = example_loss(model, processor, compressor, method_config, example) / config.batch_size
+                accelerator.backward(loss)
                 total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
+            if world > 1:  # data parallel: sum the shares' gradients (each is already / batch_size)
+                for param in trainable:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    param.grad = accelerator.reduce(param.grad, reduction="sum")
+                total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="sum"))
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             optimizer.step()
             step += 1
             losses.append(total)
@@ -256,11 +283,14 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     bar.close()
     compressor.eval()
     summary = {"kind": "plc-compressor", "answerer": answerer_name, "steps_run": step, "steps_planned": config.steps,
+               "processes": world, "main_process": main,
                "stopped_by_time_budget": stopped_by_time, "train_examples": len(train),
                "train_wall_minutes": (time.perf_counter() - start) / 60,
                "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])),
                "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
                "budgets_scaled": budgets, "config": asdict(config)}
+    if not main:
+        return summary
     save_compressor(compressor, out_dir, {"answerer": answerer_name, "training": summary,
                                           "method": {"context_share": config.context_share, "anchors": config.anchors,
                                                      "attend": config.attend}})
