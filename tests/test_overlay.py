@@ -7,7 +7,7 @@ from PIL import Image
 from crop.cli import main
 from crop.models.base import OverlayPanel, TokenGrid
 from crop.regions import GridBox
-from crop.viz import CAPTION_PX, TILE, draw_panel
+from crop.viz import CAPTION_PX, POOLED, TILE, draw_panel
 
 
 def _overlay(tmp_path, model: str, size: tuple[int, int]) -> Image.Image:
@@ -52,3 +52,12 @@ def test_tile_lines_follow_the_unpadded_origin():
     assert picture.getpixel((100, row_px))[:2] == TILE[:2]
     assert picture.getpixel((100, 24 * 10))[:2] != TILE[:2]
     assert picture.getpixel((240, 100))[:2] == TILE[:2]  # the vertical boundary at column 24
+
+
+def test_pooled_blocks_are_outlined_where_plc_pools():
+    """With pool=4 on an 8x8 grid, the blocks holding non-kept tokens get an outline; a fully kept block none."""
+    panel = OverlayPanel("model view", Image.new("RGB", (320, 320), (60, 60, 200)), TokenGrid(8, 8))
+    kept = [r * 8 + c for r in range(4) for c in range(4)]  # the top-left block entirely kept
+    picture = draw_panel(panel, GridBox(0, 0, 0, 0, grid=8), kept, size=320, pool=4)
+    assert picture.getpixel((200, 160))[:3] == POOLED  # top edge of the bottom-right block (x 160..319)
+    assert picture.getpixel((100, 120))[:3] != POOLED  # inside the kept block: no block outline

@@ -14,10 +14,12 @@ KEPT = (40, 200, 80, 200)  # outline of a kept token
 DIMMED = (0, 0, 0, 150)  # fill of a dropped or pooled token
 REGION = (230, 30, 30)
 TILE = (255, 210, 0)
+POOLED = (120, 170, 255)  # outline of a pooled block (PLC: one token per block of non-kept tokens)
 CAPTION_PX = 18  # height of a panel's title strip when there are several panels
 
 
-def draw_panels(panels: Sequence[OverlayPanel], box: GridBox, kept: Sequence[int], size: int = 448) -> Image.Image:
+def draw_panels(panels: Sequence[OverlayPanel], box: GridBox, kept: Sequence[int], size: int = 448,
+                pool: int | None = None) -> Image.Image:
     """Every panel (see :func:`draw_panel`) side by side, each titled when there are several.
 
     Args:
@@ -26,11 +28,12 @@ def draw_panels(panels: Sequence[OverlayPanel], box: GridBox, kept: Sequence[int
         kept: span positions of the tokens kept at full resolution (a result's
             ``full_resolution_tokens``); each panel takes those of its own grid.
         size: each panel's longer side in pixels.
+        pool: PLC's block side: outline each pooled block (see :func:`draw_panel`).
 
     Returns:
         A new RGB image.
     """
-    drawn = [draw_panel(p, box, kept, size) for p in panels]
+    drawn = [draw_panel(p, box, kept, size, pool) for p in panels]
     if len(drawn) == 1:
         return drawn[0]
     width = sum(d.width for d in drawn) + 4 * (len(drawn) - 1)
@@ -45,9 +48,12 @@ def draw_panels(panels: Sequence[OverlayPanel], box: GridBox, kept: Sequence[int
     return out
 
 
-def draw_panel(panel: OverlayPanel, box: GridBox, kept: Sequence[int], size: int = 448) -> Image.Image:
+def draw_panel(panel: OverlayPanel, box: GridBox, kept: Sequence[int], size: int = 448,
+               pool: int | None = None) -> Image.Image:
     """The panel's picture at its own aspect ratio (longer side ``size``), its dropped or pooled
-    tokens dimmed, kept tokens outlined in green, tile boundaries in yellow, the region in red.
+    tokens dimmed, kept tokens outlined in green, tile boundaries in yellow, the region in red;
+    with ``pool``, every ``pool x pool`` block (aligned to the grid's origin, as PLC pools) that
+    still holds a non-kept token is outlined in blue: each is one pooled token.
 
     Args:
         panel: picture + the token grid over it.
@@ -55,6 +61,7 @@ def draw_panel(panel: OverlayPanel, box: GridBox, kept: Sequence[int], size: int
         kept: span positions of the tokens kept at full resolution; ``panel.grid.local`` maps
             them into the grid (for a plain grid they are its row-major indices).
         size: the longer side of the output in pixels.
+        pool: PLC's block side, or ``None`` (dropped tokens, no blocks).
 
     Returns:
         A new RGB image.
@@ -77,6 +84,14 @@ def draw_panel(panel: OverlayPanel, box: GridBox, kept: Sequence[int], size: int
             draw.rectangle(rect, fill=DIMMED)
     out = Image.alpha_composite(base.convert("RGBA"), shade).convert("RGB")
     pen = ImageDraw.Draw(out)
+    if pool:
+        for br in range(0, grid.rows, pool):
+            for bc in range(0, grid.cols, pool):
+                cells = [r * grid.cols + c for r in range(br, min(br + pool, grid.rows))
+                         for c in range(bc, min(bc + pool, grid.cols))]
+                if any(i not in kept_local for i in cells):
+                    r1, c1 = min(br + pool, grid.rows), min(bc + pool, grid.cols)
+                    pen.rectangle([bc * cell_w, br * cell_h, c1 * cell_w - 1, r1 * cell_h - 1], outline=POOLED)
     if panel.tile is not None:
         for r in _tile_lines(panel.tile_origin[0], panel.tile[0], grid.rows):
             pen.line([(0, r * cell_h), (width, r * cell_h)], fill=TILE, width=2)

@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("answer", "synth", "train", "eval", "bench", "methods")
+SUBCOMMANDS = ("answer", "synth", "train", "eval", "bench", "methods", "demo")
 # name -> the help line its ``register`` gives (a test keeps the two equal)
 LAZY_SUBCOMMANDS = {"train": "train the embedded models"}
 

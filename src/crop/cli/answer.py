@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overlay:
         panels = pipeline.adapter.overlay_panels(image, getattr(processor, "image_processor", None),
                                                  tuple(result.token_grid))
-        _write_overlay(args.overlay, panels, result, args.grid)
+        _write_overlay(args.overlay, panels, result, args.grid, pooled_block(config))
     note = None
     if args.model in TINY_MODEL_NAMES:
         note = f"{args.model} has random weights: its answer is gibberish by design (use it for smoke tests)"
@@ -257,13 +257,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_overlay(path: str, panels, result, grid: int) -> None:
+def pooled_block(config) -> int | None:
+    """The block side to outline on an overlay: training-free PLC's ``pool``, else ``None``."""
+    return int(config.pool) if getattr(config, "method_name", None) == "crop-plc" else None
+
+
+def _write_overlay(path: str, panels, result, grid: int, pool: int | None = None) -> None:
     """Save the region + kept-token drawing for ``result`` over ``panels``, what the model's tokens cover."""
     from crop.regions import GridBox
     from crop.viz import draw_panels
 
     box = result.extra.get("model_view_box", result.box)  # the region where the model sees it
-    picture = draw_panels(panels, GridBox(*box, grid=grid), result.full_resolution_tokens)
+    picture = draw_panels(panels, GridBox(*box, grid=grid), result.full_resolution_tokens, pool=pool)
     try:
         picture.save(path)
     except (OSError, ValueError) as exc:
