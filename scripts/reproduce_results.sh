@@ -36,6 +36,11 @@ $CROP eval --split test --n 400 --methods full,crop-ilp --keep-tokens 64,128,192
 $PY scripts/readme_accuracy_table.py families results/eval-embedded-localizer/results.json \
     results/eval-trim-stride/results.json crop-ilp
 
+# CROP-self: the answerer's own attention before layer K as the localizer (no second model)
+$PY scripts/self_localizer_study.py --model embedded --layers 1,2,3 --out results/self-localizer-study/embedded
+$CROP eval --split test --n 400 --methods full,crop-ilp,crop-self,fastv --keep-tokens 64,128,192 \
+    --localizer embedded --out results/eval-crop-self
+
 # efficiency on a LLaVA-1.5-shaped model with a ~0.5B LM (random weights, realistic proportions)
 $CROP bench --model llava-shape-0.5b --localizer embedded --methods full,crop-ilp,crop-plc \
     --keep-tokens 64,128,192 --batch 1,4 --repeats 3 --new-tokens 16 --threads 1 --out results/bench-llava-shape-0.5b
