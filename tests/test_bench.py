@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from crop.cli import main
 from crop.eval.flops import (
@@ -95,3 +96,24 @@ def test_bench_reports_crop_self_localization_cost(tmp_path):
     measured = cost["measured_share_of_full_prefill"]
     assert measured["min"] <= measured["median"] <= measured["max"]
     assert "CROP-self's localization cost" in (out / "bench.md").read_text()
+
+
+def test_bench_runs_without_autograd(tmp_path):
+    """Issue 16: encoding under autograd kept the vision tower's activations alive (an 18 GB peak)."""
+    from crop.eval.bench import BenchSpec, run_bench
+    from crop.localizers import make_localizer
+    from crop.models.loading import load_model
+
+    model, processor = load_model("tiny-random-llava")
+    seen = []
+    hooks = [m.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+             for m in (model.model.vision_tower, model.model.language_model)]
+    try:
+        with torch.enable_grad():  # as a caller's default
+            run_bench(model, processor, make_localizer("box:1,1,4,4"),
+                      BenchSpec(methods=["crop-ilp", "crop-plc"], keep_tokens=[64], batches=[1], repeats=1,
+                                new_tokens=2), "tiny-random-llava", "box")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and not any(seen)

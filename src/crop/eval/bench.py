@@ -230,9 +230,15 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+@torch.no_grad()
 def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, model_name: str, localizer_name: str,
               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Measure every case for every batch size; returns the results document (JSON-ready)."""
+    """Measure every case for every batch size; returns the results document (JSON-ready).
+
+    Everything runs without autograd: with it, encoding the images (and a pre-LLM method's
+    prepare, which re-encodes) recorded the vision tower's activations for a backward pass
+    that never comes, inflating the vision time and holding GBs (issue 16: 18 GB peak).
+    """
     dims = DecoderDims.from_config(model.config.get_text_config())
     out_batches = []
     for batch in spec.batches:
