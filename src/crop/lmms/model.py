@@ -16,7 +16,8 @@ name, a folder or a hub id), ``method`` (default ``crop-ilp``), ``keep_tokens`` 
 tokens of the model's own grid), ``localizer`` (default ``embedded`` with the embedded
 answerer, else ``full``), ``layer``, ``pool``, ``grid``, ``seed``, ``device``, ``dtype``,
 ``attn``, ``localizer_device``, ``max_new_tokens`` (default 8, as ``crop eval``),
-``batch_size``.
+``batch_size`` (``max_batch_size``, which lmms-eval may pass, is accepted and unused: batches
+are never resized).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class CropLMM(lmms):
     def __init__(self, pretrained: str = "embedded", method: str = "crop-ilp", keep_tokens: Any = 64,
                  localizer: str | None = None, layer: Any = 2, pool: Any = 4, grid: Any = 8, seed: Any = 0,
                  device: str = "cpu", dtype: str = "auto", attn: str = "sdpa", localizer_device: str | None = None,
-                 max_new_tokens: Any = 8, batch_size: Any = 1, **unused: Any) -> None:
+                 max_new_tokens: Any = 8, batch_size: Any = 1, max_batch_size: Any = None, **unused: Any) -> None:
         super().__init__()
         from crop.localizers import make_localizer
         from crop.methods import MethodOptions, config_for
