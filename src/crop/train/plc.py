@@ -246,7 +246,11 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     stopped_by_time = False
     with torch.enable_grad():
         while step < config.steps:
-            if config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes:
+            out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
+            if world > 1:  # every process stops at the same step, or the gradient sum would wait forever
+                out_of_time = bool(accelerator.reduce(torch.tensor(int(out_of_time), device=accelerator.device),
+                                                      reduction="sum"))
+            if out_of_time:
                 stopped_by_time = True
                 break
             for group in optimizer.param_groups:
