@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # Regenerate every result file quoted in the README (after `bash scripts/setup.sh`).
 # The evaluations take about 40 minutes on a 2-core CPU, the bench about 25; each command can run on its own.
+# The trained-PLC ablations read the compressors kept in checkpoints/plc-ablations (bash scripts/train_plc.sh
+# retrains them and the shipped one, about 25 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CROP=.venv/bin/crop
 PY=.venv/bin/python
-ALL=full,crop-ilp,crop-plc,fastv,pdrop,sparsevlm,visionzip,dart,random,random-inner,pool
+ALL=full,crop-ilp,crop-plc,crop-plc-trained,fastv,pdrop,sparsevlm,visionzip,dart,random,random-inner,pool
 
 # accuracy on the synthetic benchmark with the default answerer; budgets in each method's own meaning ("label")
 $CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded \
     --out results/eval-embedded-localizer
-$CROP eval --split test --n 400 --methods full,crop-ilp,crop-plc,random-inner --keep-tokens 64,128,192 \
-    --localizer oracle --out results/eval-oracle-localizer
+$CROP eval --split test --n 400 --methods full,crop-ilp,crop-plc,crop-plc-trained,random-inner \
+    --keep-tokens 64,128,192 --localizer oracle --out results/eval-oracle-localizer
 $PY scripts/readme_accuracy_table.py label results/eval-embedded-localizer/results.json \
     results/eval-oracle-localizer/results.json
 
-# matched compute: every method solved for the same equivalent visual tokens (K = 1: on the 4-layer default
-# answerer the first layer alone is 1/4 of the compute, so at 64 and 128 of 576 the inner-LLM methods are
-# reported infeasible; 192 of 576 is the label every method can meet)
+# which pruning layer K: ILP, FastV, DART and random-inner at K = 1, 2, 3
+bash scripts/k_study.sh embedded results/k-study 400 64,128,192
+
+# matched compute: every method solved for the same equivalent visual tokens (K = 1: the first layer of the
+# 12-layer default answerer is 1/12 of the compute, so the inner-LLM methods can reach the low targets)
 $CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded --match equivalent \
     --layer 1 --out results/eval-matched-equivalent
 $PY scripts/readme_accuracy_table.py matched results/eval-matched-equivalent/results.json
@@ -35,6 +39,15 @@ $CROP eval --split test --n 400 --methods full,crop-ilp --keep-tokens 64,128,192
     --option trim=stride --out results/eval-trim-stride
 $PY scripts/readme_accuracy_table.py families results/eval-embedded-localizer/results.json \
     results/eval-trim-stride/results.json crop-ilp
+
+# trained PLC: the ablations without the region's anchors and with queries over all tokens (each compressor
+# run with the setting it was trained with)
+$CROP eval --split test --n 400 --methods full,crop-plc-trained --keep-tokens 64,128,192 --localizer embedded \
+    --option compressor=checkpoints/plc-ablations/no-anchors --option anchors=false --out results/eval-plc-no-anchors
+$CROP eval --split test --n 400 --methods full,crop-plc-trained --keep-tokens 64,128,192 --localizer embedded \
+    --option compressor=checkpoints/plc-ablations/attend-all --option attend=all --out results/eval-plc-attend-all
+$PY scripts/readme_accuracy_table.py variants crop-plc-trained shipped=results/eval-embedded-localizer/results.json \
+    no-anchors=results/eval-plc-no-anchors/results.json queries-over-all=results/eval-plc-attend-all/results.json
 
 # CROP-self: the answerer's own attention before layer K as the localizer (no second model)
 $PY scripts/self_localizer_study.py --model embedded --layers 1,2,3 --out results/self-localizer-study/embedded

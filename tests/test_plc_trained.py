@@ -130,6 +130,24 @@ def test_method_runs_in_a_batch_and_refuses_another_answerers_compressor(tmp_pat
             h.prepare(inputs, boxes)
 
 
+def test_a_setting_the_compressor_was_not_trained_with_is_warned_about(tmp_path, caplog):
+    model, proc = tiny("tiny-random-llava")
+    inputs = chat_inputs(proc, IMAGES[:1], QUESTIONS[:1])
+    dim = get_adapter(model).text_config.hidden_size
+    torch.manual_seed(0)
+    folder = save_compressor(RegionCompressor(CompressorConfig(dim=dim, max_queries=32)), tmp_path / "no-anchors",
+                             {"method": {"context_share": 0.25, "anchors": False, "attend": "outside"}})
+    box = [GridBox(1, 1, 3, 3)]
+    with caplog.at_level("WARNING", logger="crop.methods.plc_trained"):
+        with apply_method(model, CropPLCTrainedConfig(keep_tokens=24, compressor=str(folder), anchors=False)) as h:
+            h.prepare(inputs, box)
+        assert not caplog.records  # the setting it was trained with: silent
+        with apply_method(model, CropPLCTrainedConfig(keep_tokens=24, compressor=str(folder))) as h:
+            h.prepare(inputs, box)
+    (record,) = caplog.records
+    assert "anchors=True (trained with False)" in record.getMessage()
+
+
 def test_gradients_reach_the_compressor_through_the_frozen_answerer():
     model, proc = tiny("tiny-random-llava")
     adapter = get_adapter(model)

@@ -11,6 +11,7 @@ the rows that hold a source. Config: :class:`crop.config.CropPLCTrainedConfig`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from crop.compressor import RegionCompressor, grid_coordinates, load_compressor
 from crop.config import CropPLCTrainedConfig
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.models.base import CompressedImage, ImageSpan
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_COMPRESSOR = Path(__file__).resolve().parent.parent / "embedded" / "weights" / "plc-compressor"
 
@@ -77,6 +80,7 @@ class CropPLCTrained(PreLLMMethod):
                                  "trained for")
             self._compressor = compressor.to(next(self.adapter.model.parameters()).device)
             self.compressor_meta = meta
+            _warn_on_other_setting(folder, meta, self.config)
         return self._compressor
 
     @classmethod
@@ -85,6 +89,20 @@ class CropPLCTrained(PreLLMMethod):
 
     def compress_image(self, features, span, box, image_index):
         return compress_with(self.compressor, self.adapter, self.config, features, span, box)
+
+
+def _warn_on_other_setting(folder, meta: dict, config: CropPLCTrainedConfig) -> None:
+    """Warn when the config's split or queries differ from those the compressor was trained with.
+
+    A compressor trained without anchors, or with queries over all tokens, still runs under
+    another setting, but its tokens were never trained for it: the answers may silently degrade.
+    """
+    trained = meta.get("method", {})
+    differ = [f"{key}={getattr(config, key)!r} (trained with {trained[key]!r})"
+              for key in ("anchors", "attend", "context_share") if key in trained and trained[key] != getattr(config, key)]
+    if differ:
+        logger.warning("the compressor in %s runs with %s: pass the setting it was trained with "
+                       "(--option KEY=VALUE) unless this is deliberate", folder, ", ".join(differ))
 
 
 def compress_with(compressor: RegionCompressor, adapter, config: CropPLCTrainedConfig, features: torch.Tensor,

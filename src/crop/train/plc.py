@@ -282,6 +282,9 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
+                recent = losses[-config.checkpoint_every:]
+                logger.info("step %d loss %.4f (mean of the last %d steps)", step, sum(recent) / len(recent),
+                            len(recent))
                 save_checkpoint()
     save_checkpoint()
     bar.close()

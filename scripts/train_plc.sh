@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train the shipped trained-PLC compressor for the default answerer and its two ablations (issue 17):
+# without the region's anchors (every token compressed, the paper's Table 6) and with queries over all tokens
+# instead of only the ones outside the anchors. Same data, steps, seed and budgets for the three (without anchors
+# the compressor makes every token, so its query bank must hold the largest budget: 85 of 256).
+# Usage: bash scripts/train_plc.sh [STEPS] [N_TRAIN]       (about 1.5 s a step on this 2-core CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-1000}
+N=${2:-8000}
+CROP=.venv/bin/crop
+COMMON=(train plc --answerer embedded --data synth --n-train "$N" --steps "$STEPS" --batch-size 8 --threads 2 --no-progress)
+$CROP -v "${COMMON[@]}" --run-dir runs/plc-main --out runs/plc-main-export
+$CROP -v "${COMMON[@]}" --no-anchors --max-queries 96 --run-dir runs/plc-no-anchors --out runs/plc-no-anchors-export
+$CROP -v "${COMMON[@]}" --attend all --run-dir runs/plc-attend-all --out runs/plc-attend-all-export
