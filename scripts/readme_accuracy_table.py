@@ -8,8 +8,8 @@ Usage:
 
 ``label``: budget x method, each cell the accuracy and, in brackets, the share of full accuracy
 kept; CROP appears twice (embedded localizer, oracle box). ``matched``: one row per method at
-matched compute: the budget argument solved, equivalent tokens, GFLOPs, accuracy, kept, rank,
-or why the target was infeasible. ``families``: per-family accuracy of one method in two
+matched compute: the budget argument solved, equivalent tokens, GFLOPs, accuracy, kept, accuracy
+per family, rank, or why the target was infeasible. ``families``: per-family accuracy of one method in two
 results files (e.g. two trim policies). ``variants``: one method's accuracy per budget and family
 in several results files (e.g. ablations of one method, each run with its own options).
 """
@@ -73,18 +73,23 @@ def matched(path: str) -> None:
         goal = (f"{target / 1e9:.3f} GFLOPs, an unpruned prefill of {budget * data['visual_tokens_per_image'] / 576:.1f} "
                 "visual tokens" if spec["match"] == "flops" else
                 f"{target:.1f} equivalent visual tokens of {data['visual_tokens_per_image']}")
-        print(f"\n**{budget} of 576** (target: {goal}); full: {full:.1%}\n")
+        fams = sorted({f for _, r in rows for f in r.get("accuracy_per_family", {})})
+        full_run = next(r for r in data["runs"] if r["method"] == "full")
+        full_families = " / ".join(f"{full_run['accuracy_per_family'][f]:.0%}" for f in fams)
+        print(f"\n**{budget} of 576** (target: {goal}); full: {full:.1%} ({full_families})\n")
         print("| method | budget argument | equivalent tokens | prefill GFLOPs (LLM + selection + localizer) | "
-              "accuracy (kept) | rank |")
-        print("|---|---|---|---|---|---|")
+              f"accuracy (kept) | {' / '.join(fams)} | rank |")
+        print("|---|---|---|---|---|---|---|")
         for method, r in sorted(rows, key=lambda mr: -mr[1].get("accuracy", -1)):
             if "infeasible" in r:
-                print(f"| {method} | - | - | - | infeasible: {r['infeasible']} | - |")
+                print(f"| {method} | - | - | - | infeasible: {r['infeasible']} | - | - |")
                 continue
             g = r["gflops"]
             rank = 1 + sum(a > r["accuracy"] for a in ranked)
+            per_family = " / ".join(f"{r['accuracy_per_family'][f]:.0%}" for f in fams)
             print(f"| {method} | {r['keep_tokens']} | {r['equivalent_tokens']:.1f} | {g['total']:.3f} "
-                  f"({g['llm_prefill']:.3f} + {g['selection']:.4f} + {g['localizer']:.3f}) | {_cell(r)} | {rank} |")
+                  f"({g['llm_prefill']:.3f} + {g['selection']:.4f} + {g['localizer']:.3f}) | {_cell(r)} | "
+                  f"{per_family} | {rank} |")
 
 
 def families(first: str, second: str, method: str) -> None:

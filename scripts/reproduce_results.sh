@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Regenerate every result file quoted in the README (after `bash scripts/setup.sh`).
-# The evaluations take about 40 minutes on a 2-core CPU, the bench about 25; each command can run on its own.
+# The evaluations take about 40 minutes on a 2-core CPU, the benches about 35; each command can run on its own.
 # The trained-PLC ablations read the compressors kept in checkpoints/plc-ablations (bash scripts/train_plc.sh
 # retrains them and the shipped one, about 25 minutes).
+# Usage: bash scripts/reproduce_results.sh [all|evals|benches]     (default all; benches want a quiet machine)
 set -euo pipefail
+PART=${1:-all}
+case "$PART" in all|evals|benches) ;; *) echo "usage: $0 [all|evals|benches]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 CROP=.venv/bin/crop
 PY=.venv/bin/python
 ALL=full,crop-ilp,crop-plc,crop-plc-trained,fastv,pdrop,sparsevlm,visionzip,dart,random,random-inner,pool
 
+if [[ "$PART" != benches ]]; then
 # accuracy on the synthetic benchmark with the default answerer; budgets in each method's own meaning ("label")
 $CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded \
     --out results/eval-embedded-localizer
@@ -53,7 +57,17 @@ $PY scripts/readme_accuracy_table.py variants crop-plc-trained shipped=results/e
 $PY scripts/self_localizer_study.py --model embedded --layers 1,2,3 --out results/self-localizer-study/embedded
 $CROP eval --split test --n 400 --methods full,crop-ilp,crop-self,fastv --keep-tokens 64,128,192 \
     --localizer embedded --out results/eval-crop-self
+fi
 
-# efficiency on a LLaVA-1.5-shaped model with a ~0.5B LM (random weights, realistic proportions)
+if [[ "$PART" != evals ]]; then
+# efficiency on a LLaVA-1.5-shaped model with a ~0.5B LM (random weights, realistic proportions); run it on a
+# quiet machine (timings are ratios measured in one process, but a busy second core still moves them)
 $CROP bench --model llava-shape-0.5b --localizer embedded --methods full,crop-ilp,crop-plc \
     --keep-tokens 64,128,192 --batch 1,4 --repeats 3 --new-tokens 16 --threads 1 --out results/bench-llava-shape-0.5b
+# the trained PLC's compressor and CROP-self's captured attention, at 64 of 576, batch 1, more repeats (the
+# compressor is an untrained one of the model's width: its cost does not depend on its weights)
+$PY scripts/untrained_compressor.py --model llava-shape-0.5b --out runs/compressor-llava-shape-0.5b
+$CROP bench --model llava-shape-0.5b --localizer embedded --methods full,crop-ilp,crop-self,crop-plc,crop-plc-trained \
+    --option crop-plc-trained.compressor=runs/compressor-llava-shape-0.5b --keep-tokens 64 --batch 1 --repeats 5 \
+    --new-tokens 16 --threads 1 --out results/bench-llava-shape-0.5b-costs
+fi

@@ -117,3 +117,19 @@ def test_bench_runs_without_autograd(tmp_path):
         for h in hooks:
             h.remove()
     assert seen and not any(seen)
+
+
+def test_bench_times_the_trained_plc_with_the_compressor_given_by_option(tmp_path):
+    """Issue 17: the compressor's FLOPs are part of crop-plc-trained's cost, and --option reaches its config."""
+    from tests.conftest import random_compressor
+
+    folder = random_compressor(64)  # tiny-random-llava's LLM width
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "tiny-random-llava", "--methods", "crop-plc,crop-plc-trained", "--repeats", "1",
+                 "--new-tokens", "2", "--keep-tokens", "64", "--option", f"crop-plc-trained.compressor={folder}",
+                 "--out", str(out)]) == 0
+    cases = json.loads((out / "bench.json").read_text())["batches"][0]["cases"]
+    trained, pooled = cases["crop-plc-trained@64"], cases["crop-plc@64"]
+    assert trained["flops"]["selection"] > 0 == pooled["flops"]["selection"]
+    assert trained["flops"]["llm_prefill"] == pooled["flops"]["llm_prefill"]  # the same tokens from layer 0
+    assert main(["bench", "--model", "tiny-random-llava", "--option", "nomethod.x=1", "--out", str(out)]) == 2

@@ -65,3 +65,18 @@ def test_llava_vision_tower_and_projector_flops_match_the_counter():
     model, result, counts = _counted("tiny-random-llava")
     counted = counts["CLIPVisionModel"] + counts["LlavaMultiModalProjector"]
     assert llava_vision_flops(model.config, result.visual_tokens_in) == pytest.approx(counted, rel=2e-3)
+
+
+@pytest.mark.parametrize(("tokens", "count"), [(256, 21), (64, 64)])
+def test_the_trained_plc_compressors_flops_match_the_counter(tokens, count):
+    """The counter sees the linear layers and matmuls; ours adds the norms and the softmax (stated in its docstring)."""
+    from crop.compressor import CompressorConfig, RegionCompressor, compressor_flops, grid_coordinates
+
+    config = CompressorConfig(dim=96, max_queries=64)
+    compressor = RegionCompressor(config)
+    side = int(tokens ** 0.5)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        compressor(torch.randn(tokens, config.dim), grid_coordinates([(side, side)]), count)
+    d = config.dim
+    elementwise = 5 * tokens * d + 5 * count * tokens + 5 * count * d  # norms and softmax: not matmuls
+    assert compressor_flops(config, tokens, count) - elementwise == counter.get_total_flops()

@@ -9,6 +9,7 @@ from crop.api import apply_method
 from crop.compressor import (
     CompressorConfig,
     RegionCompressor,
+    compressor_flops,
     grid_coordinates,
     load_compressor,
     save_compressor,
@@ -120,6 +121,8 @@ def test_method_runs_in_a_batch_and_refuses_another_answerers_compressor(tmp_pat
         logits = model(**run).logits
         assert h.stats.visual_tokens_kept["llm_input"] == [24, 24]
         assert h.stats.region_tokens == [18, 18]
+        # its cost is the compressor's forward making 6 of the 24 tokens (context_share 0.25) from all of them
+        assert h.method.selection_flops(200, 144) == compressor_flops(h.method.compressor.config, 144, 6) > 0
     assert torch.isfinite(logits).all()
     other = save_compressor(RegionCompressor(CompressorConfig(dim=7)), tmp_path / "other")
     with apply_method(model, CropPLCTrainedConfig(keep_tokens=24, compressor=str(other))) as h:

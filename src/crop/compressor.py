@@ -134,6 +134,19 @@ class RegionCompressor(nn.Module):
         return (mixed + self.mlp(mixed)).to(tokens.dtype), weights
 
 
+def compressor_flops(config: CompressorConfig, tokens: int, count: int) -> int:
+    """Analytic FLOPs of one :meth:`RegionCompressor.forward` over ``tokens`` visual tokens making ``count``.
+
+    Multiply-adds count 2; layer norms 5 per element, a softmax 5 per logit, GELU left out. The
+    keys are computed for every token even when the queries read only some (as the code does).
+    """
+    d, k, v, m = config.dim, config.key_dim, tokens, count
+    keys = 5 * v * d + 2 * v * d * k + 2 * v * 4 * config.fourier * k  # norm, projection, position features
+    attend = 2 * m * v * k + 5 * m * v + 2 * m * v * d  # logits, softmax, the mix of the tokens
+    mlp = 5 * m * d + 4 * m * d * config.mlp_ratio * d  # norm, two linears
+    return keys + attend + mlp
+
+
 def save_compressor(compressor: RegionCompressor, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``compressor.safetensors`` + ``compressor.json`` (config + ``meta``) into ``folder``."""
     from safetensors.torch import save_file
@@ -145,6 +158,19 @@ def save_compressor(compressor: RegionCompressor, folder: str | Path, meta: dict
     payload = {**(meta or {}), "kind": "plc-compressor", "config": asdict(compressor.config)}
     (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return folder
+
+
+def read_compressor_config(folder: str | Path) -> CompressorConfig:
+    """The sizes of the compressor saved in ``folder``, from its JSON alone (no weights read).
+
+    Raises:
+        FileNotFoundError: if ``folder`` holds no compressor config.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained PLC compressor in {folder} (need {CONFIG_FILE}); "
+                                "train one with `crop train plc`")
+    return CompressorConfig(**json.loads(path.read_text(encoding="utf-8"))["config"])
 
 
 def load_compressor(folder: str | Path) -> tuple[RegionCompressor, dict[str, Any]]:

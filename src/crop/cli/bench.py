@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from crop.cli._options import add_option_argument, parse_options
 from crop.cli.answer import add_device_arguments, device_report, device_settings
 from crop.errors import CropInputError
 
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="measured repeats after one warm-up (default 3)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer (default 32)")
     p.add_argument("--layer", type=int, default=2, help="ILP's K (default 2)")
+    add_option_argument(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     add_device_arguments(p)
     p.add_argument("--out", required=True, help="output directory")
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = BenchSpec(methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                          keep_tokens=_ints(args.keep_tokens), batches=_ints(args.batch), repeats=args.repeats,
-                         new_tokens=args.new_tokens, layer=args.layer)
+                         new_tokens=args.new_tokens, layer=args.layer,
+                         options=[list(o) for o in parse_options(args.option)])
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     load_kwargs, localizer_device = device_settings(args)

@@ -30,7 +30,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,9 +47,9 @@ from crop.eval.flops import (
     visual_per_layer,
     vlm_localization_flops,
 )
-from crop.eval.runner import _git_hash, _versions, scale_budget
+from crop.eval.runner import _git_hash, _versions, config_maker, scale_budget
 from crop.localizers.base import Localizer
-from crop.methods import ALIASES, InnerLLMMethod, MethodOptions, config_for, method_names
+from crop.methods import ALIASES, InnerLLMMethod, MethodOptions, canonical_name, method_names
 from crop.models.base import CompressedImage, get_adapter
 from crop.models.loading import synchronize
 from crop.pipeline import _cache_after_prefill, _FirstTokenClock, chat_prompt
@@ -72,6 +72,8 @@ class BenchSpec:
         layer: ILP's K.
         pool: PLC's pooling block.
         seed: benchmark seed of the images/questions.
+        options: ``[method or None, field, value]`` config fields to set (``--option``), as in
+            :class:`crop.eval.runner.EvalSpec`.
     """
 
     methods: list[str]
@@ -82,6 +84,7 @@ class BenchSpec:
     layer: int = 2
     pool: int = 4
     seed: int = 0
+    options: list[list] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         known = set(method_names()) | set(ALIASES)
@@ -92,6 +95,9 @@ class BenchSpec:
             raise ValueError("repeats >= 1, new_tokens >= 2 and batch sizes >= 1 are required")
         if any(k <= 0 for k in self.keep_tokens):
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
+        for target, _field, _value in self.options:
+            if target is not None:
+                canonical_name(target)  # raises for an unknown name
 
 
 def _sync() -> None:
@@ -264,7 +270,7 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
                                                                                        strict=True)]
                     run = bench.feature_inputs(feats, keep)
                 else:
-                    handle = PruningHandle(model, config_for(method, budget[1], options))
+                    handle = PruningHandle(model, config_maker(method, options, spec.options)(budget[1]))
                     uses_region = handle.method.uses_region
                     if isinstance(handle.method, InnerLLMMethod):  # prunes inside the LLM: run on the features
                         _, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)

@@ -208,7 +208,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
 
     results: list[dict[str, Any]] = []
     for method, budget in runs:
-        config_at = _config_maker(method, options, spec.options)
+        config_at = config_maker(method, options, spec.options)
         target, solution = _budget_for(adapter, config_at, budget, spec.match, visual_tokens, text_tokens, loc_flops,
                                        dims)
         if solution is not None and not solution.feasible:
@@ -280,7 +280,7 @@ def _scores(prediction: str, sample) -> dict[str, Any]:
             "vqa_score": vqa_score(prediction, answers)}
 
 
-def _config_maker(method: str, options: MethodOptions, extra: list[list]):
+def config_maker(method: str, options: MethodOptions, extra: list[list]):
     """``budget -> config`` of ``method`` with the shared options and the ``--option`` fields that concern it."""
     import dataclasses
 

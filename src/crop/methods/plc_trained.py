@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from crop.compressor import RegionCompressor, grid_coordinates, load_compressor
+from crop.compressor import (
+    RegionCompressor,
+    compressor_flops,
+    grid_coordinates,
+    load_compressor,
+    read_compressor_config,
+)
 from crop.config import CropPLCTrainedConfig
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.models.base import CompressedImage, ImageSpan
@@ -89,6 +95,22 @@ class CropPLCTrained(PreLLMMethod):
 
     def compress_image(self, features, span, box, image_index):
         return compress_with(self.compressor, self.adapter, self.config, features, span, box)
+
+    def selection_flops(self, seq_len, n_in):
+        """The compressor's forward for one image of ``n_in`` tokens (:func:`crop.compressor.compressor_flops`).
+
+        Anchors are chosen by the region rule and cost nothing; the ``M`` compressed tokens cost
+        the keys over every token, the query-key products, the softmax, the mix and the MLP.
+        """
+        if self._compressor is not None:
+            config = self._compressor.config
+        else:  # planning a budget: the sizes are enough
+            try:
+                config = read_compressor_config(self.config.compressor or DEFAULT_COMPRESSOR)
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
+        _, count = split_budget(self.config, config.max_queries)
+        return compressor_flops(config, n_in, count)
 
 
 def _warn_on_other_setting(folder, meta: dict, config: CropPLCTrainedConfig) -> None:
