@@ -23,6 +23,10 @@ $PY scripts/readme_accuracy_table.py label results/eval-embedded-localizer/resul
 
 # which pruning layer K: ILP, FastV, DART and random-inner at K = 1, 2, 3
 bash scripts/k_study.sh embedded results/k-study 400 64,128,192
+# what the judge answers when it misses a relation question, unpruned and under CROP-ILP (K = 1, 64 of 576)
+$PY scripts/relation_error_study.py results/k-study/k1/results.json --out results/relation-errors/full.md
+$PY scripts/relation_error_study.py results/k-study/k1/results.json --method crop-ilp --budget 64 \
+    --out results/relation-errors/crop-ilp-64.md
 
 # matched compute: every method solved for the same equivalent visual tokens (K = 1: the first layer of the
 # 12-layer default answerer is 1/12 of the compute, so the inner-LLM methods can reach the low targets)

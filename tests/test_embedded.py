@@ -27,11 +27,6 @@ TINY_QWEN = asdict(QwenShape(vision_hidden=32, text_hidden=32, text_heads=2, tex
 TINY_QWEN_P28 = dict(TINY_QWEN, patch_size=28, merge_size=1)
 
 
-def _shipped(kind: str) -> bool:
-    d = WEIGHTS_DIR / kind
-    return (d / "model.safetensors").is_file() and (d / "crop_embedded.json").is_file()
-
-
 @pytest.fixture(scope="module")
 def sample():
     from crop.data.synth import generate_sample
@@ -39,7 +34,6 @@ def sample():
     return generate_sample(1, seed=0, split="test")  # a text question
 
 
-@pytest.mark.skipif(not _shipped("answerer"), reason="embedded answerer weights not shipped yet (crop train answerer)")
 def test_shipped_answerer_loads_and_answers(sample):
     from transformers import LlavaForConditionalGeneration
 
@@ -62,7 +56,6 @@ def test_shipped_answerer_loads_and_answers(sample):
     assert (WEIGHTS_DIR / "answerer" / "MODEL_CARD.md").is_file()
 
 
-@pytest.mark.skipif(not _shipped("localizer"), reason="embedded localizer weights not shipped yet (crop train localizer)")
 def test_shipped_localizer_emits_a_box(sample):
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -77,11 +70,38 @@ def test_shipped_localizer_emits_a_box(sample):
     assert localizer.image_first == meta.get("image_first", True)
 
 
+def test_the_shipped_answerer_is_the_neutral_judge():
+    """Issue 13: image-first like real LLaVA-1.5, >= 12 LM layers, no signal from the question's region."""
+    from crop.train.answerer import answerer_prompt
+
+    meta = load_embedded_metadata("answerer")
+    assert meta["shape"]["text_layers"] >= 12 and meta["shape"]["question_first"] is False
+    assert meta["training"]["config"]["attn_weight"] == 0  # no attention supervision toward the box
+    _, processor = load_embedded_answerer()
+    assert answerer_prompt(processor, "Where?") == "USER: <image>\nWhere? ASSISTANT:"
+    card = (WEIGHTS_DIR / "answerer" / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "region" in card  # the card states what it was (not) trained with
+
+
+def test_the_shipped_compressor_belongs_to_the_shipped_answerer():
+    """Issue 17: a trained PLC compressor ships for the default answerer, trained with the default setting."""
+    from crop.compressor import load_compressor
+    from crop.config import CropPLCTrainedConfig
+    from crop.methods.plc_trained import DEFAULT_COMPRESSOR
+
+    compressor, meta = load_compressor(DEFAULT_COMPRESSOR)
+    model, _ = load_embedded_answerer()
+    assert compressor.config.dim == model.config.text_config.hidden_size
+    default = CropPLCTrainedConfig()
+    assert {k: meta["method"][k] for k in ("anchors", "attend", "context_share")} == {
+        "anchors": default.anchors, "attend": default.attend, "context_share": default.context_share}
+    assert (DEFAULT_COMPRESSOR / "MODEL_CARD.md").is_file()
+
+
 def test_shipped_weights_are_small():
-    for kind in ("answerer", "localizer"):
-        path = WEIGHTS_DIR / kind / "model.safetensors"
-        if path.is_file():
-            assert path.stat().st_size < 12 * 2**20, f"{kind} weights are {path.stat().st_size} bytes"
+    for path in (WEIGHTS_DIR / "answerer" / "model.safetensors", WEIGHTS_DIR / "localizer" / "model.safetensors",
+                 WEIGHTS_DIR / "plc-compressor" / "compressor.safetensors"):
+        assert path.stat().st_size < 12 * 2**20, f"{path} is {path.stat().st_size} bytes"
 
 
 @pytest.mark.parametrize("architecture,shape", [("llava", TINY_LLAVA), ("qwen2_vl", TINY_QWEN),
