@@ -20,6 +20,9 @@ $CROP eval --split test --n 400 --methods full,crop-ilp,crop-plc,crop-plc-traine
     --keep-tokens 64,128,192 --localizer oracle --out results/eval-oracle-localizer
 $PY scripts/readme_accuracy_table.py label results/eval-embedded-localizer/results.json \
     results/eval-oracle-localizer/results.json
+# CROP's three ways, per family, with the embedded localizer and the oracle box
+$PY scripts/readme_accuracy_table.py compare results/eval-embedded-localizer/results.json \
+    crop-plc-trained,crop-plc,crop-ilp oracle=results/eval-oracle-localizer/results.json
 
 # which pruning layer K: ILP, FastV, DART and random-inner at K = 1, 2, 3
 bash scripts/k_study.sh embedded results/k-study 400 64,128,192
@@ -61,6 +64,7 @@ $PY scripts/readme_accuracy_table.py variants crop-plc-trained shipped=results/e
 $PY scripts/self_localizer_study.py --model embedded --layers 1,2,3 --out results/self-localizer-study/embedded
 $CROP eval --split test --n 400 --methods full,crop-ilp,crop-self,fastv --keep-tokens 64,128,192 \
     --localizer embedded --out results/eval-crop-self
+$PY scripts/readme_accuracy_table.py compare results/eval-crop-self/results.json crop-self,crop-ilp,fastv
 fi
 
 if [[ "$PART" != evals ]]; then
