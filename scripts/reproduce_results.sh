@@ -33,8 +33,8 @@ $PY scripts/relation_error_study.py results/k-study/k1/results.json --method cro
 
 # matched compute: every method solved for the same equivalent visual tokens (K = 1: the first layer of the
 # 12-layer default answerer is 1/12 of the compute, so the inner-LLM methods can reach the low targets)
-$CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 64,128,192 --localizer embedded --match equivalent \
-    --layer 1 --out results/eval-matched-equivalent
+$CROP eval --split test --n 400 --methods "$ALL,crop-self" --keep-tokens 64,128,192 --localizer embedded \
+    --match equivalent --layer 1 --out results/eval-matched-equivalent
 $PY scripts/readme_accuracy_table.py matched results/eval-matched-equivalent/results.json
 
 # the same target matched on FLOPs instead, the localizer's included
