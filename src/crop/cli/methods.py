@@ -21,9 +21,11 @@ def run(args: argparse.Namespace) -> int:
     """Print one line per method."""
     from crop.methods import ALIASES, METHODS, method_names
 
-    for name in method_names():
+    names = method_names()
+    width = max(map(len, names))
+    for name in names:
         cls = METHODS.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:12s} {doc}")
+        print(f"{name:{width}s}  {doc}")
     print("aliases: " + ", ".join(f"{a} = {n}" for a, n in ALIASES.items()))
     return 0
