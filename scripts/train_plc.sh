@@ -3,7 +3,8 @@
 # without the region's anchors (every token compressed, the paper's Table 6) and with queries over all tokens
 # instead of only the ones outside the anchors. Same data, steps, seed and budgets for the three (without anchors
 # the compressor makes every token, so its query bank must hold the largest budget: 85 of 256).
-# Usage: bash scripts/train_plc.sh [STEPS] [N_TRAIN]       (about 1.5 s a step on this 2-core CPU)
+# Usage: bash scripts/train_plc.sh [STEPS] [N_TRAIN]   (1000 steps: 5-7 min each on this 2-core CPU, plus about 1.5
+# min to draw the examples; the INFO lines of the shipped run are in results/plc-training/train_plc.log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-1000}
