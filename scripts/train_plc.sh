@@ -14,3 +14,9 @@ COMMON=(train plc --answerer embedded --data synth --n-train "$N" --steps "$STEP
 $CROP -v "${COMMON[@]}" --run-dir runs/plc-main --out runs/plc-main-export
 $CROP -v "${COMMON[@]}" --no-anchors --max-queries 96 --run-dir runs/plc-no-anchors --out runs/plc-no-anchors-export
 $CROP -v "${COMMON[@]}" --attend all --run-dir runs/plc-attend-all --out runs/plc-attend-all-export
+# ship them where the package and scripts/reproduce_results.sh read them
+rm -rf src/crop/embedded/weights/plc-compressor checkpoints/plc-ablations
+mkdir -p checkpoints/plc-ablations
+cp -r runs/plc-main-export src/crop/embedded/weights/plc-compressor
+cp -r runs/plc-no-anchors-export checkpoints/plc-ablations/no-anchors
+cp -r runs/plc-attend-all-export checkpoints/plc-ablations/attend-all
