@@ -57,8 +57,12 @@ $CROP eval --split test --n 400 --methods full,crop-plc-trained --keep-tokens 64
     --option compressor=checkpoints/plc-ablations/no-anchors --option anchors=false --out results/eval-plc-no-anchors
 $CROP eval --split test --n 400 --methods full,crop-plc-trained --keep-tokens 64,128,192 --localizer embedded \
     --option compressor=checkpoints/plc-ablations/attend-all --option attend=all --out results/eval-plc-attend-all
+# ... and the shipped setting trained twice as long at a third of the learning rate
+$CROP eval --split test --n 400 --methods full,crop-plc-trained --keep-tokens 64,128,192 --localizer embedded \
+    --option compressor=checkpoints/plc-ablations/lr3e-4-2000-steps --out results/eval-plc-lr3e-4
 $PY scripts/readme_accuracy_table.py variants crop-plc-trained shipped=results/eval-embedded-localizer/results.json \
-    no-anchors=results/eval-plc-no-anchors/results.json queries-over-all=results/eval-plc-attend-all/results.json
+    no-anchors=results/eval-plc-no-anchors/results.json queries-over-all=results/eval-plc-attend-all/results.json \
+    2000-steps-lr-3e-4=results/eval-plc-lr3e-4/results.json
 
 # CROP-self: the answerer's own attention before layer K as the localizer (no second model)
 $PY scripts/self_localizer_study.py --model embedded --layers 1,2,3 --out results/self-localizer-study/embedded
