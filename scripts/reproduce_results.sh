@@ -2,7 +2,7 @@
 # Regenerate every result file quoted in the README (after `bash scripts/setup.sh`).
 # The evaluations take about 40 minutes on a 2-core CPU, the benches about 35; each command can run on its own.
 # The trained-PLC ablations read the compressors kept in checkpoints/plc-ablations (bash scripts/train_plc.sh
-# retrains them and the shipped one, about 25 minutes).
+# retrains them, the shipped one and a longer trial, about 40 minutes).
 # Usage: bash scripts/reproduce_results.sh [all|evals|benches]     (default all; benches want a quiet machine)
 set -euo pipefail
 PART=${1:-all}
