@@ -102,3 +102,12 @@ def test_crop_demo_without_gradio_says_how_to_install_it(capsys):
     assert main(["demo"]) == 2
     assert "pip install 'crop-vlm[demo]'" in capsys.readouterr().err
     assert main(["demo", "--port", "0"]) == 2
+
+
+def test_the_trained_plc_runs_on_the_embedded_pair_and_is_reported_elsewhere(models, upload):
+    """The shipped compressor belongs to the embedded answerer; on another model the page says why, in its row."""
+    embedded = load_demo_models()
+    (full, trained) = compare(embedded, upload, "What color is the star?", ["crop-plc-trained"], 28, max_new_tokens=2)
+    assert trained.error is None and trained.tokens == {"llm_input": 28} and trained.overlay is not None
+    (_, other) = compare(models, upload, "What is it?", ["crop-plc-trained"], 64, max_new_tokens=1)
+    assert other.error is not None and "belongs to the answerer" in other.error

@@ -16,7 +16,7 @@ from PIL import Image
 
 from crop.errors import CropInputError
 
-DEMO_METHODS = ("full", "crop-ilp", "crop-plc", "crop-self", "fastv", "dart", "visionzip", "pdrop", "random")
+DEMO_METHODS = ("full", "crop-ilp", "crop-plc", "crop-plc-trained", "crop-self", "fastv", "dart", "visionzip", "pdrop", "random")
 DEFAULT_METHODS = ("full", "crop-ilp", "crop-plc", "fastv")
 MAX_UPLOAD_MB = 20.0
 
