@@ -33,26 +33,29 @@ def _neighbour(objects, anchor, direction: str):
     return min(side, key=lambda o: abs(o.cx - anchor.cx), default=None)
 
 
-def _distractor_neighbour_shapes(sample) -> set[str]:
-    """Shapes of the objects nearest on the asked side of each object sharing the anchor's colour or shape."""
+def _anchor(sample):
+    """``(the anchor object, the asked direction)`` of a relation question ("What shape is left of the red circle?")."""
     words = sample.question.rstrip("?").split()
     direction, color, shape = words[3], words[-2], words[-1]
     anchor = next(o for o in sample.objects if o.kind == "shape" and o.color == color and o.shape == shape)
+    return anchor, direction
+
+
+def distractor_neighbour_shapes(sample) -> set[str]:
+    """Shapes of the objects nearest on the asked side of each object sharing the anchor's colour or shape."""
+    anchor, direction = _anchor(sample)
     distractors = [o for o in sample.objects if o.kind == "shape" and o is not anchor
-                   and (o.color == color or o.shape == shape)]
+                   and (o.color == anchor.color or o.shape == anchor.shape)]
     return {n.shape for n in (_neighbour(sample.objects, d, direction) for d in distractors) if n is not None}
 
 
-def classify(sample, prediction: str) -> str:
-    """One of the categories in the module docstring."""
+def classify(sample, prediction: str, neighbours: set[str]) -> str:
+    """One of the categories in the module docstring (``neighbours``: :func:`distractor_neighbour_shapes`)."""
     if answers_match(prediction, sample.answer):
         return "correct"
-    words = sample.question.rstrip("?").split()
-    color, shape = words[-2], words[-1]
-    anchor = next(o for o in sample.objects if o.kind == "shape" and o.color == color and o.shape == shape)
-    if any(answers_match(prediction, n) for n in _distractor_neighbour_shapes(sample)):
+    if any(answers_match(prediction, n) for n in neighbours):
         return "a distractor's neighbour"
-    if answers_match(prediction, anchor.shape):
+    if answers_match(prediction, _anchor(sample)[0].shape):
         return "the anchor itself"
     if any(o.kind == "shape" and answers_match(prediction, o.shape) for o in sample.objects):
         return "another shape in the scene"
@@ -79,11 +82,12 @@ def main() -> None:
         index = int(p["id"].rsplit("-", 1)[1])
         sample = generate_sample(index, seed=bench["seed"], split=bench["split"])
         assert sample.question == p["question"], "the results file does not match the benchmark's seed"
-        kind = classify(sample, p["prediction"])
+        neighbours = distractor_neighbour_shapes(sample)
+        kind = classify(sample, p["prediction"], neighbours)
         kinds[kind] += 1
         if kind != "correct":
             wrong = [s for s in SHAPES if s != sample.answer]
-            chance += sum(s in _distractor_neighbour_shapes(sample) for s in wrong) / len(wrong)
+            chance += sum(s in neighbours for s in wrong) / len(wrong)
         by_count[f"{len(sample.objects)} objects"].append(bool(p["correct"]))
     total = sum(kinds.values())
     label = args.method if run["keep_tokens_576"] is None else f"{args.method} at {run['keep_tokens_576']} of 576"
