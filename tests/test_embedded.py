@@ -80,7 +80,8 @@ def test_the_shipped_answerer_is_the_neutral_judge():
     _, processor = load_embedded_answerer()
     assert answerer_prompt(processor, "Where?") == "USER: <image>\nWhere? ASSISTANT:"
     card = (WEIGHTS_DIR / "answerer" / "MODEL_CARD.md").read_text(encoding="utf-8")
-    assert "region" in card  # the card states what it was (not) trained with
+    not_used = next(line for line in card.splitlines() if line.startswith("- **Not used:**"))
+    assert "attention supervision" in not_used and "region-membership probes" in not_used
 
 
 def test_the_shipped_compressor_belongs_to_the_shipped_answerer():
