@@ -16,10 +16,10 @@ def main() -> int:
     parser.add_argument("--out", default="docs/demo.png", help="PNG to write (default %(default)s)")
     args = parser.parse_args()
 
-    from crop.cli.answer import sample_image_path
     from crop.demo.app import README_QUESTION, serve
     from crop.demo.browser import ask
     from crop.demo.core import load_demo_models
+    from crop.io import sample_image_path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from crop.api import apply_method
 from crop.config import CropSelfConfig
-from crop.eval.runner import EvalSpec, _git_hash, _versions, box_metrics, load_samples
-from crop.models.base import get_adapter
+from crop.eval.metrics import box_metrics
+from crop.eval.provenance import git_hash, versions
+from crop.eval.runner import EvalSpec, load_samples
+from crop.models import get_adapter
 from crop.models.loading import load_model
 from crop.pipeline import chat_prompt
 from crop.regions import GridBox
@@ -97,8 +99,8 @@ def main(argv=None) -> int:
         rows.append({"layer": layer, "variant": choice, **box_metrics(boxes, gts, families)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"split": "val", "n": args.n, "model": args.model, "note": args.note, "versions": _versions(),
-               "git": _git_hash(), "rows": rows}
+    payload = {"split": "val", "n": args.n, "model": args.model, "note": args.note, "versions": versions(),
+               "git": git_hash(), "rows": rows}
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     (out / "results.md").write_text(table(payload), encoding="utf-8")
     print(table(payload))

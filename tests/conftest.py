@@ -119,11 +119,10 @@ def random_compressor(dim: int) -> str:
     return _COMPRESSORS[dim]
 
 
-def method_config(method: str, keep_tokens, model, options=None):
-    """``config_for`` plus what a method needs to run on ``model`` here (a compressor for the trained PLC)."""
-    from crop.methods import MethodOptions, config_for, with_options
+def method_config(method: str, keep_tokens, model, shared=None):
+    """``build_config`` plus what a method needs to run on ``model`` here (a compressor for the trained PLC)."""
+    from crop.methods import build_config
 
-    config = config_for(method, keep_tokens, options or MethodOptions())
-    if method == "crop-plc-trained":
-        config = with_options(config, {"compressor": random_compressor(model.config.get_text_config().hidden_size)})
-    return config
+    options = [("crop-plc-trained", "compressor", random_compressor(model.config.get_text_config().hidden_size))] \
+        if method == "crop-plc-trained" else []
+    return build_config(method, keep_tokens, options, shared)

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from crop.config import CropILPConfig, CropPLCConfig, NoPruningConfig
-from crop.methods import METHODS, config_for, config_from_dict, method_for, method_names
+from crop.methods import METHODS, build_config, config_from_dict, method_for, method_names
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_every_config_round_trips_through_its_dict(name):
-    cfg = config_for(name, 64)
+    cfg = build_config(name, 64)
     data = json.loads(json.dumps(cfg.to_dict()))
     assert data["method"] == name
     rebuilt = config_from_dict(data)
@@ -20,8 +20,8 @@ def test_every_config_round_trips_through_its_dict(name):
 
 def test_aliases_are_translated_once():
     assert config_from_dict({"method": "ilp", "keep_tokens": 64}) == CropILPConfig(keep_tokens=64)
-    assert type(config_for("plc", 32)) is CropPLCConfig
-    assert type(config_for("full")) is NoPruningConfig
+    assert type(build_config("plc", 32)) is CropPLCConfig
+    assert type(build_config("full")) is NoPruningConfig
 
 
 def test_config_from_dict_errors():

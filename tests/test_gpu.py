@@ -2,7 +2,7 @@
 
 Every test here is marked ``gpu`` and skipped without CUDA (``pytest -m gpu`` selects them;
 the default run skips them without building a model). The test bodies are the ``check_*``
-functions, which take the device and dtype: ``tests/test_devices.py`` runs the same bodies
+functions, which take the device and dtype: ``tests/models/test_devices.py`` runs the same bodies
 on the CPU in float32 (and bfloat16), so this code path runs on every machine.
 
 In half precision "identical" means within the dtype's tolerance, and greedy tokens may
@@ -23,8 +23,8 @@ from crop.api import apply_method
 from crop.cli import main
 from crop.hf_compat import generated_cache
 from crop.localizers import FixedBoxLocalizer, make_localizer
-from crop.methods import MethodOptions, config_for
-from crop.models.base import get_adapter
+from crop.methods import build_config
+from crop.models import get_adapter
 from crop.models.loading import input_device, load_model, resolve_device
 from crop.pipeline import CropPipeline
 from crop.regions import GridBox
@@ -81,7 +81,7 @@ def assert_same_greedy(out_a, row_a: int, out_b, row_b: int, tol: float) -> None
         torch.testing.assert_close(logits_a, logits_b, atol=tol, rtol=tol)
 
 
-# -- the bodies (run on CUDA here, on the CPU by tests/test_devices.py) -------------------------
+# -- the bodies (run on CUDA here, on the CPU by tests/models/test_devices.py) -------------------------
 
 
 def check_keep_all_and_removal(name: str, method: str, device: str, dtype: str, attn: str = "sdpa") -> None:
@@ -103,7 +103,7 @@ def check_cache_and_batch(name: str, method: str, device: str, dtype: str, attn:
     """Cached greedy decoding equals no-cache decoding; a batch equals its samples one by one."""
     model, proc = placed(name, device, dtype, attn)
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)
-    config = method_config(method, _budget(model, inputs), model, MethodOptions(layer=2))
+    config = method_config(method, _budget(model, inputs), model, {"layer": 2})
     tol = _tolerance(model)
     with apply_method(model, config) as h:
         cached = greedy(model, h.prepare(inputs, BOXES), steps=STEPS, use_cache=True)
@@ -145,7 +145,7 @@ def check_kv_lengths(name: str, method: str, device: str, dtype: str, attn: str 
 def check_pipeline(name: str, device: str, dtype: str, device_map: str | None = None) -> None:
     """``CropPipeline`` answers a batch with the model off the CPU (its processor moves the inputs)."""
     model, proc = placed(name, device, dtype, device_map=device_map)
-    pipe = CropPipeline(model, proc, FixedBoxLocalizer(BOXES[0]), config_for("crop-ilp", 64))
+    pipe = CropPipeline(model, proc, FixedBoxLocalizer(BOXES[0]), build_config("crop-ilp", 64))
     results = pipe.answer_batch(IMAGES, QUESTIONS, max_new_tokens=STEPS)
     assert len(results) == 2 and all(r.visual_tokens_kept["after_layer_2"] == 64 for r in results)
     assert results[0].kv_cache_lengths[2] < results[0].kv_cache_lengths[1]

@@ -26,11 +26,12 @@ from transformers import DynamicCache
 
 from crop.config import CropILPConfig, CropPLCConfig, CropSelfConfig
 from crop.hf_compat import layer_cache
-from crop.methods import InnerLLMMethod, PruneStats, method_for
-from crop.models.base import VLMAdapter, get_adapter
+from crop.methods import InnerLLMMethod, PruneStats, PruningMethod, method_for
+from crop.models import get_adapter
+from crop.models.base import VLMAdapter
 from crop.regions import DEFAULT_GRID, GridBox
 
-__all__ = ["CropHandle", "PruneStats", "PruningHandle", "apply_crop", "apply_method"]
+__all__ = ["CropHandle", "PruneStats", "PruningHandle", "apply_crop", "apply_method", "check_config"]
 
 # the handle applied to each model instance (a second apply on the same model is refused)
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningHandle] = weakref.WeakKeyDictionary()
@@ -48,6 +49,10 @@ class PruningHandle:
         ValueError: for an unsupported model, an unknown method, or a config the model cannot
             take (e.g. a pruning layer outside its depth).
     """
+
+    method: PruningMethod
+    stats: PruneStats | None
+    _removed: bool
 
     def __init__(self, model: nn.Module, config: Any, adapter: VLMAdapter | None = None) -> None:
         active = _ACTIVE.get(model)
@@ -67,7 +72,18 @@ class PruningHandle:
 
     @property
     def grid(self) -> int:
+        """The config's region grid (the default grid for region-free configs, which carry none)."""
         return int(getattr(self.config, "grid", DEFAULT_GRID))
+
+    def prepared_stats(self) -> PruneStats:
+        """The token accounting of the last prepared batch (:attr:`stats`, once :meth:`prepare` ran).
+
+        Raises:
+            RuntimeError: before the first :meth:`prepare`.
+        """
+        if self.stats is None:
+            raise RuntimeError("no batch was prepared yet: call handle.prepare(inputs, boxes) first")
+        return self.stats
 
     def prepare(self, inputs: Mapping[str, Any], boxes: Sequence[GridBox | None] | None = None) -> dict[str, Any]:
         """Map regions to visual tokens and return the inputs to run the model on.
@@ -91,9 +107,10 @@ class PruningHandle:
         if len(boxes) != len(spans):
             raise ValueError(f"got {len(boxes)} boxes for {len(spans)} images in the batch")
         regions = [GridBox.full(self.grid) if b is None else b for b in boxes]
-        for box in regions:
-            if box.grid != self.grid:
-                raise ValueError(f"box {box} is on a {box.grid}x{box.grid} grid but the config says {self.grid}")
+        if hasattr(self.config, "grid"):  # region-free configs carry no grid: they never read the box
+            for box in regions:
+                if box.grid != self.grid:
+                    raise ValueError(f"box {box} is on a {box.grid}x{box.grid} grid but the config says {self.grid}")
         run, self.stats = self.method.prepare(inputs, spans, regions)
         self._prepared = {k: run[k] for k in ("input_ids", "pixel_values") if isinstance(run.get(k), torch.Tensor)}
         return run
@@ -151,6 +168,19 @@ class PruningHandle:
 
 
 CropHandle = PruningHandle  # the name used for CROP configs
+
+
+def check_config(model: nn.Module, config: Any, adapter: VLMAdapter | None = None) -> None:
+    """Raise if ``config`` cannot run on ``model`` (e.g. a pruning layer outside its depth); changes nothing.
+
+    Builds the method as :class:`PruningHandle` does but attaches no hook, so a pipeline can
+    refuse a config once, up front, without applying it.
+
+    Raises:
+        ValueError: for an unsupported model, an object that is no method config, or a config
+            the model cannot take.
+    """
+    method_for(config)(adapter or get_adapter(model), config)
 
 
 def apply_method(model: nn.Module, config: Any) -> PruningHandle:

@@ -92,10 +92,11 @@ class RegionCompressor(nn.Module):
         self.key_norm = nn.LayerNorm(d)
         self.key = nn.Linear(d, k)
         self.position = nn.Linear(4 * config.fourier, k)
-        self.mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.mlp_ratio * d), nn.GELU(),
-                                 nn.Linear(config.mlp_ratio * d, d))
-        nn.init.zeros_(self.mlp[-1].weight)  # the residual starts at zero: outputs start as token mixes
-        nn.init.zeros_(self.mlp[-1].bias)
+        norm, up, act = nn.LayerNorm(d), nn.Linear(d, config.mlp_ratio * d), nn.GELU()
+        down = nn.Linear(config.mlp_ratio * d, d)
+        self.mlp = nn.Sequential(norm, up, act, down)
+        nn.init.zeros_(down.weight)  # the residual starts at zero: outputs start as token mixes
+        nn.init.zeros_(down.bias)
 
     def _fourier(self, coords: torch.Tensor) -> torch.Tensor:
         freqs = 2.0 ** torch.arange(self.config.fourier, device=coords.device, dtype=coords.dtype) * math.pi  # (F,)

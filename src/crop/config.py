@@ -9,8 +9,10 @@ config's class (:func:`crop.methods.method_for`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import Field, asdict, dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+_Config = TypeVar("_Config", bound="ConfigMixin")
 
 
 def check_keep_tokens(value: Any) -> None:
@@ -39,6 +41,8 @@ class ConfigMixin:
     """
 
     method_name: ClassVar[str] = ""
+    # declared only (never set here): every subclass is a dataclass, so ``asdict``/``fields`` apply to it
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields, plus ``"method"``: the method's registry name."""
@@ -46,7 +50,7 @@ class ConfigMixin:
         return {"method": self.method_name, **fields_}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls: type[_Config], data: dict[str, Any]) -> _Config:
         """Build from :meth:`to_dict` output (the ``"method"`` key, if present, must name this config's method).
 
         Raises:
@@ -238,14 +242,6 @@ class CropPLCTrainedConfig(ConfigMixin):
 
 @dataclass
 class NoPruningConfig(ConfigMixin):
-    """The unpruned model (the reference every method is compared with).
+    """The unpruned model (the reference every method is compared with); it has no fields."""
 
-    Args:
-        grid: side of the region grid of the boxes handed to ``prepare`` (ignored).
-    """
-
-    grid: int = 8
     method_name: ClassVar[str] = "none"
-
-    def __post_init__(self) -> None:
-        check_grid(self.grid)

@@ -53,6 +53,13 @@ IMAGE_TYPES = ("a path, encoded image bytes, a binary file object, a PIL image, 
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
+def sample_image_path() -> Path:
+    """The sample image shipped inside the package (``crop/assets/sample.png``, a synthetic scene)."""
+    from importlib.resources import files
+
+    return Path(str(files("crop") / "assets" / "sample.png"))
+
+
 def load_image(source: Any, max_pixels: int | None = None) -> Image.Image:
     """An upright 8-bit RGB PIL image from a file, bytes, an array or an image.
 

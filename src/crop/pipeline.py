@@ -13,14 +13,16 @@ from PIL import Image
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from crop.api import PruningHandle
+from crop.api import PruningHandle, check_config
 from crop.config import CropILPConfig
 from crop.errors import CropInputError
 from crop.hf_compat import generated_cache
 from crop.io import check_question, load_image
 from crop.localizers.base import Localization, Localizer
 from crop.methods import InnerLLMMethod
-from crop.models.base import get_adapter
+from crop.methods.self_region import for_self_localizer
+from crop.models import get_adapter
+from crop.models.loading import synchronize
 from crop.regions import GridBox
 
 logger = logging.getLogger(__name__)
@@ -84,19 +86,24 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-class _FirstTokenClock(LogitsProcessor):
-    """Notes the time the first token's scores are ready (the end of prefill); changes nothing."""
+class FirstTokenClock(LogitsProcessor):
+    """Notes the time the first token's scores are ready (the end of prefill); changes nothing.
+
+    It waits for the device's queued kernels first (:func:`crop.models.loading.synchronize`; a
+    no-op on the CPU), so on a GPU the reading marks the end of the prefill's work, not of its launch.
+    """
 
     def __init__(self) -> None:
         self.first: float | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.first is None:
+            synchronize()
             self.first = time.perf_counter()
         return scores
 
 
-def _cache_after_prefill(out: Any, decode_steps: int) -> tuple[list[int], int]:
+def cache_after_prefill(out: Any, decode_steps: int) -> tuple[list[int], int]:
     """Per-layer lengths and total bytes of a ``generate`` output's cache as it was right after prefill.
 
     ``generate`` feeds every generated token but the last back through the model, so each
@@ -126,20 +133,17 @@ class CropPipeline:
     """
 
     def __init__(self, model: nn.Module, processor, localizer: Localizer, config: Any = None) -> None:
-        self.model = model
+        self.model: Any = model  # a *ForConditionalGeneration: an nn.Module with transformers' generate()
         self.processor = processor
         self.localizer = localizer
         self.config = config or CropILPConfig()
         if getattr(localizer, "in_model", False):  # the answerer finds the region itself (CROP-self)
-            from crop.methods.self_region import for_self_localizer
-
             self.config = for_self_localizer(self.config, getattr(localizer, "choices", None))
         self.adapter = get_adapter(model)
-        grid = getattr(self.config, "grid", localizer.grid)  # region-free configs need not carry one
+        grid = getattr(self.config, "grid", localizer.grid)  # region-free configs carry no grid
         if localizer.grid != grid:
             raise ValueError(f"localizer answers on a {localizer.grid}x{localizer.grid} grid but the config says {grid}")
-        # validate the config against this model once (e.g. ILP layer within depth)
-        PruningHandle(model, self.config).remove()
+        check_config(model, self.config, self.adapter)  # once, up front (e.g. ILP's layer within the depth)
 
     def _view_box(self, box: GridBox, image_size: tuple[int, int]) -> GridBox:
         """The localizer's box mapped onto the view the model sees; the full view if it fell outside."""
@@ -201,19 +205,21 @@ class CropPipeline:
             tokenizer.padding_side = side
 
         view_boxes = [self._view_box(loc.box, im.size) for loc, im in zip(localizations, pil_images, strict=True)]
-        clock = _FirstTokenClock()
+        clock = FirstTokenClock()
         with PruningHandle(self.model, self.config) as handle:
+            synchronize()
             t0 = time.perf_counter()
             run_inputs = handle.prepare(inputs, view_boxes)
             out = self.model.generate(**run_inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
                                       pad_token_id=tokenizer.pad_token_id)
+            synchronize()
             t_end = time.perf_counter()
-            stats = handle.stats
+            stats = handle.prepared_stats()
         prompt_len = run_inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, prompt_len:]  # (B, T)
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        kv_lengths, kv_bytes = _cache_after_prefill(out, new_tokens.shape[1] - 1)
+        kv_lengths, kv_bytes = cache_after_prefill(out, new_tokens.shape[1] - 1)
         first = clock.first if clock.first is not None else t_end
         batch = len(texts)
         timings = {

@@ -9,6 +9,7 @@ has (LLaVA-1.5: 24x24, so one cell is 3x3 tokens; Qwen2-VL: the merged-patch gri
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,18 @@ class GridBox:
     def full(cls, grid: int = DEFAULT_GRID) -> GridBox:
         """The whole image."""
         return cls(0, 0, grid - 1, grid - 1, grid)
+
+    @classmethod
+    def from_list(cls, coords: Sequence[int], grid: int = DEFAULT_GRID) -> GridBox:
+        """The box ``[x0, y0, x1, y1]`` (as :meth:`as_list` writes it, e.g. in a results file) on a ``grid``.
+
+        Raises:
+            ValueError: unless ``coords`` holds exactly four cells (and they lie on the grid).
+        """
+        if len(coords) != 4:
+            raise ValueError(f"a grid box is [x0, y0, x1, y1], got {list(coords)!r}")
+        x0, y0, x1, y1 = coords
+        return cls(x0, y0, x1, y1, grid)
 
     @classmethod
     def from_pixels(cls, box_px: tuple[float, float, float, float], width: int, height: int,

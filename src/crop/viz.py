@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -16,6 +17,11 @@ REGION = (230, 30, 30)
 TILE = (255, 210, 0)
 POOLED = (120, 170, 255)  # outline of a pooled block (PLC: one token per block of non-kept tokens)
 CAPTION_PX = 18  # height of a panel's title strip when there are several panels
+
+
+def pooled_block(config: Any) -> int | None:
+    """The block side to outline on an overlay: training-free PLC's ``pool``, else ``None``."""
+    return int(config.pool) if getattr(config, "method_name", None) == "crop-plc" else None
 
 
 def draw_panels(panels: Sequence[OverlayPanel], box: GridBox, kept: Sequence[int], size: int = 448,

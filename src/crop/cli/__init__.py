@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details to stderr")
     parser.register("action", "parsers", _LazySubParsersAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if not isinstance(sub, _LazySubParsersAction):  # the action registered above
+        raise TypeError(f"unexpected subparsers action {type(sub).__name__}")
     for name in SUBCOMMANDS:
         if name in LAZY_SUBCOMMANDS:
             sub.add_lazy(name, LAZY_SUBCOMMANDS[name], f"crop.cli.{name}")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from crop.cli._options import add_option_argument, apply_options, parse_options
+from crop.cli._options import add_option_argument, parse_options
 from crop.errors import CropInputError
 
 DESCRIPTION = """\
@@ -148,33 +147,23 @@ def device_report(model, localizer, args: argparse.Namespace) -> dict:
 
 
 def _config(args: argparse.Namespace):
-    from crop.methods import MethodOptions, config_for
+    """The method's config from the flags, through the one builder (:func:`crop.methods.build_config`)."""
+    from crop.methods import Option, build_config
 
     if args.keep_tokens is not None and args.keep_tokens <= 0:
         raise CropInputError(f"--keep-tokens must be a positive integer, got {args.keep_tokens}")
-    defaults = MethodOptions()
-    options = MethodOptions(layer=defaults.layer if args.layer is None else args.layer,
-                            pool=defaults.pool if args.pool is None else args.pool, grid=args.grid)
+    flags = [Option(name, value, source=f"--{name}") for name, value in (("layer", args.layer), ("pool", args.pool))
+             if value is not None]
     try:
-        config = config_for(args.method, args.keep_tokens, options)
+        return build_config(args.method, args.keep_tokens, [*flags, *parse_options(args.option)],
+                            shared={"grid": args.grid})
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
-    fields = {f.name for f in dataclasses.fields(config)}
-    for flag, value in (("--layer", args.layer), ("--pool", args.pool)):
-        if value is not None and flag[2:] not in fields:
-            raise CropInputError(f"{flag} does not apply to {config.method_name} (it has no {flag[2:]}); "
-                                 f"its options: {', '.join(sorted(fields))}")
-    return apply_options(config, parse_options(args.option))
-
-
-def sample_image_path() -> Path:
-    """The sample image shipped inside the package (``crop/assets/sample.png``)."""
-    from importlib.resources import files
-
-    return Path(str(files("crop") / "assets" / "sample.png"))
 
 
 def _image_source(args: argparse.Namespace) -> Path | str:
+    from crop.io import sample_image_path
+
     if args.sample and args.image is not None:
         raise CropInputError(f"give either IMAGE ({args.image}) or --sample, not both")
     if args.sample:
@@ -226,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from crop.models.loading import load_model
     from crop.models.tiny import TINY_MODEL_NAMES
     from crop.pipeline import CropPipeline
+    from crop.viz import pooled_block
 
     model, processor = load_model(args.model, **load_kwargs)
     localizer = make_localizer(args.localizer or ("embedded" if args.model == "embedded" else "full"), args.grid,
@@ -240,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         raise CropInputError(str(exc)) from None
     if args.overlay:
         panels = pipeline.adapter.overlay_panels(image, getattr(processor, "image_processor", None),
-                                                 tuple(result.token_grid))
+                                                 (result.token_grid[0], result.token_grid[1]))
         _write_overlay(args.overlay, panels, result, args.grid, pooled_block(config))
     note = None
     if args.model in TINY_MODEL_NAMES:
@@ -257,18 +247,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def pooled_block(config) -> int | None:
-    """The block side to outline on an overlay: training-free PLC's ``pool``, else ``None``."""
-    return int(config.pool) if getattr(config, "method_name", None) == "crop-plc" else None
-
-
 def _write_overlay(path: str, panels, result, grid: int, pool: int | None = None) -> None:
     """Save the region + kept-token drawing for ``result`` over ``panels``, what the model's tokens cover."""
     from crop.regions import GridBox
     from crop.viz import draw_panels
 
     box = result.extra.get("model_view_box", result.box)  # the region where the model sees it
-    picture = draw_panels(panels, GridBox(*box, grid=grid), result.full_resolution_tokens, pool=pool)
+    x0, y0, x1, y1 = box
+    picture = draw_panels(panels, GridBox(x0, y0, x1, y1, grid=grid), result.full_resolution_tokens, pool=pool)
     try:
         picture.save(path)
     except (OSError, ValueError) as exc:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from crop.cli._options import add_option_argument, parse_options
+from crop.cli._options import add_option_argument, option_rows, parse_options
 from crop.cli.answer import add_device_arguments, device_report, device_settings
 from crop.errors import CropInputError
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         spec = BenchSpec(methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                          keep_tokens=_ints(args.keep_tokens), batches=_ints(args.batch), repeats=args.repeats,
                          new_tokens=args.new_tokens, layer=args.layer,
-                         options=[list(o) for o in parse_options(args.option)])
+                         options=option_rows(parse_options(args.option)))
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     load_kwargs, localizer_device = device_settings(args)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from crop.cli._options import add_option_argument, parse_options
+from crop.cli._options import add_option_argument, option_rows, parse_options
 from crop.cli.answer import add_device_arguments, device_report, device_settings
 from crop.errors import CropInputError
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         budgets = [int(k) for k in _csv(args.keep_tokens)]
         spec = EvalSpec(methods=_csv(args.methods), keep_tokens=budgets, n=n, split=args.split, seed=args.seed,
                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, layer=args.layer,
-                        pool=args.pool, match=args.match, options=[list(o) for o in parse_options(args.option)],
+                        pool=args.pool, match=args.match, options=option_rows(parse_options(args.option)),
                         data=args.data)
     except ValueError as exc:
         raise CropInputError(f"bad arguments: {exc}") from None

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from crop.train.config import TrainConfig
+    from crop.train.loop import Task
 
 
 def _add_common(p: argparse.ArgumentParser, kind: str, defaults: dict) -> None:
@@ -115,8 +123,8 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_cost)
 
 
-def _config(args: argparse.Namespace):
-    from crop.train.common import TrainConfig
+def _config(args: argparse.Namespace) -> TrainConfig:
+    from crop.train.config import TrainConfig
 
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     from crop.embedded import embedded_dir, load_embedded_from
     from crop.errors import CropInputError
-    from crop.train.common import train
+    from crop.train.loop import train
 
     if getattr(args, "base", None):  # fine-tune a pretrained checkpoint (the paper's localizer recipe)
         from crop.train.finetune_localizer import run_finetune_cli
@@ -146,11 +154,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CropInputError(str(exc)) from exc
     out = args.out or str(embedded_dir(args.kind))
+    make_task: Callable[[TrainConfig], Task]
+    evaluate: Callable[[nn.Module, Any, str, int, int], dict]
     if args.kind == "answerer":
-        from crop.train.answerer import AnswererTask as Task
+        from crop.train.answerer import AnswererTask as make_task
         from crop.train.answerer import evaluate_answerer as evaluate
     else:
-        from crop.train.localizer import LocalizerTask as Task
+        from crop.train.localizer import LocalizerTask as make_task
         from crop.train.localizer import evaluate_localizer as evaluate
     if args.eval_only:
         torch.set_num_threads(args.threads)
@@ -162,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
         return 0
     try:
-        task = Task(config)
+        task = make_task(config)
     except (TypeError, ValueError) as exc:
         raise CropInputError(f"bad --shape: {exc}") from exc
     summary = train(task, config, args.run_dir, None if args.no_export else out, resume=args.resume,

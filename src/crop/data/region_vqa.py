@@ -89,7 +89,8 @@ def to_grid_box(record: dict[str, Any], width: int, height: int, grid: int = DEF
         values = record["box_grid"]
         if len(values) != 4 or not all(isinstance(v, int) for v in values):
             raise ValueError(f"box_grid must be four integers, got {values!r}")
-        return GridBox(*values, grid=grid)
+        x0, y0, x1, y1 = values
+        return GridBox(x0, y0, x1, y1, grid=grid)
     if style == "box_px":
         pixels = record["box_px"]
     elif style == "ocr":

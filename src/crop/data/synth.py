@@ -37,6 +37,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -110,9 +111,10 @@ class SynthConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> SynthConfig:
+    def from_dict(cls, data: dict[str, Any]) -> SynthConfig:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
 
 
 def default_config(split: str, **overrides) -> SynthConfig:
@@ -226,8 +228,9 @@ def _background(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
     base = rng.uniform(95, 175) + rng.uniform(-18, 18, size=3)  # (3,) greyish base colour
     if kind == "grain":
         coarse = rng.normal(0, 1, size=(7, 7, 3)).astype(np.float32)
+        coarse_img = Image.fromarray(((coarse + 4) * 30).clip(0, 255).astype(np.uint8))  # (7, 7, 3)
         low = np.asarray(
-            Image.fromarray(((coarse + 4) * 30).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+            coarse_img.resize((size, size), Image.Resampling.BICUBIC),
             dtype=np.float32,
         ) / 30 - 4  # (S, S, 3) smooth field
         img = base + 16 * low
@@ -267,10 +270,12 @@ def _star(cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float
     return pts
 
 
-_FONT_CACHE: dict[int, ImageFont.FreeTypeFont] = {}
+# load_default gives the bundled FreeType font at ``size`` (Pillow's wheels all have FreeType); a
+# Pillow built without FreeType falls back to its fixed-size bitmap font
+_FONT_CACHE: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
 
 
-def _font(px: int) -> ImageFont.FreeTypeFont:
+def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     if px not in _FONT_CACHE:
         _FONT_CACHE[px] = ImageFont.load_default(size=px)  # Pillow's bundled font: same bytes everywhere
     return _FONT_CACHE[px]

@@ -26,8 +26,8 @@ def sample_scenes(folder: str | Path, n: int = 3) -> list[tuple[str, str]]:
 
     The scenes are drawn by the package's own generator (seeded), written to ``folder``.
     """
-    from crop.cli.answer import sample_image_path
     from crop.data.synth import generate
+    from crop.io import sample_image_path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

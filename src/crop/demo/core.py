@@ -75,13 +75,10 @@ def check_upload(path: str | os.PathLike | None, max_mb: float = MAX_UPLOAD_MB) 
 
 
 def _config(method: str, keep: int, models: DemoModels):
-    from crop.config import CropSelfConfig
-    from crop.methods import MethodOptions, config_for
+    from crop.methods import build_config
 
-    options = MethodOptions(layer=models.layer, pool=models.pool, grid=models.grid)
-    if method == "crop-self":
-        return CropSelfConfig(keep_tokens=keep, layer=models.layer, grid=models.grid)
-    return config_for(method, None if method == "full" else keep, options)
+    shared = {"layer": models.layer, "pool": models.pool, "grid": models.grid}  # for the methods that have them
+    return build_config(method, None if method == "full" else keep, shared=shared)
 
 
 def _run(models: DemoModels, image: Image.Image, question: str, method: str, keep: int, max_new_tokens: int):
@@ -90,12 +87,9 @@ def _run(models: DemoModels, image: Image.Image, question: str, method: str, kee
     from crop.pipeline import CropPipeline
 
     config = _config(method, keep, models)
-    if method == "crop-self":
-        localizer = make_localizer("self", models.grid)
-    elif method_for(config).uses_region:
-        localizer = models.localizer
-    else:  # a region-free method is not charged a localizer call it does not need
-        localizer = make_localizer("full", models.grid)
+    # a region-free method (crop-self included: it finds its box inside the answerer) is not charged a
+    # localizer call it does not need
+    localizer = models.localizer if method_for(config).uses_region else make_localizer("full", models.grid)
     pipeline = CropPipeline(models.model, models.processor, localizer, config)
     return pipeline, pipeline(image, question, max_new_tokens=max_new_tokens)
 
@@ -120,10 +114,9 @@ def compare(models: DemoModels, upload: str | os.PathLike | None, question: str,
             unknown methods, or a budget outside ``1..visual tokens``. A method that cannot run
             this budget (e.g. PLC below its pooled context) is reported in its outcome instead.
     """
-    from crop.cli.answer import pooled_block
     from crop.io import check_question, load_image
     from crop.regions import GridBox
-    from crop.viz import draw_panels
+    from crop.viz import draw_panels, pooled_block
 
     path = check_upload(upload, max_upload_mb)
     text = check_question(question)
@@ -152,9 +145,9 @@ def compare(models: DemoModels, upload: str | os.PathLike | None, question: str,
         pipeline, result = runs[-1]
         timings = {k: statistics.median(r.timings[k] for _, r in runs) for k in result.timings}
         panels = pipeline.adapter.overlay_panels(image, getattr(models.processor, "image_processor", None),
-                                                 tuple(result.token_grid))
+                                                 (result.token_grid[0], result.token_grid[1]))
         box = result.extra.get("model_view_box", result.box)
-        overlay = draw_panels(panels, GridBox(*box, grid=result.grid), result.full_resolution_tokens,
+        overlay = draw_panels(panels, GridBox.from_list(box, result.grid), result.full_resolution_tokens,
                               size=320, pool=pooled_block(pipeline.config))
         outcomes.append(MethodOutcome(method, result.answer, dict(result.visual_tokens_kept), result.kv_cache_bytes,
                                       timings, overlay))

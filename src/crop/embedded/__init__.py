@@ -21,9 +21,12 @@ import json
 import logging
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ def build_from_shape(architecture: str, shape: dict, attn_implementation: str = 
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
     sizes = cls(**shape)
+    model_cls: type[PreTrainedModel]
     if architecture == "llava":
         from transformers import LlavaForConditionalGeneration
 
@@ -103,15 +107,22 @@ def save_embedded(model: nn.Module, architecture: str, shape: dict | Any, out_di
 
     Returns:
         ``out_dir`` as a path.
+
+    Raises:
+        TypeError: if ``model`` has no Hugging Face config (``model.config``) to write.
     """
     from safetensors.torch import save_model
+    from transformers import PreTrainedConfig
 
     _shape_cls(architecture)
+    config = model.config
+    if not isinstance(config, PreTrainedConfig):
+        raise TypeError(f"{type(model).__name__} has no Hugging Face config to save (model.config)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape_dict = shape if isinstance(shape, dict) else asdict(shape)
     save_model(model.float(), str(out / WEIGHTS_FILE), metadata={"format": "pt", "architecture": architecture})
-    (out / "config.json").write_text(model.config.to_json_string(use_diff=False), encoding="utf-8")
+    (out / "config.json").write_text(config.to_json_string(use_diff=False), encoding="utf-8")
     info = {"architecture": architecture, "shape": shape_dict, **(meta or {})}
     (out / META_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     if card is not None:

@@ -18,14 +18,13 @@ The LLM prefill is timed on precomputed image features (the vision tower is time
 once per repeat, and shared by every case); the localizer (prefill + box decode) is timed once
 per repeat and charged to every CROP case's end-to-end time.
 
-On a GPU every clock reading first waits for the queued kernels (:func:`_sync`,
-``torch.cuda.synchronize``), so a time covers the work it names and not just its launch.
+On a GPU every clock reading first waits for the queued kernels
+(:func:`crop.models.loading.synchronize`), so a time covers the work it names and not just its launch.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import resource
 import statistics
 import time
@@ -47,12 +46,15 @@ from crop.eval.flops import (
     visual_per_layer,
     vlm_localization_flops,
 )
-from crop.eval.runner import _git_hash, _versions, config_maker, scale_budget
+from crop.eval.matching import scale_budget
+from crop.eval.provenance import git_hash, machine, versions
 from crop.localizers.base import Localizer
-from crop.methods import ALIASES, InnerLLMMethod, MethodOptions, canonical_name, method_names
-from crop.models.base import CompressedImage, get_adapter
+from crop.methods import ALIASES, InnerLLMMethod, Option, check_options_used, config_builder, method_names
+from crop.methods.self_region import self_localized_name
+from crop.models import get_adapter
+from crop.models.base import CompressedImage
 from crop.models.loading import synchronize
-from crop.pipeline import _cache_after_prefill, _FirstTokenClock, chat_prompt
+from crop.pipeline import FirstTokenClock, cache_after_prefill, chat_prompt
 from crop.regions import GridBox
 
 logger = logging.getLogger(__name__)
@@ -95,9 +97,7 @@ class BenchSpec:
             raise ValueError("repeats >= 1, new_tokens >= 2 and batch sizes >= 1 are required")
         if any(k <= 0 for k in self.keep_tokens):
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
-        for target, _field, _value in self.options:
-            if target is not None:
-                canonical_name(target)  # raises for an unknown name
+        check_options_used(self.methods, self.options)  # each names a known method and reaches one of them
 
 
 def _sync() -> None:
@@ -112,15 +112,6 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     out = fn(*args)
     _sync()
     return out, time.perf_counter() - start
-
-
-class _SyncedFirstTokenClock(_FirstTokenClock):
-    """:class:`crop.pipeline._FirstTokenClock` that waits for the prefill's kernels before reading the clock."""
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.first is None:
-            _sync()
-        return super().__call__(input_ids, scores)
 
 
 class _Bench:
@@ -165,7 +156,7 @@ class _Bench:
 
     def generate(self, run: dict[str, Any]) -> dict[str, Any]:
         """Time one greedy generate: prefill (to the first token's scores) and decode per token."""
-        clock = _SyncedFirstTokenClock()
+        clock = FirstTokenClock()
         n = self.spec.new_tokens
         _sync()
         start = time.perf_counter()
@@ -174,9 +165,10 @@ class _Bench:
                                   pad_token_id=self.pad_id)
         _sync()
         end = time.perf_counter()
-        lengths, kv_bytes = _cache_after_prefill(out, out.sequences.shape[1] -
+        lengths, kv_bytes = cache_after_prefill(out, out.sequences.shape[1] -
                                                  run["input_ids"].shape[1] - 1)
-        return {"prefill_s": clock.first - start, "decode_s_per_token": (end - clock.first) / (n - 1),
+        first = clock.first if clock.first is not None else end  # generate always scores a first token
+        return {"prefill_s": first - start, "decode_s_per_token": (end - first) / (n - 1),
                 "kv_cache_lengths": lengths, "kv_cache_bytes": kv_bytes}
 
 
@@ -251,8 +243,11 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
         bench = _Bench(model, processor, localizer, spec, batch)
         budgets = [(k, scale_budget(k, bench.visual)) for k in spec.keep_tokens]
         methods = [m for m in spec.methods if ALIASES.get(m, m) != "none"]
+        if getattr(localizer, "in_model", False):  # --localizer self: ILP finds its own box (CROP-self)
+            methods = list(dict.fromkeys(self_localized_name(m) for m in methods))
         cases = [("full", None)] + [(m, b) for m in methods for b in budgets] + [("ideal", b) for b in budgets]
-        options = MethodOptions(layer=spec.layer, pool=spec.pool, seed=spec.seed)
+        shared = {"layer": spec.layer, "pool": spec.pool, "seed": spec.seed}  # for every method that has the field
+        options = [Option.of(row) for row in spec.options]
         samples: dict[str, dict[str, list]] = {}
         kv_info: dict[str, dict[str, Any]] = {}
         kept_info: dict[str, Any] = {}
@@ -263,14 +258,14 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
             for method, budget in cases:
                 name = method if budget is None else f"{method}@{budget[0]}"
                 prepare_s, handle, uses_region = 0.0, None, False
-                if method == "full":
+                if budget is None:  # "full", the only case without a budget
                     run = full_run
                 elif method == "ideal":  # the region's tokens under the budget, fed from layer 0
                     keep = [bench.adapter.select(s, box, budget[1]) for s, box in zip(bench.spans, bench.boxes,
                                                                                        strict=True)]
                     run = bench.feature_inputs(feats, keep)
                 else:
-                    handle = PruningHandle(model, config_maker(method, options, spec.options)(budget[1]))
+                    handle = PruningHandle(model, config_builder(method, options, shared)(budget[1]))
                     uses_region = handle.method.uses_region
                     if isinstance(handle.method, InnerLLMMethod):  # prunes inside the LLM: run on the features
                         _, prepare_s = _timed(handle.prepare, bench.inputs, bench.boxes)
@@ -310,9 +305,8 @@ def run_bench(model, processor, localizer: Localizer | None, spec: BenchSpec, mo
                                          kept_info))
     return {
         "model": model_name, "localizer": localizer_name, "spec": dict(spec.__dict__),
-        "versions": _versions(), "git": _git_hash(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads()},
+        "versions": versions(), "git": git_hash(),
+        "machine": {**machine(), "threads": torch.get_num_threads()},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "batches": out_batches,
     }

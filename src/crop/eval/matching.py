@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from crop.eval.flops import DecoderDims, prefill_flops
-from crop.methods import MethodOptions, config_for, method_for
+from crop.methods import ConfigAt, method_for
 from crop.models.base import VLMAdapter
 
 MATCH_MODES = ("label", "equivalent", "flops")
+REFERENCE_VISUAL_TOKENS = 576  # budgets are given as LLaVA-1.5 counts (of 576) and scaled to the model
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,9 @@ class BudgetSolution:
     reason: str = ""
 
 
-ConfigAt = Callable[[int], Any]  # budget argument -> the method's config at that budget
-
-
 def _method(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int):
     config = config_at(keep_tokens)
     return method_for(config)(adapter, config)
-
-
-def configs_for(name: str, options: MethodOptions) -> ConfigAt:
-    """``budget -> config_for(name, budget, options)``: the plain configs of method ``name``."""
-    return lambda keep_tokens: config_for(name, keep_tokens, options)
 
 
 def planned_counts(adapter: VLMAdapter, config_at: ConfigAt, keep_tokens: int, n_in: int) -> list[int] | None:
@@ -127,3 +119,44 @@ def solve_budget(value: Callable[[int], float], target: float, n_in: int, tolera
         return BudgetSolution(best, planned[best], target, False,
                               f"keeping every token plans {unit(high)}, under the target {unit(target)}")
     return BudgetSolution(best, planned[best], target, True)
+
+
+def scale_budget(budget: int, visual_tokens: int) -> int:
+    """A LLaVA-1.5 budget (of 576 tokens) scaled to the same fraction of ``visual_tokens``."""
+    return max(1, round(budget * visual_tokens / REFERENCE_VISUAL_TOKENS))
+
+
+def budget_for(adapter: VLMAdapter, config_at: ConfigAt, budget: int | None, match: str, visual: int, text: int,
+               loc_flops: float, dims: DecoderDims) -> tuple[float | None, BudgetSolution | None]:
+    """``(target, solution)``: what a budget label asks of one method under ``match``.
+
+    Args:
+        adapter: the answerer's adapter.
+        config_at: the method's ``budget -> config`` (:func:`crop.methods.config_builder`).
+        budget: the label, as a LLaVA-1.5 count (of 576); ``None`` for the unpruned model.
+        match: one of :data:`MATCH_MODES`.
+        visual, text: the prompt's visual and other tokens.
+        loc_flops: one localization's FLOPs (charged to region-guided methods).
+        dims: the LLM's sizes.
+
+    Returns:
+        The target (scaled tokens, equivalent tokens or FLOPs) and the solved budget;
+        ``solution=None`` means: run the scaled label as it is.
+    """
+    if budget is None:
+        return None, None
+    if match == "label":
+        keep = scale_budget(budget, visual)
+        try:  # a budget the method cannot run (e.g. PyramidDrop below its first stage) is reported, not run
+            planned_counts(adapter, config_at, keep, visual)
+        except ValueError as exc:
+            return keep, BudgetSolution(keep, float("nan"), keep, False, str(exc))
+        return keep, None
+    tokens = budget * visual / REFERENCE_VISUAL_TOKENS  # the label's share of this model's visual tokens
+    if match == "equivalent":
+        return tokens, solve_budget(lambda b: planned_equivalent(adapter, config_at, b, visual), tokens, visual,
+                                    tolerance=1.0)
+    target = float(prefill_flops(dims, [text + round(tokens)] * dims.layers))  # the label's tokens from layer 0
+    per_token = float(prefill_flops(dims, [text + 1] * dims.layers) - prefill_flops(dims, [text] * dims.layers))
+    return target, solve_budget(lambda b: planned_flops(adapter, config_at, b, visual, text, loc_flops), target,
+                                visual, tolerance=per_token, unit=lambda v: f"{v / 1e9:.3f} GFLOPs")

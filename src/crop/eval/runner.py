@@ -15,33 +15,25 @@ answer, each prediction also has its ``vqa_score`` (the VQA soft score) and each
 from __future__ import annotations
 
 import logging
-import platform
-import statistics
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crop.data.synth import SynthSample, answers_match, generate
+from crop.data.synth import SynthSample, generate
 from crop.eval.flops import DecoderDims, prefill_flops, visual_per_layer, vlm_localization_flops
-from crop.eval.matching import (
-    MATCH_MODES,
-    BudgetSolution,
-    planned_counts,
-    planned_equivalent,
-    planned_flops,
-    solve_budget,
-)
+from crop.eval.matching import MATCH_MODES, budget_for, scale_budget
+from crop.eval.metrics import localization_metrics, sample_scores, summarize
+from crop.eval.provenance import git_hash, machine, versions
 from crop.localizers.base import Localization, Localizer
-from crop.methods import METHODS, MethodOptions, canonical_name, config_for, method_for, with_options
+from crop.methods import Option, canonical_name, check_options_used, config_builder, method_for
+from crop.methods.self_region import self_localized_name
+from crop.models import get_adapter
 from crop.pipeline import CropPipeline, chat_prompt
 from crop.regions import GridBox
 
 logger = logging.getLogger(__name__)
-
-REFERENCE_VISUAL_TOKENS = 576  # budgets are given as LLaVA-1.5 counts (of 576) and scaled to the model
 
 
 @dataclass
@@ -91,35 +83,9 @@ class EvalSpec:
             raise ValueError(f"keep_tokens must be positive, got {self.keep_tokens}")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("n and batch_size must be >= 1")
-        for target, _field, _value in self.options:
-            if target is not None:
-                canonical_name(target)
+        check_options_used(self.methods, self.options)  # each names a known method and reaches one of them
         if self.match not in MATCH_MODES:
             raise ValueError(f"unknown match {self.match!r}; choose one of {', '.join(MATCH_MODES)}")
-
-
-def scale_budget(budget: int, visual_tokens: int) -> int:
-    """A LLaVA-1.5 budget (of 576 tokens) scaled to the same fraction of ``visual_tokens``."""
-    return max(1, round(budget * visual_tokens / REFERENCE_VISUAL_TOKENS))
-
-
-def _git_hash() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import crop
-
-    return {"crop": crop.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def load_samples(spec: EvalSpec) -> list:
@@ -189,7 +155,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         check_oracle(samples)
     names = [canonical_name(m) for m in spec.methods]
     if getattr(localizer, "in_model", False):  # --localizer self: ILP finds its own box (CROP-self)
-        names = [_self_localized_name(n) for n in names]
+        names = [self_localized_name(n) for n in names]
     runs = [("full", None)] + [(m, k) for m in dict.fromkeys(names) if m != "none" for k in spec.keep_tokens]
     total = len(samples) * (len(runs) + (0 if localizer is None else 1))
     progress = progress_factory(total) if progress_factory else None
@@ -197,19 +163,19 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
     locs, _ = localize_all(localizer, samples, spec.batch_size, progress)
     first = processor(images=[samples[0].image], text=[chat_prompt(processor, samples[0].question)],
                       return_tensors="pt")
-    from crop.models.base import get_adapter
 
     adapter = get_adapter(model)
     visual_tokens = adapter.image_spans(first)[0].length
     text_tokens = int(first["input_ids"].shape[1]) - visual_tokens
     loc_flops = float(vlm_localization_flops(localizer, samples[0].question, samples[0].image))
-    options = MethodOptions(layer=spec.layer, pool=spec.pool, seed=spec.seed)
+    shared = {"layer": spec.layer, "pool": spec.pool, "seed": spec.seed}  # for every method that has the field
+    options = [Option.of(row) for row in spec.options]
     dims = DecoderDims.from_config(adapter.text_config)
 
     results: list[dict[str, Any]] = []
     for method, budget in runs:
-        config_at = config_maker(method, options, spec.options)
-        target, solution = _budget_for(adapter, config_at, budget, spec.match, visual_tokens, text_tokens, loc_flops,
+        config_at = config_builder(method, options, shared)
+        target, solution = budget_for(adapter, config_at, budget, spec.match, visual_tokens, text_tokens, loc_flops,
                                        dims)
         if solution is not None and not solution.feasible:
             logger.info("%s at %s: %s", method, budget, solution.reason)
@@ -234,7 +200,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
                 layer_tokens = [r.extra["prompt_tokens"] - r.visual_tokens_in + c for c in visual_per_layer(
                     {k: [v] for k, v in r.visual_tokens_kept.items()}, 0, dims.layers)]
                 preds.append({"id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
-                              "prediction": r.answer, **_scores(r.answer, s),
+                              "prediction": r.answer, **sample_scores(r.answer, s),
                               "box": r.box, "box_gt": None if s.box_grid is None else list(s.box_grid),
                               "fallback": r.localizer_fallback,
                               **({"self_localized": True} if r.extra.get("self_localized") else {}),
@@ -261,59 +227,12 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         "llm_layers": dims.layers,
         "localizer_gflops": loc_flops / 1e9,
         "spec": {k: v for k, v in spec.__dict__.items()},
-        "versions": _versions(),
-        "git": _git_hash(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
-        "localization": _localization_metrics(locs, samples),
+        "versions": versions(),
+        "git": git_hash(),
+        "machine": machine(),
+        "localization": localization_metrics(locs, samples),
         "runs": [{**summarize(r["predictions"], full_preds), **r} if r["predictions"] else r for r in results],
     }
-
-
-def _scores(prediction: str, sample) -> dict[str, Any]:
-    """``correct`` (and, for JSONL samples with their reference answers, ``answers`` and ``vqa_score``)."""
-    answers = getattr(sample, "answers", None)
-    if answers is None:  # a synthetic sample: one reference, the benchmark's own matching
-        return {"correct": answers_match(prediction, sample.answer)}
-    from crop.eval.data import exact_match, vqa_score
-
-    return {"correct": exact_match(prediction, answers), "answers": list(answers),
-            "vqa_score": vqa_score(prediction, answers)}
-
-
-def config_maker(method: str, options: MethodOptions, extra: list[list]):
-    """``budget -> config`` of ``method`` with the shared options and the ``--option`` fields that concern it."""
-    import dataclasses
-
-    def config_at(keep):
-        config = config_for(method, keep, options)
-        names = {f.name for f in dataclasses.fields(config)}
-        chosen = {name: value for target, name, value in extra
-                  if (target is None and name in names) or (target is not None and canonical_name(target) == method)}
-        return with_options(config, chosen) if chosen else config
-
-    return config_at
-
-
-def _budget_for(adapter, config_at, budget: int | None, match: str, visual: int, text: int, loc_flops: float,
-                dims: DecoderDims):
-    """``(target, solution)``: what a label asks of ``method`` under ``match`` (``solution=None``: use the label)."""
-    if budget is None:
-        return None, None
-    if match == "label":
-        keep = scale_budget(budget, visual)
-        try:  # a budget the method cannot run (e.g. PyramidDrop below its first stage) is reported, not run
-            planned_counts(adapter, config_at, keep, visual)
-        except ValueError as exc:
-            return keep, BudgetSolution(keep, float("nan"), keep, False, str(exc))
-        return keep, None
-    tokens = budget * visual / REFERENCE_VISUAL_TOKENS  # the label's share of this model's visual tokens
-    if match == "equivalent":
-        return tokens, solve_budget(lambda b: planned_equivalent(adapter, config_at, b, visual), tokens, visual,
-                                    tolerance=1.0)
-    target = float(prefill_flops(dims, [text + round(tokens)] * dims.layers))  # the label's tokens from layer 0
-    per_token = float(prefill_flops(dims, [text + 1] * dims.layers) - prefill_flops(dims, [text] * dims.layers))
-    return target, solve_budget(lambda b: planned_flops(adapter, config_at, b, visual, text, loc_flops), target,
-                                visual, tolerance=per_token, unit=lambda v: f"{v / 1e9:.3f} GFLOPs")
 
 
 class _Precomputed:
@@ -325,82 +244,3 @@ class _Precomputed:
         raise RuntimeError("evaluation passes precomputed localizations")
 
 
-def _self_localized_name(name: str) -> str:
-    """What method ``name`` runs as when the localizer is ``self``: ILP becomes CROP-self; PLC cannot run."""
-    if name == "crop-ilp":
-        return "crop-self"
-    if name != "crop-self" and METHODS.get(name).uses_region:
-        raise ValueError(f"--localizer self cannot serve {name}: it needs the region before the LLM runs, and the "
-                         "answerer's own attention gives it only inside the prefill (a second pass would be needed)")
-    return name
-
-
-def box_metrics(boxes: Sequence[GridBox], gts: Sequence[GridBox | None], families: Sequence[str]) -> dict[str, Any]:
-    """Mean IoU with the ground-truth grid box and containment rate, overall and per family.
-
-    Samples without a ground-truth box (JSONL data may leave it out) are not counted; with none
-    at all the means are NaN and ``n`` is 0.
-    """
-    per: dict[str, list[tuple[float, bool]]] = {"all": []}
-    for box, gt, family in zip(boxes, gts, families, strict=True):
-        if gt is None:
-            continue
-        for key in (family, "all"):
-            per.setdefault(key, []).append((box.iou(gt), box.contains(gt)))
-    nan = float("nan")
-    return {key: {"mean_iou": statistics.fmean(v[0] for v in vals) if vals else nan,
-                  "contains_gt": statistics.fmean(float(v[1]) for v in vals) if vals else nan, "n": len(vals)}
-            for key, vals in per.items()}
-
-
-def _localization_metrics(locs: Sequence[Localization], samples: Sequence[SynthSample]) -> dict[str, Any]:
-    """:func:`box_metrics` of the localizer's boxes, plus its fallbacks."""
-    out = box_metrics([loc.box for loc in locs],
-                      [None if s.box_grid is None else GridBox(*s.box_grid, grid=loc.box.grid)
-                       for loc, s in zip(locs, samples, strict=True)], [s.family for s in samples])
-    out["all"]["fallbacks"] = sum(loc.fallback for loc in locs)
-    return out
-
-
-def _self_box_metrics(preds: list[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`box_metrics` of the boxes a self-localizing method found (``{}`` for any other run)."""
-    if not preds or not all(p.get("self_localized") for p in preds):
-        return {}
-    boxes = [GridBox(*p["box"], grid=8) for p in preds]
-    gts = [None if p["box_gt"] is None else GridBox(*p["box_gt"], grid=8) for p in preds]
-    return {"self_localization": box_metrics(boxes, gts, [p["family"] for p in preds])}
-
-
-def summarize(preds: list[dict[str, Any]], full_preds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (overall, per family), accuracy kept vs full, tokens kept per stage, equivalent tokens, FLOPs.
-
-    FLOPs are analytic means per sample (:mod:`crop.eval.flops`): the LLM's prefill, the
-    method's own selection, the localizer (for methods that use the region), and their total.
-    No timings: wall-clock speed on a shared CPU is measured by ``crop bench``, interleaved.
-    """
-    def acc(rows):
-        return statistics.fmean(float(r["correct"]) for r in rows) if rows else float("nan")
-
-    families = sorted({p["family"] for p in preds})
-    accuracy = acc(preds)
-    full_acc = acc(full_preds)
-    stages = sorted({stage for p in preds for stage in p["visual_tokens_kept"]})
-    flops = {k: statistics.fmean(p["flops"][k] for p in preds) for k in ("llm_prefill", "selection", "localizer")}
-    vqa = {}
-    if preds and all("vqa_score" in p for p in preds):  # JSONL data: the VQA soft score next to the exact match
-        def soft(rows):
-            return statistics.fmean(r["vqa_score"] for r in rows) if rows else float("nan")
-
-        full_soft = soft(full_preds) if all("vqa_score" in p for p in full_preds) else float("nan")
-        vqa = {"vqa_score": soft(preds), "vqa_score_kept": soft(preds) / full_soft if full_soft > 0 else float("nan"),
-               "vqa_score_per_family": {f: soft([p for p in preds if p["family"] == f]) for f in families}}
-    return {
-        "accuracy": accuracy,
-        "accuracy_kept": accuracy / full_acc if full_acc > 0 else float("nan"),
-        "accuracy_per_family": {f: acc([p for p in preds if p["family"] == f]) for f in families},
-        "visual_tokens_kept": {s: statistics.fmean(p["visual_tokens_kept"][s] for p in preds) for s in stages},
-        "equivalent_tokens": statistics.fmean(p["equivalent_tokens"] for p in preds),
-        "gflops": {**{k: v / 1e9 for k, v in flops.items()}, "total": sum(flops.values()) / 1e9},
-        **vqa,
-        **_self_box_metrics(preds),
-    }

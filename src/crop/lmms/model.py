@@ -17,7 +17,9 @@ tokens of the model's own grid), ``localizer`` (default ``embedded`` with the em
 answerer, else ``full``), ``layer``, ``pool``, ``grid``, ``seed``, ``device``, ``dtype``,
 ``attn``, ``localizer_device``, ``max_new_tokens`` (default 8, as ``crop eval``),
 ``batch_size`` (``max_batch_size``, which lmms-eval may pass, is accepted and unused: batches
-are never resized).
+are never resized). Any other argument is a field of the method's config (e.g. ``trim=stride``,
+``budget=exact`` for DART), set through :func:`crop.methods.build_config` as ``--option`` is; a
+field the method does not have is refused with the fields it has.
 """
 
 from __future__ import annotations
@@ -43,23 +45,26 @@ class CropLMM(lmms):
     def __init__(self, pretrained: str = "embedded", method: str = "crop-ilp", keep_tokens: Any = 64,
                  localizer: str | None = None, layer: Any = 2, pool: Any = 4, grid: Any = 8, seed: Any = 0,
                  device: str = "cpu", dtype: str = "auto", attn: str = "sdpa", localizer_device: str | None = None,
-                 max_new_tokens: Any = 8, batch_size: Any = 1, max_batch_size: Any = None, **unused: Any) -> None:
+                 max_new_tokens: Any = 8, batch_size: Any = 1, max_batch_size: Any = None, **fields: Any) -> None:
         super().__init__()
         from crop.localizers import make_localizer
-        from crop.methods import MethodOptions, config_for
+        from crop.methods import Option, build_config
         from crop.models.loading import load_model
         from crop.pipeline import CropPipeline
 
-        if unused:
-            raise ValueError(f"crop: unknown model_args {sorted(unused)}; see crop.lmms.model's docstring")
+        shared = {"layer": int(layer), "pool": int(pool), "grid": int(grid), "seed": int(seed)}
+        try:  # checked before any model loads
+            self.config = build_config(str(method), _int_or_none(keep_tokens),
+                                       [Option(name, value) for name, value in fields.items()], shared)
+        except ValueError as exc:
+            raise ValueError(f"crop model_args: {exc} (the other model_args are in crop.lmms.model's docstring)") \
+                from None
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         model, processor = load_model(str(pretrained), attn_implementation=attn, device=device, dtype=dtype)
         localizer = localizer or ("embedded" if pretrained == "embedded" else "full")
         self.localizer_name = str(localizer)
         loc = make_localizer(self.localizer_name, int(grid), device=localizer_device or device)
-        options = MethodOptions(layer=int(layer), pool=int(pool), grid=int(grid), seed=int(seed))
-        self.config = config_for(str(method), _int_or_none(keep_tokens), options)
         self.pipeline = CropPipeline(model, processor, loc, self.config)
         self.tokenizer = getattr(processor, "tokenizer", processor)
 

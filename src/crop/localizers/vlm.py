@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import torch
 from PIL import Image
@@ -22,6 +23,14 @@ from crop.localizers.prompt import localizer_messages
 from crop.regions import GridBox, parse_grid_box
 
 logger = logging.getLogger(__name__)
+
+
+class GenerativeModel(Protocol):
+    """What :class:`VLMLocalizer` calls on its model: Hugging Face's ``generate`` (prompt + new token ids out)."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Decode after the prompt; ``(B, L + T)`` token ids."""
+        ...
 
 
 class VLMLocalizer:
@@ -69,8 +78,9 @@ class VLMLocalizer:
     @torch.no_grad()
     def generate(self, inputs) -> torch.Tensor:
         """Greedy-decode the box for processed ``inputs``; returns the new tokens ``(B, T)``."""
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  stopping_criteria=self._stopping_criteria())
+        model = cast(GenerativeModel, self.model)  # nn.Module does not declare generate; HF models have it
+        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                             stopping_criteria=self._stopping_criteria())
         return out[:, inputs["input_ids"].shape[1]:]  # (B, T)
 
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_ratio
+from crop.config import ConfigMixin, check_keep_tokens, check_ratio
 from crop.methods.base import InnerLLMMethod
 from crop.models.base import AttentionParts, VLMAdapter
 
@@ -171,7 +171,6 @@ class BaselineConfigMixin(ConfigMixin):
 
     _check_keep = staticmethod(check_keep_tokens)
     _check_ratio = staticmethod(check_ratio)
-    _check_grid = staticmethod(check_grid)
 
     @staticmethod
     def _check_layers(layers: Any) -> None:
@@ -221,17 +220,6 @@ class AttentionScoredMethod(InnerLLMMethod):
         return super().prepare(inputs, spans, boxes)
 
     # -- helpers for subclasses ----------------------------------------------------------------
-
-    def slot_origin(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` the prompt position of each slot entering stage ``stage`` (-1 on padding slots)."""
-        batch, seq_len, _ = hidden.shape
-        length = seq_len if stage == 0 else self.pruners[0].context.prefill_len
-        origin = torch.arange(length, device=hidden.device).expand(batch, -1)  # (B, L0)
-        for prev in (p.context for p in self.pruners[:stage]):  # each index points into what that stage received
-            origin = origin.gather(1, prev.index)  # (B, Lk)
-            if prev.valid is not None:
-                origin = origin.masked_fill(~prev.valid, -1)
-        return origin  # (B, L)
 
     def slot_validity(self, stage: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(origin, valid)``: :meth:`slot_origin` and the ``(B, L)`` mask of real (unpadded) slots."""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from crop.config import NoPruningConfig
-from crop.methods.inner_llm import InnerLLMPruner
+from crop.methods.inner_llm import InnerLLMPruner, Rotary
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
 from crop.regions import GridBox
 from crop.registry import Registry
@@ -76,23 +76,6 @@ class PruneStats:
                    self_localized=[False for _ in spans])
 
 
-@dataclass(frozen=True)
-class MethodOptions:
-    """Options shared by every method on the command line (each method reads what applies to it).
-
-    Attributes:
-        layer: the pruning layer K of single-stage inner-LLM methods.
-        pool: PLC's pooling block.
-        grid: the region grid.
-        seed: seed of randomized methods.
-    """
-
-    layer: int = 2
-    pool: int = 4
-    grid: int = 8
-    seed: int = 0
-
-
 def visual_counts_per_layer(n_in: int, stages: Sequence[tuple[int, int]], num_layers: int) -> list[int]:
     """Visual tokens entering each layer: ``n_in`` until each ``(layer, kept)`` stage, then its count."""
     counts, current, boundary = [], n_in, sorted(stages)
@@ -122,22 +105,12 @@ class PruningMethod(ABC):
     """
 
     name: ClassVar[str] = ""
-    config_class: ClassVar[type] = type(None)
+    config_class: ClassVar[type[Any]] = type(None)
     uses_region: ClassVar[bool] = False
 
     def __init__(self, adapter: VLMAdapter, config: Any) -> None:
         self.adapter = adapter
         self.config = config
-
-    @classmethod
-    def config_from_options(cls, keep_tokens: int | None, options: MethodOptions) -> Any:
-        """This method's config for a budget and the shared command-line options.
-
-        Every method reads what applies to it (``layer`` for single-stage inner-LLM methods,
-        ``pool`` for PLC, ``seed`` for random ...) and ignores the rest, so one command line
-        can run every method with the same budget.
-        """
-        raise NotImplementedError(f"{cls.__name__} cannot be built from options")
 
     def planned_counts(self, n_in: int) -> list[int] | None:
         """Visual tokens of an image of ``n_in`` tokens entering each decoder layer, as this config plans them.
@@ -185,10 +158,8 @@ class NoPruning(PruningMethod):
 
     name = "none"
     config_class = NoPruningConfig
+    config: NoPruningConfig
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return NoPruningConfig(grid=options.grid)
 
     def planned_counts(self, n_in):
         return [n_in] * self.adapter.num_layers
@@ -269,7 +240,7 @@ class InnerLLMMethod(PruningMethod):
             return None
         return [n_in] * layers[0] + [kept] * (self.adapter.num_layers - layers[0])
 
-    def pruner_rotary(self):
+    def pruner_rotary(self) -> Rotary | None:
         """The rotary function pruners renumber positions with (see :class:`InnerLLMPruner`); ``None`` keeps them."""
         return None
 
@@ -347,9 +318,19 @@ class InnerLLMMethod(PruningMethod):
             mask[span.sample, span.start + span.structure_positions(chosen)] = True
         return [row.nonzero().squeeze(1) for row in mask]
 
+    def _current_stats(self) -> PruneStats:
+        """The stats of the batch being run (what :meth:`prepare` returned), filled in as stages decide.
+
+        Raises:
+            RuntimeError: if no batch was prepared.
+        """
+        if self._stats is None:
+            raise RuntimeError(f"{type(self).__name__} has no prepared batch: call handle.prepare(inputs) first")
+        return self._stats
+
     def _record(self, stage: int, kept: list[list[int]]) -> None:
         """Record the survivors of ``stage`` (span indices per image) in the stats."""
-        stats = self._stats
+        stats = self._current_stats()
         layer = self.stage_layers()[stage]
         stats.visual_tokens_kept[f"after_layer_{layer}"] = [len(k) for k in kept]
         stats.kept_per_stage[f"after_layer_{layer}"] = kept
@@ -360,18 +341,26 @@ class InnerLLMMethod(PruningMethod):
             equivalent_tokens(n_in, [(lay, counts[i]) for lay, counts in stages], len(self.layers))
             for i, n_in in enumerate(stats.visual_tokens_in)]
 
+    def slot_origin(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` the prompt position of each slot of the sequence entering stage ``stage`` (-1 on padding slots).
+
+        Each earlier stage's kept index points into the sequence *that* stage received, so they
+        are composed in order, from the prefill's positions on.
+        """
+        batch, seq_len, _ = hidden.shape
+        length = seq_len if stage == 0 else self.pruners[0].prefilled().prefill_len
+        origin = torch.arange(length, device=hidden.device).expand(batch, -1)  # (B, L0)
+        for prev in (p.prefilled() for p in self.pruners[:stage]):
+            origin = origin.gather(1, prev.kept_slots())  # (B, Lk)
+            if prev.valid is not None:
+                origin = origin.masked_fill(~prev.valid, -1)
+        return origin  # (B, L)
+
     def _selector(self, stage: int):
         """The deferred selection for ``stage``: maps surviving visual slots, asks the method, returns positions."""
 
         def select(hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
-            # the original prompt position of every slot of the sequence entering this stage; each earlier
-            # stage's index points into the sequence *that* stage received, so compose them all
-            length = hidden.shape[1] if stage == 0 else self.pruners[0].context.prefill_len
-            origin = torch.arange(length, device=hidden.device).expand(hidden.shape[0], -1)  # (B, L0)
-            for prev in (p.context for p in self.pruners[:stage]):
-                origin = origin.gather(1, prev.index)  # (B, Lk)
-                if prev.valid is not None:
-                    origin = origin.masked_fill(~prev.valid, -1)
+            origin = self.slot_origin(stage, hidden)  # (B, L) prompt position of each slot, -1 on padding
             candidates: list[list[torch.Tensor]] = [[] for _ in range(hidden.shape[0])]
             span_index: list[torch.Tensor] = []
             for span in self._spans:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_layer
+from crop.config import ConfigMixin, check_keep_tokens, check_layer
 from crop.methods.attention import QKCapture
 from crop.methods.base import METHODS, InnerLLMMethod
 from crop.ops.similarity import duplication_select
@@ -38,8 +38,6 @@ class DARTConfig(ConfigMixin):
             of 576 for ``keep_tokens=64``). ``"exact"``: exactly ``keep_tokens`` survive, image
             pivots included, the rest shared between the pivots as evenly as possible (the
             first visited take one more); for comparisons at matched compute.
-        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
-            regions; the field lets a pipeline pair it with any localizer, as with CROP).
 
     Raises:
         ValueError: on an invalid field.
@@ -50,12 +48,10 @@ class DARTConfig(ConfigMixin):
     image_pivots: int = 4
     text_pivots: int = 4
     budget: str = "official"
-    grid: int = 8
     method_name: ClassVar[str] = "dart"
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
-        check_grid(self.grid)
         check_layer(self.layer)
         _check_count("image_pivots", self.image_pivots, 1)
         _check_count("text_pivots", self.text_pivots, 0)
@@ -107,6 +103,7 @@ class DART(InnerLLMMethod):
 
     name = "dart"
     config_class = DARTConfig
+    config: DARTConfig
 
     def __init__(self, adapter, config) -> None:
         super().__init__(adapter, config)
@@ -114,9 +111,6 @@ class DART(InnerLLMMethod):
         self.norm = adapter.final_norm()
         self._attention_mask: torch.Tensor | None = None
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return DARTConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
     def attach(self) -> None:
         self.capture.attach()

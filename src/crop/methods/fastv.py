@@ -19,8 +19,6 @@ class FastVConfig(BaselineConfigMixin):
         layer: K, the first layer that runs without the dropped tokens (the paper's K = 2);
             the ranking uses layer K-1's attention.
         drop: share of the visual tokens dropped when ``keep_tokens`` is ``None`` (the paper's R).
-        grid: side of the region grid of the boxes handed to ``prepare`` (ignored: this method
-            does not use the region; kept so every config runs through the same pipeline).
 
     Raises:
         ValueError: on any invalid field.
@@ -29,12 +27,10 @@ class FastVConfig(BaselineConfigMixin):
     keep_tokens: int | None = None
     layer: int = 2
     drop: float = 0.5
-    grid: int = 8
     method_name: ClassVar[str] = "fastv"
 
     def __post_init__(self) -> None:
         self._check_keep(self.keep_tokens)
-        self._check_grid(self.grid)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"layer must be an int >= 1 (FastV ranks with layer K-1's attention), got {self.layer!r}")
         if isinstance(self.drop, bool) or not isinstance(self.drop, (int, float)) or not 0 <= self.drop < 1:
@@ -65,10 +61,8 @@ class FastV(TopKSelection, AttentionScoredMethod):
 
     name = "fastv"
     config_class = FastVConfig
+    config: FastVConfig
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return FastVConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
     def kept_after_stage(self, n_in):
         budget = self.config.keep_tokens

@@ -20,14 +20,12 @@ class CropILP(InnerLLMMethod):
 
     name = "crop-ilp"
     config_class = CropILPConfig
+    config: CropILPConfig
     uses_region = True
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return CropILPConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
     def keep_before_forward(self, inputs, spans, boxes):
         keep = [self.adapter.select(span, box, self.config.keep_tokens, self.config.trim)
                 for span, box in zip(spans, boxes, strict=True)]
-        self._stats.region_tokens = [int(k.numel()) for k in keep]
+        self._current_stats().region_tokens = [int(k.numel()) for k in keep]
         return keep

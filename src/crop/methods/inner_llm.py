@@ -33,6 +33,7 @@ from torch import nn
 from crop.hf_compat import layer_cache
 
 Selector = Callable[[torch.Tensor, dict], Sequence[torch.Tensor]]
+Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -61,6 +62,51 @@ class PruneContext:
     dropped: torch.Tensor | None = None  # (B,) prompt tokens dropped here (renumbering pruners only)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def kept_slots(self) -> torch.Tensor:
+        """``(B, Lk)`` the prefill positions kept at this layer (left-padded), once the prefill reached it.
+
+        Raises:
+            RuntimeError: before the prefill reached this layer.
+        """
+        if self.index is None:
+            raise RuntimeError("this pruning layer has not run a prefill yet: prepare the prompt and run it from the start")
+        return self.index
+
+    def chosen(self) -> tuple[list[torch.Tensor], int]:
+        """The per-sample positions to keep and the prompt length they refer to, once they are known.
+
+        Returns:
+            ``(keep, prompt_len)``: given at arm time, or decided by the selector at the first prefill.
+
+        Raises:
+            RuntimeError: while a selector has not chosen them yet.
+        """
+        if self.keep is None or self.prompt_len is None:
+            raise RuntimeError("this pruning layer's kept positions are not chosen yet: "
+                               "prepare the prompt and run it from the start")
+        return self.keep, self.prompt_len
+
+    def chooser(self) -> Selector:
+        """The selector that decides the kept positions at the first prefill.
+
+        Raises:
+            RuntimeError: if the context was armed with neither positions nor a selector.
+        """
+        if self.selector is None:
+            raise RuntimeError("this pruning layer was armed with neither keep positions nor a selector")
+        return self.selector
+
+    def dropped_tokens(self) -> torch.Tensor:
+        """``(B,)`` prompt tokens a renumbering pruner dropped here, once the prefill reached it.
+
+        Raises:
+            RuntimeError: before a renumbering prefill reached this layer.
+        """
+        if self.dropped is None:
+            raise RuntimeError("renumbered decode step without a renumbered prefill: "
+                               "prepare the prompt and run it from the start")
+        return self.dropped
+
     def kept_index(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Kept positions of a prefill of ``seq_len`` tokens (the prompt plus, without a cache, generated ones).
 
@@ -68,8 +114,9 @@ class PruneContext:
             ``(index, valid)``: ``(B, Lk)`` positions, left-padded with position 0, and the
             ``(B, Lk)`` mask of real slots (``None`` if every sample keeps the same number).
         """
-        tail = torch.arange(self.prompt_len, seq_len, device=device)  # generated tokens, always kept
-        rows = [torch.cat([k.to(device), tail]) for k in self.keep]
+        keep, prompt_len = self.chosen()
+        tail = torch.arange(prompt_len, seq_len, device=device)  # generated tokens, always kept
+        rows = [torch.cat([k.to(device), tail]) for k in keep]
         width = max(r.numel() for r in rows)
         if all(r.numel() == width for r in rows):
             return torch.stack(rows), None
@@ -140,7 +187,7 @@ class InnerLLMPruner:
     """
 
     def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False,
-                 rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 rotary: Rotary | None = None,
                  ordered: bool = False) -> None:
         if not 1 <= layer < len(layers):
             raise ValueError(f"ILP layer must be in [1, {len(layers) - 1}] for a {len(layers)}-layer model, got {layer}")
@@ -190,6 +237,16 @@ class InnerLLMPruner:
             self.context = PruneContext(keep=None, prompt_len=None, batch=batch, selector=selector)
         return self.context
 
+    def prefilled(self) -> PruneContext:
+        """The armed context, for code that runs once the prefill passed this layer.
+
+        Raises:
+            RuntimeError: if nothing was armed (no prompt prepared).
+        """
+        if self.context is None:
+            raise RuntimeError("no prompt was prepared for this pruning layer: call handle.prepare(inputs) first")
+        return self.context
+
     def _order(self, keep: torch.Tensor) -> torch.Tensor:
         """Kept positions as they go on: sorted, or as given for an ordered pruner."""
         return keep if self.ordered else keep.sort().values
@@ -202,7 +259,8 @@ class InnerLLMPruner:
         tokens, causality follows the new column order, and padding columns stay padding (only
         real tokens are permuted, left padding stays in front).
         """
-        return ctx.index.sort(dim=1).values if self.ordered else ctx.index
+        index = ctx.kept_slots()  # (B, Lk)
+        return index.sort(dim=1).values if self.ordered else index
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -219,7 +277,7 @@ class InnerLLMPruner:
             ctx.layer_kwargs = {"attention_mask": self._decode_mask(ctx, kwargs.get("attention_mask"), hidden,
                                                                     cache.get_seq_length(self.layer))}
             if self.rotary is not None:
-                ctx.layer_kwargs.update(self._renumbered_decode(ctx, hidden, kwargs))
+                ctx.layer_kwargs.update(self._renumbered_decode(ctx, hidden, kwargs, self.rotary))
         kwargs.update(ctx.layer_kwargs)
         if args:
             args = (hidden,) + tuple(args[1:])
@@ -240,10 +298,11 @@ class InnerLLMPruner:
             if batch != ctx.batch:
                 raise RuntimeError(f"the model got a batch of {batch} but pruning was prepared for {ctx.batch}")
             ctx.prompt_len = seq_len
-            ctx.keep = [self._order(k.to(hidden.device)) for k in ctx.selector(hidden, kwargs)]
-        if batch != ctx.batch or seq_len < ctx.prompt_len:
+            ctx.keep = [self._order(k.to(hidden.device)) for k in ctx.chooser()(hidden, kwargs)]
+        _, prompt_len = ctx.chosen()
+        if batch != ctx.batch or seq_len < prompt_len:
             raise RuntimeError(f"the model got a prompt of shape ({batch}, {seq_len}) but ILP was prepared for "
-                               f"({ctx.batch}, {ctx.prompt_len}); prepare each prompt before running it")
+                               f"({ctx.batch}, {prompt_len}); prepare each prompt before running it")
         index, valid = ctx.kept_index(seq_len, hidden.device)  # (B, Lk)
         ctx.index, ctx.valid, ctx.prefill_len = index, valid, seq_len
         update: dict[str, Any] = {}
@@ -253,12 +312,12 @@ class InnerLLMPruner:
         if isinstance(pos, torch.Tensor):
             update["position_ids"] = _gather_seq(pos, index, -1)  # (..., B, Lk)
         if self.rotary is not None:
-            update.update(self._renumbered_prefill(ctx, hidden, pos))
+            update.update(self._renumbered_prefill(ctx, hidden, pos, self.rotary))
         update["attention_mask"] = self._prefill_mask(ctx, kwargs.get("attention_mask"), hidden.dtype)
         ctx.layer_kwargs = update
         return _gather_seq(hidden, index, 1)  # (B, Lk, D)
 
-    def _renumbered_prefill(self, ctx: PruneContext, hidden: torch.Tensor, pos: Any) -> dict[str, Any]:
+    def _renumbered_prefill(self, ctx: PruneContext, hidden: torch.Tensor, pos: Any, rotary: Rotary) -> dict[str, Any]:
         """Positions 0..L'-1 (per sample, shifted as the input's were) for the kept slots, and their cos/sin."""
         index, valid = self._causal_index(ctx), ctx.valid  # (B, Lk) (ordered: the j-th column gets the j-th position)
         if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
@@ -271,16 +330,16 @@ class InnerLLMPruner:
         dropped_before = index - first - rank  # (B, Lk) slots dropped between the first kept slot and this one
         new_pos = (_gather_seq(pos, index, 1) - dropped_before).masked_fill(~real, 0)  # (B, Lk)
         ctx.dropped = (pos.shape[1] - first[:, 0]) - real.sum(1)  # (B,) dropped over the whole prompt
-        cos, sin = self.rotary(hidden, new_pos)
+        cos, sin = rotary(hidden, new_pos)
         return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
 
-    def _renumbered_decode(self, ctx: PruneContext, hidden: torch.Tensor, kwargs: dict) -> dict[str, Any]:
+    def _renumbered_decode(self, ctx: PruneContext, hidden: torch.Tensor, kwargs: dict, rotary: Rotary) -> dict[str, Any]:
         """A generated token's position lowered by what this stage dropped, and its cos/sin."""
         pos = kwargs.get("position_ids")
         if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
             raise RuntimeError("renumbering positions needs 1-D position_ids (B, q) in decode steps")
-        new_pos = pos.expand(hidden.shape[0], -1) - ctx.dropped.to(pos.device)[:, None]  # (B, q)
-        cos, sin = self.rotary(hidden, new_pos)
+        new_pos = pos.expand(hidden.shape[0], -1) - ctx.dropped_tokens().to(pos.device)[:, None]  # (B, q)
+        cos, sin = rotary(hidden, new_pos)
         return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
 
     def _prefill_mask(self, ctx: PruneContext, mask: Any, dtype: torch.dtype) -> Any:

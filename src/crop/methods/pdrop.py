@@ -35,8 +35,6 @@ class PDropConfig(BaselineConfigMixin):
             positions, as every other method here), or ``"auto"``: renumber on 1-D RoPE models
             (LLaVA, LLaVA-NeXT), keep on M-RoPE models (Qwen2-VL/2.5-VL: a 3-D position has no
             contiguous renumbering; the official code has no Qwen path).
-        grid: side of the region grid of the boxes handed to ``prepare`` (ignored: this method
-            does not use the region; kept so every config runs through the same pipeline).
 
     Raises:
         ValueError: on any invalid field.
@@ -46,12 +44,10 @@ class PDropConfig(BaselineConfigMixin):
     layers: tuple[int, ...] | None = None
     ratio: float | None = None
     positions: str = "auto"
-    grid: int = 8
     method_name: ClassVar[str] = "pdrop"
 
     def __post_init__(self) -> None:
         self._check_keep(self.keep_tokens)
-        self._check_grid(self.grid)
         self._check_layers(self.layers)
         if self.ratio is not None:
             self._check_ratio("ratio", self.ratio)
@@ -166,6 +162,7 @@ class PyramidDrop(TopKSelection, AttentionScoredMethod):
 
     name = "pdrop"
     config_class = PDropConfig
+    config: PDropConfig
     capture_before = False
 
     def __init__(self, adapter, config: PDropConfig) -> None:
@@ -181,9 +178,6 @@ class PyramidDrop(TopKSelection, AttentionScoredMethod):
                                                            not self.adapter.uses_mrope)
         return self.adapter.rotary_embedding if renumber else None
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return PDropConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def stage_layers(self) -> list[int]:
         return list(self._layers)

@@ -42,19 +42,19 @@ def pool_image(span: ImageSpan, features: torch.Tensor, keep: torch.Tensor, pool
     if not span.grids:
         tokens, source = pool_outside(features, span.rows, span.cols, keep.to(device), pool)
         return CompressedImage(tokens, source)
-    tokens, sources = [], []
+    token_parts, sources = [], []
     for grid in span.grids:
         where = grid.positions().to(device)  # (rows*cols,) span positions
         grid_tokens, grid_source = pool_outside(features[where], grid.rows, grid.cols,
                                                 grid.local(keep.cpu()).to(device), pool)
-        tokens.append(grid_tokens)  # (m_g, D)
+        token_parts.append(grid_tokens)  # (m_g, D)
         sources.append(where[grid_source])  # (m_g,)
     structure = span.structure_positions(torch.cat(sources).cpu()).to(device)  # (s,) e.g. newlines of live rows
-    tokens.append(features[structure])
+    token_parts.append(features[structure])
     sources.append(structure)
     source = torch.cat(sources)  # (M,)
     order = torch.argsort(source)
-    return CompressedImage(torch.cat(tokens)[order], source[order], structure=int(structure.numel()))
+    return CompressedImage(torch.cat(token_parts)[order], source[order], structure=int(structure.numel()))
 
 
 def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int | None, pool: int) -> torch.Tensor:
@@ -108,11 +108,9 @@ class CropPLC(PreLLMMethod):
 
     name = "crop-plc"
     config_class = CropPLCConfig
+    config: CropPLCConfig
     uses_region = True
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return CropPLCConfig(keep_tokens=keep_tokens, pool=options.pool, grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
         keep = region_share(self.adapter, span, box, self.config.keep_tokens, self.config.pool)

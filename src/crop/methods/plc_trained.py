@@ -33,8 +33,14 @@ DEFAULT_COMPRESSOR = Path(__file__).resolve().parent.parent / "embedded" / "weig
 
 
 def split_budget(config: CropPLCTrainedConfig, max_queries: int) -> tuple[int, int]:
-    """``(anchors A, compressed M)`` for the config's ``keep_tokens``: ``A + M == keep_tokens``."""
+    """``(anchors A, compressed M)`` for the config's ``keep_tokens``: ``A + M == keep_tokens``.
+
+    Raises:
+        ValueError: without ``keep_tokens``, or when the compressor makes too few tokens without anchors.
+    """
     keep = config.keep_tokens
+    if keep is None:
+        raise ValueError("the trained PLC needs keep_tokens (anchors + compressed tokens per image)")
     if not config.anchors:
         count = keep
     else:
@@ -59,6 +65,7 @@ class CropPLCTrained(PreLLMMethod):
 
     name = "crop-plc-trained"
     config_class = CropPLCTrainedConfig
+    config: CropPLCTrainedConfig
     uses_region = True
 
     def __init__(self, adapter, config) -> None:
@@ -89,9 +96,6 @@ class CropPLCTrained(PreLLMMethod):
             _warn_on_other_setting(folder, meta, self.config)
         return self._compressor
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return CropPLCTrainedConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
         return compress_with(self.compressor, self.adapter, self.config, features, span, box)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens
+from crop.config import ConfigMixin, check_keep_tokens
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.ops.grid_pool import pool_grid_to, split_budget
@@ -19,20 +19,16 @@ class PoolConfig(ConfigMixin):
 
     Args:
         keep_tokens: visual tokens per image that reach the LLM; ``None`` keeps every token.
-        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
-            regions; the field lets a pipeline pair it with any localizer, as with CROP).
 
     Raises:
         ValueError: on an invalid field.
     """
 
     keep_tokens: int | None = 64
-    grid: int = 8
     method_name: ClassVar[str] = "pool"
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
-        check_grid(self.grid)
 
 
 @METHODS.register("pool")
@@ -52,10 +48,8 @@ class UniformPool(PreLLMMethod):
 
     name = "pool"
     config_class = PoolConfig
+    config: PoolConfig
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return PoolConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def compress_image(self, features, span, box, image_index):
         budget = self.config.keep_tokens

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_layer
+from crop.config import ConfigMixin, check_keep_tokens, check_layer
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, InnerLLMMethod, PreLLMMethod
 from crop.models.base import ImageSpan
@@ -22,8 +22,6 @@ class RandomConfig(ConfigMixin):
         keep_tokens: visual tokens kept per image; ``None`` keeps every token.
         seed: the base seed; each image draws with ``seed`` + a number derived from its own
             prompt (:func:`sample_seed`), so its draw does not depend on the batch around it.
-        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
-            regions; the field lets a pipeline pair it with any localizer, as with CROP).
 
     Raises:
         ValueError: on an invalid field.
@@ -31,12 +29,10 @@ class RandomConfig(ConfigMixin):
 
     keep_tokens: int | None = 64
     seed: int = 0
-    grid: int = 8
     method_name: ClassVar[str] = "random"
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
-        check_grid(self.grid)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
 
@@ -49,7 +45,6 @@ class RandomInnerConfig(RandomConfig):
         keep_tokens: visual tokens per image that survive layer ``layer``.
         layer: the pruning layer K (>= 1).
         seed: as :class:`RandomConfig`.
-        grid: as :class:`RandomConfig`.
     """
 
     layer: int = 2
@@ -121,10 +116,8 @@ class RandomPrune(PreLLMMethod):
 
     name = "random"
     config_class = RandomConfig
+    config: RandomConfig
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return RandomConfig(keep_tokens=keep_tokens, seed=options.seed, grid=options.grid)
 
     def prepare(self, inputs, spans, boxes):
         self._seeds = _image_seeds(inputs, spans, self.config.seed)
@@ -153,10 +146,8 @@ class RandomPruneInner(InnerLLMMethod):
 
     name = "random-inner"
     config_class = RandomInnerConfig
+    config: RandomInnerConfig
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return RandomInnerConfig(keep_tokens=keep_tokens, layer=options.layer, seed=options.seed, grid=options.grid)
 
     def keep_before_forward(self, inputs, spans, boxes):
         seeds = _image_seeds(inputs, spans, self.config.seed)

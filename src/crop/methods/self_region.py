@@ -23,11 +23,16 @@ answerer's attention exists only once the LLM has run, which would take a second
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
-from crop.config import CropSelfConfig
+from crop.config import CropILPConfig, CropSelfConfig
 from crop.methods.attention import AttentionScoredMethod, QKCapture, attention_rows
 from crop.methods.base import METHODS
+from crop.methods.names import canonical_name
 from crop.ops.attention_box import best_box, cell_mass
 
 
@@ -43,19 +48,17 @@ class CropSelf(AttentionScoredMethod):
 
     name = "crop-self"
     config_class = CropSelfConfig
+    config: CropSelfConfig
 
     def __init__(self, adapter, config) -> None:
         super().__init__(adapter, config)
         if config.attention_layers == "all":  # pool the attention of every layer before K
             self.captures = [QKCapture(adapter.attention_parts(k)) for k in range(config.layer)]
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return CropSelfConfig(keep_tokens=keep_tokens, layer=options.layer, grid=options.grid)
 
     def prepare(self, inputs, spans, boxes):
         prepared = super().prepare(inputs, spans, boxes)
-        self._stats.self_localized = [True for _ in spans]
+        self._current_stats().self_localized = [True for _ in spans]
         return prepared
 
     def selection_flops(self, seq_len, n_in):
@@ -100,7 +103,7 @@ class CropSelf(AttentionScoredMethod):
 
     def select_at_layer(self, stage, hidden, layer_kwargs, candidates):
         weights = self.token_weights(hidden, layer_kwargs)  # per sample: (L,)
-        cfg, out, image = self.config, [], 0
+        cfg, stats, out, image = self.config, self._current_stats(), [], 0
         for b, per_sample in enumerate(candidates):
             for slots in per_sample:
                 span = self._spans[image]
@@ -110,35 +113,45 @@ class CropSelf(AttentionScoredMethod):
                 chosen = self.adapter.select(span, box, cfg.keep_tokens, cfg.trim)  # (k,) span positions
                 visual = span.visual_positions()  # (V,) sorted span positions, the candidates' order
                 out.append(torch.searchsorted(visual, chosen.cpu()))  # (k,) indices into the candidates
-                self._stats.boxes[image] = box
-                self._stats.region_tokens[image] = int(chosen.numel())
+                stats.boxes[image] = box
+                stats.region_tokens[image] = int(chosen.numel())
                 image += 1
         return out
 
 
-def for_self_localizer(config, choices: dict | None = None):
-    """The config to run when the localizer is ``self`` (:class:`crop.localizers.SelfLocalizer`).
+def self_localized_name(method: str) -> str:
+    """What ``method`` runs as when the localizer is ``self``: the one home of that rule.
 
-    CROP's ILP becomes CROP-self with the same budget, layer, grid and trim (plus ``choices``,
-    e.g. ``{"rule": "share"}``); a CROP-self config takes ``choices``; region-free methods run
-    unchanged (they never read the box).
+    CROP's ILP becomes CROP-self (the answerer's own attention before layer K picks the box);
+    CROP-self stays itself; region-free methods run unchanged (they never read the box).
 
     Raises:
         ValueError: for a method that needs the region before the LLM runs (CROP's PLC), which
-            the answerer's own attention cannot give without a second pass.
+            the answerer's own attention cannot give without a second pass; or an unknown name.
     """
-    import dataclasses
+    name = canonical_name(method)
+    if name == CropILPConfig.method_name:
+        return CropSelfConfig.method_name
+    if name != CropSelfConfig.method_name and METHODS.get(name).uses_region:
+        raise ValueError(f"{name} needs the region before the LLM runs, but the 'self' localizer finds it inside the "
+                         "answerer's prefill (a second pass would be needed); use another localizer, or crop-ilp / "
+                         "crop-self with --localizer self")
+    return name
 
-    from crop.config import CropILPConfig
-    from crop.methods import method_for
 
-    choices = dict(choices or {})
-    if isinstance(config, CropILPConfig):
-        return CropSelfConfig.from_ilp(config, **choices)
-    if isinstance(config, CropSelfConfig):
-        return dataclasses.replace(config, **choices) if choices else config
-    if method_for(config).uses_region:
-        raise ValueError(f"{config.method_name} needs the region before the LLM runs, but the 'self' localizer finds it "
-                         "inside the answerer's prefill (a second pass would be needed); use another localizer, or "
-                         "crop-ilp / crop-self with --localizer self")
+def for_self_localizer(config: Any, choices: Mapping[str, Any] | None = None) -> Any:
+    """The config to run when the localizer is ``self`` (:func:`self_localized_name` applied to a config).
+
+    An ILP config becomes the CROP-self config with the same budget, layer, grid and trim, plus
+    ``choices`` (e.g. ``{"rule": "share"}``); a CROP-self config takes ``choices``; other
+    configs are returned unchanged.
+
+    Raises:
+        ValueError: as :func:`self_localized_name`.
+    """
+    target = self_localized_name(config.method_name)
+    if isinstance(config, CropILPConfig) and target == CropSelfConfig.method_name:
+        return CropSelfConfig.from_ilp(config, **dict(choices or {}))
+    if isinstance(config, CropSelfConfig) and choices:
+        return dataclasses.replace(config, **choices)
     return config

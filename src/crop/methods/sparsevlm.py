@@ -47,8 +47,6 @@ class SparseVLMConfig(BaselineConfigMixin):
             tokens placed after the kept visual tokens), ``"keep"`` (original positions, each merged
             token in the sequence slot of its cluster's centre), or ``"auto"``: renumber on 1-D
             RoPE models (LLaVA, LLaVA-NeXT), keep on M-RoPE ones (Qwen2-VL/2.5-VL).
-        grid: side of the region grid of the boxes handed to ``prepare`` (ignored: this method
-            does not use the region; kept so every config runs through the same pipeline).
 
     Raises:
         ValueError: on any invalid field.
@@ -59,12 +57,10 @@ class SparseVLMConfig(BaselineConfigMixin):
     recycle: float = 0.3
     cluster_size: int = 10
     positions: str = "auto"
-    grid: int = 8
     method_name: ClassVar[str] = "sparsevlm"
 
     def __post_init__(self) -> None:
         self._check_keep(self.keep_tokens)
-        self._check_grid(self.grid)
         self._check_layers(self.layers)
         if self.layers is not None and len(self.layers) > len(OFFICIAL_LAYERS):
             raise ValueError(f"SparseVLM's tables have {len(OFFICIAL_LAYERS)} stages; got layers={self.layers!r}")
@@ -164,7 +160,7 @@ def sparsevlm_schedule(n_in: int, keep_tokens: int | None, stage_layers: Sequenc
         totals = stage_totals(n_in, rated, recycle, cluster_size)
         return rated, totals, official_equivalent(n_in, totals, stage_layers, num_layers)
 
-    if label in OFFICIAL_TABLES:
+    if keep_tokens is None or label in OFFICIAL_TABLES:  # no budget: DEFAULT_LABEL, an official label
         rated, totals, _ = plan(1.0)
         return rated, totals
     target = float(keep_tokens)
@@ -275,7 +271,7 @@ class SparseVLM(AttentionScoredMethod):
       each image has its own raters (the text after it, other images excluded) and counts.
     - M-RoPE models (Qwen2-VL/2.5-VL, no official path): original positions are kept and each
       merged token stays in its centre's slot (a 3-D position has no contiguous renumbering);
-      ``positions="keep"`` does the same on LLaVA (measured in tests/test_reference_sparsevlm.py).
+      ``positions="keep"`` does the same on LLaVA (measured in tests/methods/test_reference_sparsevlm.py).
     - Scores and raters in float32 (the official code: fp16); no density jitter in the
       clustering (it only breaks exact ties); a budget of all the tokens keeps everything (the
       official ``min(n, v - 1)`` would still merge one token); when an image's raters are empty
@@ -287,10 +283,8 @@ class SparseVLM(AttentionScoredMethod):
 
     name = "sparsevlm"
     config_class = SparseVLMConfig
+    config: SparseVLMConfig
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return SparseVLMConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def __init__(self, adapter, config) -> None:
         if config.positions == "renumber" and adapter.uses_mrope:

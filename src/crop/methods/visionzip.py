@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens
+from crop.config import ConfigMixin, check_keep_tokens
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.models.base import CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
@@ -17,6 +17,7 @@ from crop.ops.similarity import merge_into_targets, spread_indices
 MERGES = ("official", "mean")
 ORDERS = ("official", "image")
 CLS_SOURCE = -1  # the [CLS] token's CompressedImage.source: it has no placeholder, it comes "before" the grid
+_NEEDS_PROJECT = "visionzip_image needs `project` to map pre-projector tokens (pre, cls) to features"
 
 
 @dataclass
@@ -31,8 +32,6 @@ class VisionZipConfig(ConfigMixin):
             gives 54+10 at 64 (the official README's ``visionzip(model, dominant=54,
             contextual=10)``), and 108+20 / 162+30 at 128 / 192, the splits of the paper's
             tables (those two are not in the official repository).
-        grid: side of the region grid of the boxes handed to ``prepare`` (this method ignores
-            regions; the field lets a pipeline pair it with any localizer, as with CROP).
         keep_cls: pass the vision tower's [CLS] token on as one of the dominant tokens (official);
             ``False``: only patches (crop's earlier behaviour). Ignored where the adapter hands
             over no [CLS] (LLaVA-NeXT, Qwen2-VL/2.5-VL).
@@ -51,7 +50,6 @@ class VisionZipConfig(ConfigMixin):
 
     keep_tokens: int | None = 64
     contextual_ratio: float = 10 / 64
-    grid: int = 8
     keep_cls: bool = True
     merge: str = "official"
     order: str = "official"
@@ -59,7 +57,6 @@ class VisionZipConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         check_keep_tokens(self.keep_tokens)
-        check_grid(self.grid)
         if isinstance(self.contextual_ratio, bool) or not isinstance(self.contextual_ratio, (int, float)) \
                 or not 0 <= self.contextual_ratio < 1:
             raise ValueError(f"contextual_ratio must be a number in [0, 1), got {self.contextual_ratio!r}")
@@ -104,6 +101,17 @@ def _target_plus_member_mean(space: torch.Tensor, assignment: torch.Tensor, targ
     return (x[targets] + mean).to(space.dtype)
 
 
+def _projector(project: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``project``, for pre-projector tokens (``pre``, ``cls``) that must go through it.
+
+    Raises:
+        ValueError: if it was not given.
+    """
+    if project is None:
+        raise ValueError(_NEEDS_PROJECT)
+    return project
+
+
 def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Tensor, keys: torch.Tensor,
                     dominant: int, contextual: int, pre: torch.Tensor | None = None,
                     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -143,7 +151,7 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Ten
     if order == "official" and span.grids:
         raise ValueError("the official VisionZip order needs one plain token grid (1-D positions); use order='image'")
     if (pre is not None or cls is not None) and project is None:
-        raise ValueError("visionzip_image needs `project` to map pre-projector tokens (pre, cls) to features")
+        raise ValueError(_NEEDS_PROJECT)
     device = features.device
     visual = span.visual_positions().to(device)  # (V,)
     patches = dominant - (cls is not None)  # official: dominant_num = dominant - 1 patches besides [CLS]
@@ -152,10 +160,10 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Ten
     rest_mask = torch.ones(visual.numel(), dtype=torch.bool, device=device)
     rest_mask[dom] = False
     rest = rest_mask.nonzero().squeeze(1)  # (V - d,) position order, as the official boolean-mask filter
-    tokens, source = [features[visual[dom]]], [visual[dom]]
+    token_parts, source_parts = [features[visual[dom]]], [visual[dom]]
     if cls is not None:
-        tokens.insert(0, project(cls[None]).to(features.dtype))  # (1, D)
-        source.insert(0, torch.tensor([CLS_SOURCE], device=device))
+        token_parts.insert(0, _projector(project)(cls[None]).to(features.dtype))  # (1, D)
+        source_parts.insert(0, torch.tensor([CLS_SOURCE], device=device))
     if contextual > 0 and rest.numel() > 0:
         targets = spread_indices(rest.numel(), contextual).to(device)  # (c,) indices into rest
         space = features[visual[rest]] if pre is None else pre.to(device)[rest]  # (V - d, D or P)
@@ -163,10 +171,10 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Ten
         if merge == "official":
             merged = _target_plus_member_mean(space, assignment, targets)  # (c, D or P)
         if pre is not None:
-            merged = project(merged.to(pre.dtype)).to(features.dtype)  # (c, D)
-        tokens.append(merged)
-        source.append(visual[rest[targets]])  # each contextual token is sourced at its target token
-    tokens, source = torch.cat(tokens), torch.cat(source)
+            merged = _projector(project)(merged.to(pre.dtype)).to(features.dtype)  # (c, D)
+        token_parts.append(merged)
+        source_parts.append(visual[rest[targets]])  # each contextual token is sourced at its target token
+    tokens, source = torch.cat(token_parts), torch.cat(source_parts)  # (k, D), (k,)
     image = CompressedImage(tokens, source) if order == "official" else compose(span, features, tokens, source)
     return image, visual[dom].tolist()
 
@@ -240,6 +248,7 @@ class VisionZip(PreLLMMethod):
 
     name = "visionzip"
     config_class = VisionZipConfig
+    config: VisionZipConfig
 
     def __init__(self, adapter: VLMAdapter, config: VisionZipConfig) -> None:
         super().__init__(adapter, config)
@@ -248,9 +257,6 @@ class VisionZip(PreLLMMethod):
                              f"{type(adapter).__name__} ({adapter.config.model_type}) does not provide; "
                              "it supports llava, llava_next, qwen2_vl and qwen2_5_vl")
 
-    @classmethod
-    def config_from_options(cls, keep_tokens, options):
-        return VisionZipConfig(keep_tokens=keep_tokens, grid=options.grid)
 
     def encode(self, inputs):
         return self.adapter.encode_images_with_saliency(inputs)
@@ -261,12 +267,13 @@ class VisionZip(PreLLMMethod):
 
     def compress_image(self, encoded: VisionSaliency, span, box, image_index):
         budget = self.config.keep_tokens
-        if budget >= span.visual_tokens:
+        if budget is None or budget >= span.visual_tokens:  # no budget keeps every token (as keeps_everything)
             return keep_all(span, encoded.features)
         # the adapter hands over [CLS] only where tokens may be freely ordered (LLaVA-1.5)
         free = encoded.cls_pre_projector is not None and not span.grids
+        dominant, contextual = self.config.split(budget)
         return visionzip_image(
-            span, encoded.features, encoded.saliency, encoded.keys, *self.config.split(budget),
+            span, encoded.features, encoded.saliency, encoded.keys, dominant, contextual,
             pre=encoded.pre_projector, project=self.adapter.project_features,
             cls=encoded.cls_pre_projector if self.config.keep_cls else None,
             merge=self.config.merge, order=self.config.order if free else "image")

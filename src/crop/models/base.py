@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from PIL import Image
@@ -19,6 +19,9 @@ from torch import nn
 from crop.ops.selection import select_tokens, select_tokens_multi
 from crop.regions import GridBox
 from crop.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,40 @@ class VisionSaliency:
     cls_pre_projector: torch.Tensor | None = None
 
 
+def module_list(root: nn.Module, path: str) -> nn.ModuleList:
+    """``root``'s submodule at the dotted ``path`` (e.g. ``"model.language_model.layers"``), an ``nn.ModuleList``.
+
+    Raises:
+        AttributeError: if there is no module at ``path``.
+        TypeError: if the module there is not an ``nn.ModuleList``.
+    """
+    found = root.get_submodule(path)
+    if not isinstance(found, nn.ModuleList):
+        raise TypeError(f"{type(root).__name__}.{path} is a {type(found).__name__}, not an nn.ModuleList")
+    return found
+
+
+def image_encoder_outputs(features: list[torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
+    """``mm_encoder_outputs`` that feed the LM the per-image ``features`` (each ``(M_i, D)``) instead of pixels."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    # HF annotates pooler_output as one Tensor, but its own get_image_features stores the per-image
+    # sequence there, and that is what the model's forward reads back from mm_encoder_outputs
+    return {"image": BaseModelOutputWithPooling(pooler_output=features)}  # type: ignore[arg-type]
+
+
+class MultimodalModel(Protocol):
+    """What adapters call on the inner multimodal model of a ``*ForConditionalGeneration`` (its ``model``).
+
+    Its submodules (``vision_tower``, ``multi_modal_projector``, ``visual``, ``language_model``)
+    are reached with ``nn.Module.get_submodule``; this names the methods.
+    """
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> Any:
+        """Vision tower + projector; with ``return_dict=True`` its ``pooler_output`` holds one tensor per image."""
+        ...
+
+
 class VLMAdapter(ABC):
     """Model knowledge for one architecture family; instantiate with the model it serves.
 
@@ -257,7 +294,7 @@ class VLMAdapter(ABC):
         """
         if self.uses_mrope:
             raise ValueError(f"{type(self).__name__}: M-RoPE positions are 3-D; 1-D rotary tables do not apply")
-        return self.model.model.language_model.rotary_emb(hidden, position_ids)
+        return self.model.get_submodule("model.language_model.rotary_emb")(hidden, position_ids)
 
     def final_norm(self) -> nn.Module:
         """The language model's final norm (after its last decoder layer, before the LM head).
@@ -265,7 +302,11 @@ class VLMAdapter(ABC):
         The default is the ``norm`` of the text model that holds :meth:`decoder_layers` in every
         supported architecture (Llama / Qwen2 text models); override it for another layout.
         """
-        return self.model.model.language_model.norm
+        return self.model.get_submodule("model.language_model.norm")
+
+    def multimodal_model(self) -> MultimodalModel:
+        """The ``*ForConditionalGeneration``'s inner multimodal model (``model.model``), for its methods."""
+        return cast(MultimodalModel, self.model.get_submodule("model"))
 
     def attention_parts(self, layer: int) -> AttentionParts:
         """Layer ``layer``'s norm, q/k projections and head geometry (Llama / Qwen2 text decoders by default).
@@ -283,8 +324,8 @@ class VLMAdapter(ABC):
         heads = int(cfg.num_attention_heads)
         head_dim = int(getattr(attn, "head_dim", 0) or getattr(cfg, "head_dim", 0) or cfg.hidden_size // heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        return AttentionParts(block.input_layernorm, attn.q_proj, attn.k_proj, heads, kv_heads, head_dim,
-                              float(getattr(attn, "scaling", head_dim ** -0.5)))
+        return AttentionParts(block.get_submodule("input_layernorm"), attn.q_proj, attn.k_proj, heads, kv_heads,
+                              head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)))
 
     def view_box(self, box: GridBox, image_size: tuple[int, int], image_processor: Any) -> GridBox | None:
         """``box`` (on the whole image) as a box on the image the model actually sees.
@@ -378,22 +419,6 @@ class VLMAdapter(ABC):
         return 0
 
 
+# model type -> adapter class; adapters register themselves (``@ADAPTERS.register("llava")``) and
+# :func:`crop.models.get_adapter` imports the built-in ones, as :mod:`crop.methods` does for methods
 ADAPTERS: Registry[type[VLMAdapter]] = Registry("model type")
-
-
-def get_adapter(model: nn.Module) -> VLMAdapter:
-    """The adapter for ``model``, chosen by ``model.config.model_type``.
-
-    Raises:
-        ValueError: for an unsupported model type, listing the supported ones.
-    """
-    import crop.models.llava  # noqa: F401  (registers adapters)
-    import crop.models.llava_next  # noqa: F401
-    import crop.models.qwen2_vl  # noqa: F401
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"unsupported model type {model_type!r} ({type(model).__name__}); supported: {', '.join(ADAPTERS.names())}"
-        )
-    return ADAPTERS.get(model_type)(model)

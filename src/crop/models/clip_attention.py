@@ -14,10 +14,22 @@ LLM. The hooks live only for one call.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
+
+from crop.models.base import module_list
+
+
+class ClipSelfAttention(Protocol):
+    """What is read of a CLIP encoder layer's ``self_attn`` (``CLIPAttention`` in transformers)."""
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
 
 
 def clip_feature_layer(vision_tower: nn.Module, vision_feature_layer: Any) -> nn.Module:
@@ -30,7 +42,8 @@ def clip_feature_layer(vision_tower: nn.Module, vision_feature_layer: Any) -> nn
     Raises:
         ValueError: for multi-layer features or the embedding output (no attention there).
     """
-    layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+    model: nn.Module = getattr(vision_tower, "vision_model", vision_tower)
+    layers = module_list(model, "encoder.layers")
     if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
         raise ValueError(f"[CLS] attention needs a single vision_feature_layer, got {vision_feature_layer!r}")
     if vision_feature_layer == 0 or not -len(layers) <= vision_feature_layer <= len(layers):
@@ -61,7 +74,7 @@ def capture_cls_attention(layer: nn.Module, projector: nn.Module, run: Callable[
     Raises:
         RuntimeError: if the layer or the projector did not run exactly once.
     """
-    attn = layer.self_attn
+    attn = cast(ClipSelfAttention, layer.get_submodule("self_attn"))
     seen: dict[str, list[torch.Tensor]] = {"q": [], "k": [], "pre": [], "cls": []}
 
     def layer_output(module, args, out) -> None:

@@ -8,9 +8,16 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
+from crop.models.base import (
+    ADAPTERS,
+    CompressedImage,
+    ImageSpan,
+    VisionSaliency,
+    VLMAdapter,
+    image_encoder_outputs,
+    module_list,
+)
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
 from crop.regions import GridBox
@@ -78,7 +85,7 @@ class LlavaAdapter(VLMAdapter):
         self.grid_side = int(vision.image_size) // int(vision.patch_size)
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
+        return module_list(self.model, "model.language_model.layers")
 
     def view_box(self, box: GridBox, image_size: tuple[int, int], image_processor: Any) -> GridBox | None:
         """The box on the square LLaVA-1.5 sees: padding shifts it, a centre crop can cut it."""
@@ -117,7 +124,7 @@ class LlavaAdapter(VLMAdapter):
         return spans
 
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
-        out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        out = self.multimodal_model().get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         return list(out.pooler_output)  # each (rows*cols, D)
 
     def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
@@ -126,13 +133,14 @@ class LlavaAdapter(VLMAdapter):
         ``cls_pre_projector`` is filled: LM positions are 1-D and an image is one plain grid, so
         VisionZip may pass the [CLS] token on and lay the tokens out as the official code does.
         """
-        layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
-        features, attention, keys, pre, cls = capture_cls_attention(layer, self.model.model.multi_modal_projector,
-                                                                     lambda: self.encode_images(inputs))
+        layer = clip_feature_layer(self.model.get_submodule("model.vision_tower"), self.config.vision_feature_layer)
+        projector = self.model.get_submodule("model.multi_modal_projector")
+        features, attention, keys, pre, cls = capture_cls_attention(layer, projector,
+                                                                    lambda: self.encode_images(inputs))
         return [VisionSaliency(*row) for row in zip(features, attention, keys, pre, cls, strict=True)]
 
     def project_features(self, pre: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(pre)  # (m, D)
+        return self.model.get_submodule("model.multi_modal_projector")(pre)  # (m, D)
 
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
                           images: list[CompressedImage]) -> dict[str, Any]:
@@ -148,5 +156,5 @@ class LlavaAdapter(VLMAdapter):
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},
+            "mm_encoder_outputs": image_encoder_outputs(features),
         }

@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from crop.models.base import (
@@ -51,6 +50,8 @@ from crop.models.base import (
     TokenGrid,
     VisionSaliency,
     VLMAdapter,
+    image_encoder_outputs,
+    module_list,
 )
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
 from crop.ops.sequences import find_runs, resize_runs
@@ -79,7 +80,7 @@ class LlavaNextAdapter(VLMAdapter):
         self.side = self.tile_px // int(vision.patch_size)  # tokens per tile side (24)
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
+        return module_list(self.model, "model.language_model.layers")
 
     def grids_for(self, image_size: tuple[int, int]) -> tuple[TokenGrid, TokenGrid]:
         """The base-view and high-res grids of an image of ``(height, width)`` pixels.
@@ -145,8 +146,8 @@ class LlavaNextAdapter(VLMAdapter):
 
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Vision tower + projector + packing, unchanged: one ``(span.length, D)`` tensor per image."""
-        out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                  image_sizes=inputs["image_sizes"], return_dict=True)
+        out = self.multimodal_model().get_image_features(pixel_values=inputs["pixel_values"],
+                                                         image_sizes=inputs["image_sizes"], return_dict=True)
         return list(out.pooler_output)  # each (576 + rows' * (cols' + 1), D)
 
     def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
@@ -158,9 +159,10 @@ class LlavaNextAdapter(VLMAdapter):
         per tile and its packed layout (grids, newlines) fixes the token order, so VisionZip keeps
         image order here.
         """
-        layer = clip_feature_layer(self.model.model.vision_tower, self.config.vision_feature_layer)
-        features, attention, keys, pre, _ = capture_cls_attention(layer, self.model.model.multi_modal_projector,
-                                                                   lambda: self.encode_images(inputs))
+        layer = clip_feature_layer(self.model.get_submodule("model.vision_tower"), self.config.vision_feature_layer)
+        projector = self.model.get_submodule("model.multi_modal_projector")
+        features, attention, keys, pre, _ = capture_cls_attention(layer, projector,
+                                                                  lambda: self.encode_images(inputs))
         d = keys.shape[-1]
         per_tile = torch.cat([attention[..., None], keys, pre.to(keys.dtype)], dim=-1)  # (tiles, side*side, 1+d+P)
         packed = self.pack_tile_values(per_tile, inputs["image_sizes"])  # per image (V, 1 + d + P)
@@ -168,7 +170,7 @@ class LlavaNextAdapter(VLMAdapter):
                 for f, p in zip(features, packed, strict=True)]
 
     def project_features(self, pre: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(pre)  # (m, D)
+        return self.model.get_submodule("model.multi_modal_projector")(pre)  # (m, D)
 
     def pack_tile_values(self, per_tile: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Lay out per-tile, per-patch values as the images' visual tokens (newlines left out).
@@ -222,5 +224,5 @@ class LlavaNextAdapter(VLMAdapter):
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[im.tokens for im in images])},
+            "mm_encoder_outputs": image_encoder_outputs([im.tokens for im in images]),
         }

@@ -355,10 +355,10 @@ def _image_only_processor(spec: str, model_type: str, tokenizer):
     import transformers
     from transformers import AutoImageProcessor
 
-    from crop.models.tiny import _qwen_image_only_processor_class
+    from crop.models.processors import qwen_image_only_processor_class
 
     if model_type not in _IMAGE_ONLY_PROCESSORS:
         raise ValueError(f"its processor has no image processor (model type {model_type!r})")
     base = getattr(transformers, _IMAGE_ONLY_PROCESSORS[model_type])
-    return _qwen_image_only_processor_class(base)(image_processor=AutoImageProcessor.from_pretrained(spec),
-                                                  tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    return qwen_image_only_processor_class(base)(image_processor=AutoImageProcessor.from_pretrained(spec),
+                                                 tokenizer=tokenizer, chat_template=tokenizer.chat_template)

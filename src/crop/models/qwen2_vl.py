@@ -25,15 +25,31 @@ windowed attention included) runs exactly as stock.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from crop.models.base import ADAPTERS, CompressedImage, ImageSpan, VisionSaliency, VLMAdapter
+from crop.models.base import (
+    ADAPTERS,
+    CompressedImage,
+    ImageSpan,
+    MultimodalModel,
+    VisionSaliency,
+    VLMAdapter,
+    image_encoder_outputs,
+    module_list,
+)
 from crop.models.qwen_vision_attention import capture_received_attention
 from crop.ops.sequences import find_runs, resize_runs
+
+
+class QwenMultimodalModel(MultimodalModel, Protocol):
+    """What the adapter calls on ``Qwen2VLModel`` / ``Qwen2_5_VLModel``: image features and M-RoPE positions."""
+
+    def get_rope_index(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(position_ids (3, B, L), rope_deltas)`` for a prompt, as the model computes them itself."""
+        ...
 
 
 @ADAPTERS.register("qwen2_vl")
@@ -51,7 +67,11 @@ class Qwen2VLAdapter(VLMAdapter):
         self.merge = int(self.config.vision_config.spatial_merge_size)
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
+        return module_list(self.model, "model.language_model.layers")
+
+    def multimodal_model(self) -> QwenMultimodalModel:
+        """The inner ``Qwen2VLModel`` / ``Qwen2_5_VLModel`` (``model.model``), for its methods."""
+        return cast(QwenMultimodalModel, self.model.get_submodule("model"))
 
     def _grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
         """``(rows, cols)`` of each image's merged token grid, from ``image_grid_thw``."""
@@ -90,8 +110,8 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def encode_images(self, inputs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Vision tower + merger, unchanged: one ``(rows*cols, D)`` tensor per image."""
-        out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                  image_grid_thw=inputs["image_grid_thw"], return_dict=True)
+        out = self.multimodal_model().get_image_features(pixel_values=inputs["pixel_values"],
+                                                         image_grid_thw=inputs["image_grid_thw"], return_dict=True)
         return list(out.pooler_output)  # each (rows*cols, D)
 
     def encode_images_with_saliency(self, inputs: Mapping[str, Any]) -> list[VisionSaliency]:
@@ -101,11 +121,13 @@ class Qwen2VLAdapter(VLMAdapter):
         in the last full-attention vision block (see :mod:`crop.models.qwen_vision_attention`).
         """
         features, saliency, keys, pre = capture_received_attention(
-            self.model.model.visual, inputs["image_grid_thw"], self.merge, lambda: self.encode_images(inputs))
+            self.model.get_submodule("model.visual"), inputs["image_grid_thw"], self.merge,
+            lambda: self.encode_images(inputs))
         return [VisionSaliency(*row) for row in zip(features, saliency, keys, pre, strict=True)]
 
     def project_features(self, pre: torch.Tensor) -> torch.Tensor:
-        return self.model.model.visual.merger.mlp(pre)  # (m, D) the merger after its per-patch norm
+        mlp = self.model.get_submodule("model.visual.merger.mlp")  # the merger after its per-patch norm
+        return mlp(pre)  # (m, D)
 
     def original_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The ``(3, B, L)`` M-RoPE positions the model itself gives the uncompressed prompt."""
@@ -113,9 +135,9 @@ class Qwen2VLAdapter(VLMAdapter):
         types = inputs.get("mm_token_type_ids")
         if types is None:
             types = (ids == self.image_token_id).int()  # (B, L) 1 on image placeholders
-        pos, _ = self.model.model.get_rope_index(input_ids=ids, mm_token_type_ids=types,
-                                                 image_grid_thw=inputs["image_grid_thw"],
-                                                 attention_mask=inputs.get("attention_mask"))
+        pos, _ = self.multimodal_model().get_rope_index(input_ids=ids, mm_token_type_ids=types,
+                                                        image_grid_thw=inputs["image_grid_thw"],
+                                                        attention_mask=inputs.get("attention_mask"))
         return pos  # (3, B, L)
 
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
@@ -155,5 +177,5 @@ class Qwen2VLAdapter(VLMAdapter):
             "attention_mask": mask,
             "mm_token_type_ids": types,
             "position_ids": positions,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[im.tokens for im in images])},
+            "mm_encoder_outputs": image_encoder_outputs([im.tokens for im in images]),
         }

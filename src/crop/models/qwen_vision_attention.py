@@ -13,20 +13,37 @@ block's own ``qkv`` projection and the model's ``apply_rotary_pos_emb_vision``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
+from crop.models.base import module_list
+
 QUERY_CHUNK = 128
 """Queries per chunk when accumulating received attention (bounds memory at ``H * chunk * n``)."""
+
+
+class WindowedVisionTower(Protocol):
+    """What is read of a Qwen2.5-VL vision tower's window geometry (Qwen2-VL's tower has none)."""
+
+    window_size: int
+    patch_size: int
+
+
+class VisionBlockAttention(Protocol):
+    """What is read of a Qwen vision block's ``attn``: the fused projection and the head geometry."""
+
+    qkv: nn.Module
+    num_heads: int
+    scaling: float
 
 
 def saliency_block(visual: nn.Module) -> int:
     """Index of the vision block used: the last full-attention one (Qwen2.5-VL windows the others)."""
     full = getattr(visual, "fullatt_block_indexes", None)
-    return int(full[-1]) if full else len(visual.blocks) - 1
+    return int(full[-1]) if full else len(module_list(visual, "blocks")) - 1
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -67,8 +84,9 @@ def to_token_order(values: torch.Tensor, visual: nn.Module, grid_thw: torch.Tens
         return values
     from transformers.vision_utils import get_vision_window_index
 
-    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=visual.window_size,
-                                              patch_size=visual.patch_size)
+    windowed = cast(WindowedVisionTower, visual)  # fullatt_block_indexes: a Qwen2.5-VL tower, which has both
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=windowed.window_size,
+                                              patch_size=windowed.patch_size)
     return values[torch.argsort(window_index.to(values.device))]
 
 
@@ -91,14 +109,15 @@ def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge:
     Raises:
         RuntimeError: if the block or the merger did not run exactly once.
     """
-    block = visual.blocks[saliency_block(visual)]
+    block = module_list(visual, "blocks")[saliency_block(visual)]
+    merger = visual.get_submodule("merger")
     seen: list[tuple[torch.Tensor, dict]] = []
     merger_in: list[torch.Tensor] = []
     hooks = [
-        block.attn.register_forward_pre_hook(
+        block.get_submodule("attn").register_forward_pre_hook(
             lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs)),
             with_kwargs=True),
-        visual.merger.register_forward_pre_hook(lambda m, args: merger_in.append(args[0].detach())),  # (S, E)
+        merger.register_forward_pre_hook(lambda m, args: merger_in.append(args[0].detach())),  # (S, E)
     ]
     try:
         result = run()
@@ -109,7 +128,7 @@ def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge:
         raise RuntimeError(f"the vision block ran {len(seen)} times and the merger {len(merger_in)} times during "
                            "one encode; expected once each")
     hidden, kwargs = seen[0]
-    attn = block.attn
+    attn = cast(VisionBlockAttention, block.get_submodule("attn"))
     with torch.no_grad():
         seq = hidden.shape[0]
         q, k, _ = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d) each
@@ -126,7 +145,7 @@ def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge:
     merged_scores = to_token_order(merged_scores[:, None], visual, grid_thw, merge)[:, 0]  # (V_all,)
     merged_keys = to_token_order(merged_keys, visual, grid_thw, merge)  # (V_all, d)
     with torch.no_grad():
-        pre = visual.merger.ln_q(merger_in[0])  # (S, E) the merger's per-patch norm
+        pre = merger.get_submodule("ln_q")(merger_in[0])  # (S, E) the merger's per-patch norm
     pre = to_token_order(pre.reshape(merged_scores.shape[0], -1), visual, grid_thw, merge)  # (V_all, unit*E)
     counts = [int(t * h * w) // unit for t, h, w in grid_thw.tolist()]
     return result, list(merged_scores.split(counts)), list(merged_keys.split(counts)), list(pre.split(counts))

@@ -9,9 +9,11 @@ The same builders, with larger sizes, define the embedded models' architectures.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from crop.models.processors import qwen_image_only_processor_class
 from crop.models.tokenizers import (
     LLAVA_CHAT_TEMPLATE,
     LLAVA_QUESTION_FIRST_CHAT_TEMPLATE,
@@ -115,7 +117,7 @@ def llava_config(shape: LlavaShape = LlavaShape(), vocab_size: int | None = None
     return LlavaConfig(
         vision_config=_clip_config(shape),
         text_config=_llama_config(shape, vocab_size),
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -160,7 +162,7 @@ def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa"):
         vision_config=_clip_config(shape),
         text_config=_llama_config(shape, len(tok)),
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
@@ -181,21 +183,6 @@ def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa"):
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
-
-
-def _qwen_image_only_processor_class(base):
-    """A subclass of a Qwen processor that needs no video processor (which would need torchvision)."""
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnly(base):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = f"{base.__name__}ImageOnly"
-    return ImageOnly
 
 
 @dataclass(frozen=True)
@@ -246,7 +233,7 @@ def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
         min_pixels=shape.min_pixels, max_pixels=shape.max_pixels, patch_size=shape.patch_size,
         merge_size=shape.merge_size, temporal_patch_size=2,
     )
-    return _qwen_image_only_processor_class(base)(
+    return qwen_image_only_processor_class(base)(
         image_processor=image_processor, tokenizer=qwen_tokenizer(shape.tokenizer), chat_template=QWEN_CHAT_TEMPLATE
     )
 
@@ -279,6 +266,7 @@ def qwen_config(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+    vision: dict[str, Any]
     if version == "qwen2_vl":
         vision = dict(
             depth=shape.vision_layers, embed_dim=shape.vision_hidden, hidden_size=shape.text_hidden,

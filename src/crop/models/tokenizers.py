@@ -169,8 +169,10 @@ def qwen_word_tokenizer(words: tuple[str, ...] = BENCHMARK_WORDS, box_grid: int 
     vocab = {c: i for i, c in enumerate(alphabet)}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>")
+    # Qwen2Tokenizer annotates merges as strings and unk_token as str, but hands both to the tokenizers
+    # BPE, which takes (left, right) merge pairs and None for "no unknown token"
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None,  # type: ignore[arg-type]
+                         bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.add_tokens(QWEN_SPECIAL_TOKENS, special_tokens=True)
     if box_grid is not None:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in grid_corner_tokens(box_grid)])

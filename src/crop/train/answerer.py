@@ -35,17 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from crop.data.synth import FAMILIES, answers_match, scene_questions
-from crop.train.common import (
-    Capture,
-    TrainConfig,
-    llm_layer,
+from crop.train.config import TrainConfig
+from crop.train.data import stream_sample
+from crop.train.model_hooks import Capture, llm_layer, transformers_model
+from crop.train.probes import (
     make_aux_heads,
     question_probe_loss,
     question_targets,
     token_labels,
     token_probe_loss,
 )
-from crop.train.data import stream_sample
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def answerer_prompt(processor, question: str) -> str:
 
 
 class AnswererTask:
-    """The answerer recipe for :func:`crop.train.common.train`.
+    """The answerer recipe for :func:`crop.train.loop.train`.
 
     Args:
         config: the run's config; ``config.shape`` overrides :data:`ANSWERER_SHAPE`.
@@ -101,7 +100,7 @@ class AnswererTask:
 
     def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
         """Per-token probes on the projector output (text width) and question probes at the answer position."""
-        return make_aux_heads(model.config.text_config.hidden_size)
+        return make_aux_heads(transformers_model(model).config.text_config.hidden_size)
 
     # -- data ---------------------------------------------------------------------------------
     def _prompt_ids(self, question: str) -> list[int]:
@@ -174,7 +173,7 @@ class AnswererTask:
     def _forward(self, model: nn.Module, batch: dict, capture: bool):
         caps = {}
         if capture:
-            caps["vis"] = Capture(model.model.multi_modal_projector)
+            caps["vis"] = Capture(transformers_model(model).model.multi_modal_projector)
             caps["q"] = Capture(llm_layer(model, self.config.question_layer))
         try:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -258,13 +257,20 @@ def evaluate_answerer(model: nn.Module, processor: Any, split: str = "test", n: 
 
     Returns:
         ``{"accuracy": float, "per_family": {family: float}, "n": int, "examples": [...]}``.
+
+    Raises:
+        TypeError: if ``model`` cannot ``generate`` (not a transformers generative model).
     """
+    from transformers import GenerationMixin
+
     from crop.data.synth import generate
 
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"the answerer must be a generative transformers model, got {type(model).__name__}")
     model.eval()
     tok = processor.tokenizer
     correct: dict[str, list[bool]] = defaultdict(list)
-    examples = []
+    examples: list[dict] = []
     samples = list(generate(n, seed, split))
     for start in range(0, n, batch_size):
         chunk = samples[start:start + batch_size]

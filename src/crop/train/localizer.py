@@ -45,22 +45,22 @@ from torch import nn
 
 from crop.data.synth import FAMILIES
 from crop.localizers.prompt import format_box, localizer_messages
-from crop.train.common import (
+from crop.train.attention_supervision import (
     AttentionCapture,
-    Capture,
-    TrainConfig,
     attention_loss,
     image_positions,
-    llm_layer,
-    llm_layer_index,
+    use_capture_attention,
+)
+from crop.train.config import TrainConfig
+from crop.train.data import stream_sample
+from crop.train.model_hooks import Capture, llm_layer, llm_layer_index, transformers_model
+from crop.train.probes import (
     make_aux_heads,
     question_probe_loss,
     question_targets,
     token_labels,
     token_probe_loss,
-    use_capture_attention,
 )
-from crop.train.data import stream_sample
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def localizer_chat(processor, question: str) -> str:
 
 
 class LocalizerTask:
-    """The localizer recipe for :func:`crop.train.common.train`.
+    """The localizer recipe for :func:`crop.train.loop.train`.
 
     Args:
         config: the run's config; ``config.shape`` overrides :data:`LOCALIZER_SHAPE`.
@@ -114,7 +114,7 @@ class LocalizerTask:
 
     def aux_heads(self, model: nn.Module) -> nn.ModuleDict:
         """Content probes on merged visual tokens; row/column probes on LLM image tokens."""
-        dim = model.config.text_config.hidden_size
+        dim = transformers_model(model).config.text_config.hidden_size
         heads = make_aux_heads(dim, {"row": GRID, "col": GRID, "region": 2})
         return heads
 
@@ -166,7 +166,7 @@ class LocalizerTask:
     def _forward(self, model: nn.Module, batch: dict, capture: bool):
         caps = {}
         if capture:
-            caps["vis"] = Capture(model.model.visual.merger)
+            caps["vis"] = Capture(transformers_model(model).model.visual.merger)
             caps["pos"] = Capture(llm_layer(model, self.pos_layer))
         try:
             layer = llm_layer_index(model, self.config.attn_layer)
@@ -281,12 +281,13 @@ def evaluate_localizer(model: nn.Module, processor: Any, split: str = "test", n:
     localizer = VLMLocalizer(model, processor, grid=GRID, batch_size=batch_size, image_first=IMAGE_FIRST)
     samples = list(generate(n, seed, split))
     stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    examples = []
+    examples: list[dict] = []
     for start in range(0, n, batch_size):
         chunk = samples[start:start + batch_size]
         results = localizer.localize([s.image for s in chunk], [s.question for s in chunk])
         for s, r in zip(chunk, results, strict=True):
-            gt = GridBox(*s.box_grid, grid=GRID)
+            x0, y0, x1, y1 = s.box_grid
+            gt = GridBox(x0, y0, x1, y1, grid=GRID)
             for key in (s.family, "all"):
                 stats[key]["iou"].append(r.box.iou(gt))
                 stats[key]["contains"].append(float(r.box.contains(gt)))
@@ -342,8 +343,8 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lm, lp = localizer
-        am, ap = answerer
+        (lm, lp), (am, ap) = localizer, answerer
+        am = transformers_model(am)  # its config sizes the FLOPs estimate
         lm.eval()
         am.eval()
         loc = VLMLocalizer(lm, lp, grid=GRID, batch_size=batch_size, image_first=IMAGE_FIRST)

@@ -35,7 +35,7 @@ from PIL import Image
 from crop.compressor import CompressorConfig, RegionCompressor, save_compressor
 from crop.config import CropPLCTrainedConfig
 from crop.methods.plc_trained import compress_with
-from crop.models.base import get_adapter
+from crop.models import get_adapter
 from crop.pipeline import chat_prompt
 from crop.regions import GridBox
 from crop.train.finetune_localizer import IGNORE, add_lora
@@ -193,7 +193,7 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from crop.eval.runner import scale_budget
+    from crop.eval.matching import scale_budget
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -210,7 +210,7 @@ def train_plc(model, processor, train: list[Example], config: PLCTrainConfig, ru
     if config.lora:
         model = add_lora(model, config.lora_rank, 2 * config.lora_rank)
     lora_params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": list(compressor.parameters()), "lr": config.lr, "base_lr": config.lr}]
+    groups: list[dict[str, Any]] = [{"params": list(compressor.parameters()), "lr": config.lr, "base_lr": config.lr}]
     if lora_params:
         groups.append({"params": lora_params, "lr": config.lora_lr, "base_lr": config.lora_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
