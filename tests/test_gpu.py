@@ -34,6 +34,8 @@ HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 METHODS = ("crop-ilp", "crop-plc", "fastv", "dart")
+# every inner-LLM method (their pruned layers get a new padding mask) and one pre-LLM method
+FLASH_METHODS = ("crop-ilp", "crop-self", "fastv", "dart", "pdrop", "sparsevlm", "random-inner", "crop-plc")
 CASES = [pytest.param(m, a, id=f"{m}-{a}") for m in METHODS for a in ARCHS]
 IMAGES = [random_image(41, (400, 300)), random_image(42, (336, 500))]
 QUESTIONS = ["What color is the star?", "How many circles are there?"]
@@ -218,9 +220,10 @@ def test_bench_smoke_cuda(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs the flash-attn package")
-@pytest.mark.parametrize("method,name", [pytest.param(m, a, id=f"{m}-{a}") for m in ("crop-ilp", "fastv")
-                                         for a in ("tiny-random-llava", "tiny-random-qwen2-vl")])
+@pytest.mark.parametrize("method,name", [pytest.param(m, a, id=f"{m}-{a}") for m in FLASH_METHODS for a in ARCHS])
 def test_flash_attention_2_cuda_bf16(method, name):
+    """The real FA2 kernel on padded batches (the CPU runs the same glue with a reference kernel:
+    tests/methods/test_flash_attention.py)."""
     check_keep_all_and_removal(name, method, "cuda", "bfloat16", attn="flash_attention_2")
     check_cache_and_batch(name, method, "cuda", "bfloat16", attn="flash_attention_2")
     check_kv_lengths(name, method, "cuda", "bfloat16", attn="flash_attention_2")

@@ -48,3 +48,21 @@ def test_pipeline_bad_inputs(llava_sdpa, tmp_path):
         pipe.answer_batch([random_image(1), random_image(2)], ["q?"])
     with pytest.raises(ValueError, match="grid"):
         CropPipeline(model, proc, FullImageLocalizer(grid=4), CropILPConfig())
+
+
+def test_every_reported_time_waits_for_the_device(llava_sdpa, monkeypatch):
+    """Issue 28: on a GPU a clock read before the queued kernels finish times their launch, not their work.
+
+    Every reading behind ``timings`` (localizer start and end, prefill start, first token, end)
+    goes through :func:`crop.timing.clock`, which synchronizes first; on the CPU that is a no-op,
+    so the test counts the calls.
+    """
+    import crop.timing
+
+    calls = []
+    monkeypatch.setattr(crop.timing, "synchronize", lambda *a, **k: calls.append(1))
+    model, proc = llava_sdpa
+    pipe = CropPipeline(model, proc, FixedBoxLocalizer(GridBox(1, 1, 4, 4)), CropILPConfig(keep_tokens=20))
+    result = pipe(random_image(3), "What is it?", max_new_tokens=3)
+    assert len(calls) == 5  # localizer start + end, prefill start, first token, end of decode
+    assert result.timings["prefill_s"] > 0 and result.timings["decode_s"] > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,8 +21,8 @@ from crop.localizers.base import Localization, Localizer
 from crop.methods import InnerLLMMethod
 from crop.methods.self_region import for_self_localizer
 from crop.models import get_adapter
-from crop.models.loading import synchronize
 from crop.regions import GridBox
+from crop.timing import clock
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +97,7 @@ class FirstTokenClock(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.first is None:
-            synchronize()
-            self.first = time.perf_counter()
+            self.first = clock()
         return scores
 
 
@@ -190,9 +188,9 @@ class CropPipeline:
         texts = [check_question(q) for q in questions]
 
         if localizations is None:
-            start = time.perf_counter()
+            start = clock()  # every clock reading waits for the device's queued work (a no-op on the CPU)
             localizations = self.localizer.localize(pil_images, texts)
-            localizer_s = time.perf_counter() - start
+            localizer_s = clock() - start
         elif len(localizations) != len(texts) or localizer_s is None:
             raise ValueError("precomputed localizations need one entry per question and their localizer_s")
 
@@ -205,22 +203,20 @@ class CropPipeline:
             tokenizer.padding_side = side
 
         view_boxes = [self._view_box(loc.box, im.size) for loc, im in zip(localizations, pil_images, strict=True)]
-        clock = FirstTokenClock()
+        first_token = FirstTokenClock()
         with PruningHandle(self.model, self.config) as handle:
-            synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             run_inputs = handle.prepare(inputs, view_boxes)
             out = self.model.generate(**run_inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
-                                      pad_token_id=tokenizer.pad_token_id)
-            synchronize()
-            t_end = time.perf_counter()
+                                      logits_processor=LogitsProcessorList([first_token]),
+                                      return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+            t_end = clock()
             stats = handle.prepared_stats()
         prompt_len = run_inputs["input_ids"].shape[1]
         new_tokens = out.sequences[:, prompt_len:]  # (B, T)
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         kv_lengths, kv_bytes = cache_after_prefill(out, new_tokens.shape[1] - 1)
-        first = clock.first if clock.first is not None else t_end
+        first = first_token.first if first_token.first is not None else t_end
         batch = len(texts)
         timings = {
             "localizer_s": localizer_s / batch,

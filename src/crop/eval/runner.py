@@ -15,7 +15,6 @@ answer, each prediction also has its ``vqa_score`` (the VQA soft score) and each
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from crop.methods.self_region import self_localized_name
 from crop.models import get_adapter
 from crop.pipeline import CropPipeline, chat_prompt
 from crop.regions import GridBox
+from crop.timing import clock
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def localize_all(localizer: Localizer | None, samples: Sequence[SynthSample], ba
             locs.extend(Localization(GridBox(*s.box_grid)) for s in chunk)
             times.extend(0.0 for _ in chunk)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             locs.extend(localizer.localize([s.image for s in chunk], [s.question for s in chunk]))
-            times.extend([(time.perf_counter() - t0) / len(chunk)] * len(chunk))
+            times.extend([(clock() - t0) / len(chunk)] * len(chunk))
         if progress is not None:
             progress(len(chunk))
     return locs, times

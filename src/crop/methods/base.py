@@ -251,7 +251,8 @@ class InnerLLMMethod(PruningMethod):
             if not 1 <= k < depth:
                 raise ValueError(f"layer {k} is outside the model's depth: pruning needs 1 <= layer <= "
                                  f"{depth - 1} for this {depth}-layer language model")
-        return [InnerLLMPruner(self.layers, k, eager=self.adapter.uses_eager_attention, rotary=self.pruner_rotary())
+        return [InnerLLMPruner(self.layers, k, eager=self.adapter.uses_eager_attention, rotary=self.pruner_rotary(),
+                               padding_mask=self.adapter.uses_flash_attention)
                 for k in self.stage_layers()]
 
     def move_stages(self) -> None:

@@ -161,6 +161,24 @@ def _to_mask_format(allowed: torch.Tensor, like: torch.Tensor | None, eager: boo
     return torch.where(allowed, zero, torch.finfo(mask_dtype).min)
 
 
+def _kept_padding_mask(mask: Any, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``(B, Lk)`` padding mask of the kept slots (FlashAttention's format: nonzero on real tokens).
+
+    Args:
+        mask: the layer's ``(B, L)`` padding mask over the unpruned sequence, or ``None`` (nothing padded).
+        index: ``(B, Lk)`` the kept slots' positions in that sequence.
+        valid: ``(B, Lk)`` False on the slots that only pad ragged kept sets, or ``None``.
+
+    Returns:
+        The kept slots' mask (the input's dtype; int64 when built from ``valid`` alone), or
+        ``None`` when no slot is padding.
+    """
+    if isinstance(mask, torch.Tensor):
+        kept = mask.gather(1, index.to(mask.device))  # (B, Lk)
+        return kept if valid is None else kept.masked_fill(~valid.to(mask.device), 0)
+    return None if valid is None else valid.long()  # (B, Lk)
+
+
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
     """Boolean view of a 4-D mask (bool: as is; float additive: 0 means attend)."""
     return mask if mask.dtype == torch.bool else mask == 0
@@ -184,11 +202,16 @@ class InnerLLMPruner:
             sorting them; needs ``rotary`` (positions are handed out in that order). The order may
             only permute real (unpadded) tokens among themselves: the causal mask is the one of
             the sorted slots, so each column keeps its padding status.
+        padding_mask: the layers take a ``(B, L)`` padding mask (1 on real tokens) or none, not a
+            4-D one (FlashAttention): the pruned layers then get the kept slots' ``(B, Lk)`` mask,
+            built from nothing when pruning alone pads (ragged kept sets). FlashAttention unpads
+            each row and is causal in the order of its real tokens, which is the kept slots' order
+            (sorted, or an ordered pruner's: both keep padding in front).
     """
 
     def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False,
                  rotary: Rotary | None = None,
-                 ordered: bool = False) -> None:
+                 ordered: bool = False, padding_mask: bool = False) -> None:
         if not 1 <= layer < len(layers):
             raise ValueError(f"ILP layer must be in [1, {len(layers) - 1}] for a {len(layers)}-layer model, got {layer}")
         if ordered and rotary is None:
@@ -198,6 +221,7 @@ class InnerLLMPruner:
         self.eager = eager
         self.rotary = rotary
         self.ordered = ordered
+        self.padding_mask = padding_mask
         self.context: PruneContext | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -343,6 +367,8 @@ class InnerLLMPruner:
         return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
 
     def _prefill_mask(self, ctx: PruneContext, mask: Any, dtype: torch.dtype) -> Any:
+        if self.padding_mask or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return _kept_padding_mask(mask, ctx.kept_slots(), ctx.valid)
         index, valid = self._causal_index(ctx), ctx.valid  # (B, Lk)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             if valid is None:
@@ -366,6 +392,14 @@ class InnerLLMPruner:
         batch, q_len, _ = hidden.shape
         kept = ctx.index.shape[1]
         new = cached + q_len - kept  # generated tokens at layer K, including this step's
+        if self.padding_mask or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            tail = torch.arange(ctx.prefill_len, ctx.prefill_len + new, device=ctx.index.device)
+            keys = torch.cat([ctx.index, tail.expand(batch, new)], dim=1)  # (B, Lk + new) prefill positions
+            valid = None if ctx.valid is None else torch.cat(
+                [ctx.valid, torch.ones(batch, new, dtype=torch.bool, device=ctx.valid.device)], dim=1)  # (B, Lk + new)
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] != ctx.prefill_len + new:
+                raise RuntimeError(f"unexpected decode mask length {mask.shape[-1]} (expected {ctx.prefill_len + new})")
+            return _kept_padding_mask(mask, keys, valid)
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             if mask.shape[-1] != ctx.prefill_len + new:
                 raise RuntimeError(f"unexpected decode mask length {mask.shape[-1]} (expected {ctx.prefill_len + new})")

@@ -276,6 +276,12 @@ class VLMAdapter(ABC):
         """Whether the LM builds additive float masks (eager) rather than boolean ones (SDPA)."""
         return getattr(self.text_config, "_attn_implementation", None) == "eager"
 
+    @property
+    def uses_flash_attention(self) -> bool:
+        """Whether the LM runs FlashAttention (``flash_attention_2``/``_3``), whose layers take a ``(B, L)`` padding
+        mask (or none) instead of a 4-D one and infer causality from the order of the unpadded tokens."""
+        return "flash_attention" in str(getattr(self.text_config, "_attn_implementation", None) or "")
+
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
         """The language model's decoder layers, in order."""

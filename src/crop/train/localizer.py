@@ -32,7 +32,6 @@ tokens are before it can write a coordinate; the position probes teach that dire
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import nn
 
 from crop.data.synth import FAMILIES
 from crop.localizers.prompt import format_box, localizer_messages
+from crop.timing import clock
 from crop.train.attention_supervision import (
     AttentionCapture,
     attention_loss,
@@ -353,18 +353,18 @@ def measure_cost(localizer: tuple[nn.Module, Any], answerer: tuple[nn.Module, An
         t_loc, t_gen, t_pre, t_fwd, new_tokens = [], [], [], [], []
         for i, batch in enumerate(batches):
             images, questions = [s.image for s in batch], [s.question for s in batch]
-            t0 = time.perf_counter()
+            t0 = clock()
             loc.localize(images, questions)
-            t1 = time.perf_counter()
+            t1 = clock()
             inputs = loc.prepare(images, questions)
-            t2 = time.perf_counter()
+            t2 = clock()
             new = loc.generate(inputs)  # (B, T)
-            t3 = time.perf_counter()
+            t3 = clock()
             a_in = ap(images=images, text=[answerer_prompt(ap, q) for q in questions], padding=True,
                       return_tensors="pt")
-            t4 = time.perf_counter()
+            t4 = clock()
             am(**a_in)
-            t5 = time.perf_counter()
+            t5 = clock()
             if i == 0:
                 continue  # warm-up
             t_loc.append(t1 - t0)
