@@ -34,6 +34,7 @@ examples:
   crop answer photo.jpg "What number is on the card?" --method plc --keep-tokens 64
   crop answer img.png "What is this?" --model tiny-random-llava --localizer box:2,2,5,5 --json
   crop answer img.png "What is this?" --model llava-hf/llava-1.5-7b-hf --localizer ./my-qwen2vl-localizer
+  crop answer img.png "What is this?" --model llava-hf/llava-1.5-7b-hf --localizer grounding:Qwen/Qwen2.5-VL-3B-Instruct
   crop answer img.png "Which bus?" --model llava-hf/llava-1.5-13b-hf --device cuda:0 --dtype bfloat16 \\
       --localizer ./my-qwen2vl-localizer --localizer-device cuda:1
 """
@@ -58,8 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--localizer", default=None,
                    help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'self' (no second "
                         "model: the answerer's own attention before layer K picks the box; ILP becomes crop-self), "
-                        "'embedded' (the shipped toy localizer), or a path / hub id of a generative localizer VLM "
-                        "(default: 'embedded' with the embedded model, else 'full')")
+                        "'embedded' (the shipped toy localizer), 'grounding:<path or hub id>' (a stock instruct "
+                        "Qwen2-VL / Qwen2.5-VL / Qwen3-VL asked zero-shot for the box), or a path / hub id of a "
+                        "generative localizer VLM (default: 'embedded' with the embedded model, else 'full')")
     p.add_argument("--method", default="ilp",
                    help="ilp (CROP inner-LLM pruning, default), plc (CROP pre-LLM compression), none (unpruned), "
                         "or any registered method name (see 'crop methods')")

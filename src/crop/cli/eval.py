@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--localizer", default="embedded",
                    help="'embedded', 'oracle' (ground-truth boxes, the ceiling for localization), 'full', "
                         "'self' (no localizer model: crop-ilp runs as crop-self, the answerer's own attention "
-                        "picks the box), or a path / hub id of a localizer VLM")
+                        "picks the box), 'grounding:<path or hub id>' (a stock instruct Qwen2-VL / Qwen2.5-VL / "
+                        "Qwen3-VL asked zero-shot for the box), or a path / hub id of a localizer VLM")
     p.add_argument("--model", default="embedded", help="answerer: 'embedded', a tiny-random-* name, a path or hub id")
     p.add_argument("--layer", type=int, default=2,
                    help="K of single-stage inner-LLM methods (crop-ilp, fastv, dart, random-inner; default 2)")

@@ -13,7 +13,8 @@ what the localizer cost are reported beside the scores twice:
 
 Model arguments (``--model_args k=v,...``): ``pretrained`` (``embedded``, a tiny-random-*
 name, a folder or a hub id), ``method`` (default ``crop-ilp``), ``keep_tokens`` (visual
-tokens of the model's own grid), ``localizer`` (default ``embedded`` with the embedded
+tokens of the model's own grid), ``localizer`` (any ``--localizer`` word, e.g.
+``grounding:Qwen/Qwen2.5-VL-3B-Instruct``; default ``embedded`` with the embedded
 answerer, else ``full``), ``layer``, ``pool``, ``grid``, ``seed``, ``device``, ``dtype``,
 ``attn``, ``localizer_device``, ``max_new_tokens`` (default 8, as ``crop eval``),
 ``batch_size`` (``max_batch_size``, which lmms-eval may pass, is accepted and unused: batches
