@@ -161,6 +161,15 @@ def check_vlm_localizer(device: str) -> None:
     assert len(locs) == 2 and all(loc.box.grid == 8 for loc in locs)
 
 
+def check_grounding_localizer(device: str) -> None:
+    """The zero-shot grounding localizer runs a Qwen2.5-VL on ``device``; a random model's gibberish falls back, flagged."""
+    localizer = make_localizer("grounding:tiny-random-qwen2.5-vl", device=device)
+    assert input_device(localizer.model).type == resolve_device(device).type
+    locs = localizer.localize(IMAGES, QUESTIONS)
+    assert len(locs) == 2 and all(loc.box.grid == 8 for loc in locs)
+    assert all(loc.fallback and loc.box == GridBox.full() for loc in locs)
+
+
 def check_bench_smoke(tmp_path, device: str, dtype: str) -> dict:
     """``crop bench`` on ``device``: every case measured, the devices recorded."""
     out = tmp_path / "bench"
@@ -211,6 +220,11 @@ def test_pipeline_with_device_map_auto():
 @pytest.mark.gpu
 def test_vlm_localizer_on_cuda():
     check_vlm_localizer("cuda")
+
+
+@pytest.mark.gpu
+def test_grounding_localizer_on_cuda():
+    check_grounding_localizer("cuda")
 
 
 @pytest.mark.gpu

@@ -29,6 +29,7 @@ from tests.conftest import chat_inputs, random_image, tiny
 from tests.test_gpu import (
     check_bench_smoke,
     check_cache_and_batch,
+    check_grounding_localizer,
     check_keep_all_and_removal,
     check_kv_lengths,
     check_pipeline,
@@ -76,6 +77,10 @@ def test_pipeline_body_on_cpu_bfloat16():
 
 def test_pipeline_body_with_device_map_auto_on_cpu():
     check_pipeline("tiny-random-llava", "auto", "float32", device_map="auto")  # accelerate places it all on the CPU
+
+
+def test_grounding_localizer_body_on_cpu():
+    check_grounding_localizer("cpu")
 
 
 def test_bench_body_on_cpu(tmp_path):
