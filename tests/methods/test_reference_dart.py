@@ -6,6 +6,13 @@ Official code: github.com/ZichenWen1/DART, ``llava/model/language_model/modeling
 repository could not be mirrored). :func:`official_retained` follows those lines on a seeded
 random model of LLaVA-1.5's geometry (576 visual tokens, an 8-layer LM with GQA), computing
 everything from the unpruned model's hidden states, without crop's DART code.
+
+The official code runs an unpadded batch of one (L313) through ``generate()``, whose rotary
+positions are ``0..L-1`` (L1155); the pivots' keys are ranked after RoPE (``any_states``, L342:
+the attention's keys after ``apply_rotary_pos_emb``, L572, and ``repeat_kv``, L578). Where crop
+deviates: in a padded batch it rotates each sample's keys at its real-token positions whatever
+positions the forward used, so a plain ``forward()`` of a left-padded batch keeps what each
+prompt keeps alone (tests/methods/test_dart_invariance.py covers generate and torch.compile).
 """
 
 from __future__ import annotations
@@ -95,10 +102,11 @@ def test_dart_batch_with_padding_and_the_rule_is_sensitive(llava8):
     images = [random_image(7, (400, 300)), random_image(8, (336, 500))]
     singles = [chat_inputs(proc, [im], [q]) for im, q in zip(images, QUESTIONS, strict=True)]
     official = [official_retained(model, s, 64) for s in singles]
-    batch = chat_inputs(proc, images, QUESTIONS)  # left-padded; positions as generate gives them
-    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    batch = chat_inputs(proc, images, QUESTIONS)  # left-padded
     assert batch["attention_mask"].sum(1).tolist() != [batch["input_ids"].shape[1]] * 2  # really padded
-    assert ours(model, batch, keep_tokens=64) == official
+    assert ours(model, batch, keep_tokens=64) == official  # a plain forward: positions counted from the first pad
+    with_positions = {**batch, "position_ids": (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    assert ours(model, with_positions, keep_tokens=64) == official  # positions as generate gives them
     # the test tells rules apart: fewer text pivots, or only image pivots, keep other tokens
     assert ours(model, singles[0], keep_tokens=64, text_pivots=0) != [official[0]]
     assert ours(model, singles[0], keep_tokens=64, image_pivots=8, text_pivots=0) != [official[0]]

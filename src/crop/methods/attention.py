@@ -256,6 +256,14 @@ class AttentionScoredMethod(InnerLLMMethod):
 
     @staticmethod
     def last_slots(valid: torch.Tensor) -> list[torch.Tensor]:
-        """Per sample, ``(1,)`` the last real slot (the prompt's last token)."""
+        """Per sample, ``(1,)`` the last real slot (the prompt's last token), found on the device.
+
+        Args:
+            valid: ``(B, L)`` False on padding slots.
+
+        Returns:
+            ``B`` one-element long tensors.
+        """
         positions = torch.arange(valid.shape[1], device=valid.device)  # (L,)
-        return [positions[row].max().view(1) for row in valid]
+        last = torch.where(valid, positions, -1).max(dim=1).values  # (B,) no boolean-mask gather, no host read
+        return [last[b:b + 1] for b in range(valid.shape[0])]

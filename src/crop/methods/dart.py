@@ -75,7 +75,12 @@ class DART(InnerLLMMethod):
 
     1. *Pivots*: the ``image_pivots`` visual tokens and the ``text_pivots`` text tokens after
        the image (the question and "ASSISTANT:") with the largest L1 norm of layer K-1's keys
-       after RoPE (all heads concatenated).
+       after RoPE (all heads concatenated). Official: ``any_states = layer_outputs[-2]`` (L342),
+       the attention's ``key_states`` after ``apply_rotary_pos_emb`` (L572) and ``repeat_kv``
+       (L578), ranked by ``torch.norm(p=1)`` (L424-425); the rotary positions are those of
+       ``generate()`` on an unpadded batch of one (``attention_mask.cumsum(-1) - 1``, L1155,
+       i.e. ``0..L-1``). Here the keys are rotated at each sample's real-token positions
+       ``0..n-1`` whatever positions the forward used (:meth:`DART.key_rotary`).
     2. *Similarity*: cosine between the hidden states entering layer K passed through the LLM's
        final norm (:meth:`crop.models.base.VLMAdapter.final_norm`).
     3. *Greedy*: the pivots are visited in Python ``set`` order of their positions; each keeps
@@ -89,8 +94,13 @@ class DART(InnerLLMMethod):
           could not be mirrored here.
         - Batches, padding and several images: each image has its own pivots; its text pivots
           come from the real (unpadded) text of its sample after it, other images' placeholders
-          excluded; "positions" for the visiting order count real tokens only (the official
-          code has one image at a fixed offset in an unpadded batch of one, where the two agree).
+          excluded; "positions" for the visiting order and for the keys' rotary encoding count
+          real tokens only (the official code asserts a batch of one, L313, unpadded, where the
+          two agree). So the kept set is the same for a prompt alone or left-padded in a batch,
+          and in ``forward()`` (whose LLaVA positions count from the first pad) or ``generate()``.
+        - The selection runs eagerly (``torch.compiler.disable``) inside a ``torch.compile``'d
+          model: dynamo iterates a Python ``set`` in insertion order, not in CPython's order that
+          the official code visits its pivots in (L429-434), and would keep other tokens.
         - Key norms and cosines in float32 (official: model dtype, fp16); ties are broken
           towards the lower index (official: ``topk``'s choice).
         - Quotas are clipped to the tokens left (the official code would fail when a budget
@@ -140,10 +150,10 @@ class DART(InnerLLMMethod):
         device = hidden.device
         # DART has a single stage, so slot s of ``hidden`` is prompt position s
         _, keys = self.capture.take(seq_len)  # (B, L, Hkv*d) layer K-1's key projections, before RoPE
-        cos, sin = layer_kwargs["position_embeddings"]  # (B|1, L, d) each, the same tables as layer K-1's
         mask = self._attention_mask
         valid = mask.to(device) if mask is not None and mask.shape == (batch, seq_len) \
             else torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # (B, L)
+        cos, sin = self.key_rotary(hidden, layer_kwargs, valid)  # (B|1, L, d) each
         slots_all = torch.arange(seq_len, device=device)  # (L,)
         out = []
         with torch.no_grad():
@@ -164,6 +174,36 @@ class DART(InnerLLMMethod):
                                                   position, budget))
         return out
 
+    def key_rotary(self, hidden: torch.Tensor, layer_kwargs: dict,
+                   valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables the pivots' keys are rotated with: each sample's real tokens numbered from 0.
+
+        The official code ranks keys after RoPE (their L1 norm changes with the position), in an
+        unpadded batch of one, i.e. at positions ``0..L-1``. The layer's own tables may count from
+        the first pad instead (a plain ``forward()`` of a left-padded LLaVA batch numbers every slot,
+        ``generate()`` only the real tokens), which would make the kept set depend on the padding;
+        so 1-D RoPE tables are recomputed at the real-token positions. M-RoPE models (Qwen2-VL/2.5-VL)
+        keep the layer's tables: their 3-D positions (``get_rope_index``) already number real tokens only.
+
+        Args:
+            hidden: ``(B, L, D)`` the hidden states entering layer K (dtype and device of the tables).
+            layer_kwargs: layer K's keyword arguments (``position_embeddings``).
+            valid: ``(B, L)`` False on padding slots.
+
+        Returns:
+            ``(cos, sin)``, each ``(B|1, L, d)``.
+        """
+        if self.adapter.uses_mrope:
+            return layer_kwargs["position_embeddings"]
+        position = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) index among the sample's real tokens
+        return self.adapter.rotary_embedding(hidden, position)
+
+    def _selector(self, stage):
+        # run the selection eagerly even inside a torch.compile'd model: it reads values back anyway (graph breaks),
+        # and dynamo would iterate the pivots' Python set in insertion order, not CPython's hash order the official
+        # code visits them in, and silently keep other tokens
+        return torch.compiler.disable(super()._selector(stage), recursive=True)
+
     def _select_image(self, hidden: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       slots: torch.Tensor, text: torch.Tensor, position: torch.Tensor, budget: int) -> torch.Tensor:
         """One image: indices into ``slots`` (its visual tokens) that survive.
@@ -171,7 +211,7 @@ class DART(InnerLLMMethod):
         Args:
             hidden: ``(L, D)`` the sample's hidden states entering layer K.
             keys: ``(L, Hkv*d)`` layer K-1's key projections (before RoPE).
-            cos, sin: ``(L, d)`` the rotary tables.
+            cos, sin: ``(L, d)`` the rotary tables at the real-token positions (:meth:`key_rotary`).
             slots: ``(v,)`` the image's visual slots; ``text``: ``(t,)`` the text slots after it.
             position: ``(L,)`` each slot's position among the sample's real tokens.
             budget: ``keep_tokens`` (``< v``).

@@ -179,23 +179,22 @@ def sparsevlm_schedule(n_in: int, keep_tokens: int | None, stage_layers: Sequenc
 # -- density-peak clustering (the official utils.cluster_and_merge) ---------------------------
 
 
-def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """DPC-kNN clustering of ``x`` ``(R, D)`` into ``clusters`` groups, each merged into its mean.
+def density_peak_clusters(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of ``x`` ``(R, D)`` into ``clusters`` groups (the official ``cluster_and_merge``'s rule).
 
-    As the official ``cluster_and_merge``: Euclidean distances over ``sqrt(D)``; local density
-    ``exp(-mean of the squared distances to the k = clusters nearest (self included))``; each
-    token's distance to the nearest denser token (the largest distance for the densest); the
-    ``clusters`` tokens with the largest ``density * distance`` are the centres (in that order);
-    every token joins its nearest centre and each centre its own cluster; a merged token is the
-    sum of its members over ``(count + 1e-6)``. The official 1e-6 random density jitter (a
-    tie-breaker) is left out, so the result is deterministic.
+    Euclidean distances over ``sqrt(D)``; local density ``exp(-mean of the squared distances to
+    the k = clusters nearest (self included))``; each token's distance to the nearest denser
+    token (the largest distance for the densest); the ``clusters`` tokens with the largest
+    ``density * distance`` are the centres (in that order); every token joins its nearest centre
+    and each centre its own cluster. The official 1e-6 random density jitter (a tie-breaker) is
+    left out, so the result is deterministic. Everything stays on ``x``'s device.
 
     Returns:
-        ``(merged (C, D), members)``: the merged tokens in centre order and, per cluster, the
-        indices into ``x`` it merges (its centre first).
+        ``(centres (C,), assign (R,))``: the centres' indices into ``x`` in centre order, and the
+        cluster (index into ``centres``) of every token.
     """
-    n, dim = x.shape
-    xf = x.float()
+    dim = x.shape[1]
+    xf = x.float()  # (R, D)
     dist = torch.cdist(xf[None], xf[None])[0] / dim ** 0.5  # (R, R)
     nearest = dist.topk(clusters, dim=-1, largest=False).values  # (R, C) self included
     density = (-(nearest ** 2).mean(dim=-1)).exp()  # (R,)
@@ -204,11 +203,43 @@ def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, lis
     centres = (parent * density).topk(clusters).indices  # (C,)
     assign = dist[centres].argmin(dim=0)  # (R,) nearest centre
     assign[centres] = torch.arange(clusters, device=x.device)
-    members = []
-    for c in range(clusters):
-        group = (assign == c).nonzero().squeeze(1)
-        members.append(torch.cat([centres[c:c + 1], group[group != centres[c]]]))
-    sums = torch.zeros(clusters, dim, dtype=x.dtype, device=x.device).index_add_(0, assign, x)  # (C, D)
+    return centres, assign
+
+
+def cluster_members(centres: torch.Tensor, assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every cluster's members as one padded matrix, without reading the cluster sizes back to the host.
+
+    Args:
+        centres: ``(C,)`` the centres' indices (see :func:`density_peak_clusters`).
+        assign: ``(R,)`` each token's cluster.
+
+    Returns:
+        ``(order, member)``, both ``(C, R)``: row ``c`` of ``order`` lists indices into the ``R``
+        tokens, cluster ``c``'s centre first, then its other members in increasing index, then
+        the other tokens; ``member`` marks the entries that belong to the cluster.
+    """
+    tokens = torch.arange(assign.numel(), device=assign.device)  # (R,)
+    mine = assign[None, :] == torch.arange(centres.numel(), device=assign.device)[:, None]  # (C, R)
+    rank = torch.where(tokens[None, :] == centres[:, None], 0, torch.where(mine, 1, 2))  # (C, R) centre, member, other
+    order = rank.argsort(dim=1, stable=True)  # (C, R)
+    return order, rank.gather(1, order) < 2
+
+
+def cluster_and_merge(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """DPC-kNN clustering of ``x`` ``(R, D)`` into ``clusters`` groups, each merged into its mean.
+
+    The official ``cluster_and_merge`` (see :func:`density_peak_clusters`); a merged token is the
+    sum of its members over ``(count + 1e-6)``. For inspection: the member lists are read back
+    to the host (the method itself uses :func:`density_peak_clusters` and :func:`cluster_members`).
+
+    Returns:
+        ``(merged (C, D), members)``: the merged tokens in centre order and, per cluster, the
+        indices into ``x`` it merges (its centre first).
+    """
+    centres, assign = density_peak_clusters(x, clusters)
+    order, member = cluster_members(centres, assign)  # (C, R) each
+    members = [order[c][member[c]] for c in range(clusters)]
+    sums = torch.zeros(clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)  # (C, D)
     counts = torch.bincount(assign, minlength=clusters).to(x.dtype)  # (C,)
     return sums / (counts[:, None] + 1e-6), members
 
@@ -218,7 +249,8 @@ class _Merge:
     """One merged token of sample ``sample``: the mean of slots ``group`` written into slot ``center``.
 
     ``origin`` / ``group_origin``: the prompt positions those slots came from (what the stats
-    report: a merged token is listed under its centre slot's origin).
+    report: a merged token is listed under its centre slot's origin). The host-side view of a
+    :class:`_MergeSet` entry, for inspection and tests.
     """
 
     sample: int
@@ -226,6 +258,111 @@ class _Merge:
     group: torch.Tensor
     origin: int = -1
     group_origin: torch.Tensor | None = None
+
+
+@dataclass
+class _MergeSet:
+    """One stage's merged tokens, batched on the model's device: built and applied without host round trips.
+
+    Attributes:
+        sample: ``(M,)`` batch row of each merged token.
+        center: ``(M,)`` the slot its mean is written into (its cluster's centre).
+        members: ``(M, G)`` the slots it averages, centre first (padding repeats the centre).
+        valid: ``(M, G)`` False on padding.
+        origin: ``(M,)`` prompt position of the centre slot.
+        member_origin: ``(M, G)`` prompt positions of the members (-1 on padding).
+        image: per merged token, its image (index in span order); known on the host, in blocks.
+    """
+
+    sample: torch.Tensor
+    center: torch.Tensor
+    members: torch.Tensor
+    valid: torch.Tensor
+    origin: torch.Tensor
+    member_origin: torch.Tensor
+    image: list[int]
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def block(self, image: int) -> tuple[int, int]:
+        """``(lo, hi)``: the rows of image ``image``'s merged tokens (``lo == hi`` when it has none)."""
+        rows = [m for m, i in enumerate(self.image) if i == image]
+        return (rows[0], rows[-1] + 1) if rows else (0, 0)
+
+    @classmethod
+    def stack(cls, parts: list[_MergeSet]) -> _MergeSet | None:
+        """The parts (one per image) as one set, trimmed to the largest cluster (``None`` for no parts).
+
+        One host read per stage: the width of the largest cluster, so the gather in :meth:`apply`
+        is ``(M, largest, D)`` rather than ``(M, R, D)``.
+        """
+        if not parts:
+            return None
+        wide = max(p.members.shape[1] for p in parts)
+
+        def pad(x: torch.Tensor, fill: torch.Tensor | int | bool) -> torch.Tensor:
+            extra = wide - x.shape[1]
+            if extra == 0:
+                return x
+            tail = fill.expand(-1, extra) if isinstance(fill, torch.Tensor) else \
+                torch.full((x.shape[0], extra), fill, dtype=x.dtype, device=x.device)
+            return torch.cat([x, tail], dim=1)  # (C, wide)
+
+        valid = torch.cat([pad(p.valid, False) for p in parts])  # (M, wide)
+        width = int(valid.sum(dim=1).max())  # the largest cluster: the stage's one host read
+        return cls(sample=torch.cat([p.sample for p in parts]), center=torch.cat([p.center for p in parts]),
+                   members=torch.cat([pad(p.members, p.members[:, :1]) for p in parts])[:, :width],
+                   valid=valid[:, :width], origin=torch.cat([p.origin for p in parts]),
+                   member_origin=torch.cat([pad(p.member_origin, -1) for p in parts])[:, :width],
+                   image=[i for p in parts for i in p.image])
+
+    @classmethod
+    def from_merges(cls, merges: list[_Merge], device: torch.device | None = None) -> _MergeSet:
+        """A set from host-side merges (tests, hand-made merges)."""
+        width = max(m.group.numel() for m in merges)
+
+        def row(x: torch.Tensor, fill: torch.Tensor | int) -> torch.Tensor:
+            tail = x[:1].expand(width - x.numel()) if isinstance(fill, torch.Tensor) else \
+                torch.full((width - x.numel(),), fill, dtype=x.dtype)
+            return torch.cat([x.cpu(), tail.cpu()])  # (width,)
+
+        groups = [m.group.long().cpu() for m in merges]
+        origins = [m.group_origin.long().cpu() if m.group_origin is not None else torch.full_like(g, -1)
+                   for m, g in zip(merges, groups, strict=True)]
+        return cls(sample=torch.tensor([m.sample for m in merges], device=device),
+                   center=torch.tensor([m.center for m in merges], device=device),
+                   members=torch.stack([row(g, g) for g in groups]).to(device),
+                   valid=torch.stack([torch.arange(width) < g.numel() for g in groups]).to(device),
+                   origin=torch.tensor([m.origin for m in merges], device=device),
+                   member_origin=torch.stack([row(o, -1) for o in origins]).to(device),
+                   image=[0] * len(merges))
+
+    def to_merges(self) -> list[_Merge]:
+        """The host-side view, one :class:`_Merge` per merged token (reads everything back: inspection only)."""
+        out = []
+        for m in range(len(self)):
+            keep = self.valid[m].cpu()  # (G,)
+            out.append(_Merge(int(self.sample[m]), int(self.center[m]), self.members[m].cpu()[keep],
+                              int(self.origin[m]), self.member_origin[m].cpu()[keep]))
+        return out
+
+    def apply(self, hidden: torch.Tensor) -> None:
+        """Write each merged token's cluster mean (official: sum over ``count + 1e-6``) into its centre slot of ``hidden`` ``(B, L, D)``.
+
+        In place; every mean is computed before any slot is written. The sum runs over each
+        cluster's members in order (centre first) with zeros after them: on the CPU the same
+        bits as summing the members alone, for hidden sizes that are a multiple of the SIMD
+        width (every real model's; tests/methods/test_sparsevlm_batched.py checks it).
+        """
+        if not len(self):
+            return
+        gathered = hidden[self.sample[:, None], self.members]  # (M, G, D)
+        sums = torch.where(self.valid[..., None], gathered, hidden.new_zeros(())).sum(dim=1)  # (M, D)
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        count = self.valid.sum(dim=1).to(torch.float64) + 1e-6  # (M,) as Python computes ``len + 1e-6``
+        means = (sums.to(wide) / count.to(wide)[:, None]).to(hidden.dtype)  # (M, D)
+        hidden[self.sample, self.center] = means
 
 
 @METHODS.register("sparsevlm")
@@ -278,6 +415,11 @@ class SparseVLM(AttentionScoredMethod):
       (a single text token ties with its mean) all its text tokens rate.
     - No-cache forwards of the same prompt redo the merges from their own hidden states.
 
+    Host round trips: the ranking, top-k, recycling, clustering, merges and placement run on the
+    model's device (counts come from the schedule, never read back), so a request makes a fixed
+    number of syncs per image and stage, none per token or per merged token: 49 for two images
+    and three stages, 36 of them the shared selector's (tests/methods/test_host_syncs.py).
+
     Config: :class:`SparseVLMConfig`.
     """
 
@@ -294,12 +436,17 @@ class SparseVLM(AttentionScoredMethod):
         else:
             self._layers, self._columns = default_layers(adapter.num_layers)
         super().__init__(adapter, config)
-        self._merges: list[list[_Merge]] = [[] for _ in self._layers]
+        self._merge_sets: list[_MergeSet | None] = [None for _ in self._layers]  # per stage, what it merged
         self._merge_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._embed_handle: torch.utils.hooks.RemovableHandle | None = None
         self._embeds: torch.Tensor | None = None  # (B, L, D) what entered layer 0 in the armed prefill
         self._embeds_armed = False
-        self._raters: list[torch.Tensor] = []  # per image, prompt positions of its raters
+        self._raters: list[torch.Tensor] = []  # per image, (P,) True at the prompt positions of its raters
+
+    @property
+    def _merges(self) -> list[list[_Merge]]:
+        """Per stage, its merged tokens as host-side :class:`_Merge` entries (reads them back: for inspection and tests)."""
+        return [[] if merges is None else merges.to_merges() for merges in self._merge_sets]
 
     def stage_layers(self) -> list[int]:
         return list(self._layers)
@@ -348,7 +495,7 @@ class SparseVLM(AttentionScoredMethod):
 
     def prepare(self, inputs, spans, boxes):
         self._plans = [self.schedule(s.visual_tokens) for s in spans]  # per image: (rated, totals) or None
-        self._merges = [[] for _ in self._layers]
+        self._merge_sets = [None for _ in self._layers]
         self._embeds, self._embeds_armed, self._raters = None, True, []
         return super().prepare(inputs, spans, boxes)
 
@@ -361,7 +508,10 @@ class SparseVLM(AttentionScoredMethod):
     # -- raters ----------------------------------------------------------------------------------
 
     def _choose_raters(self) -> list[torch.Tensor]:
-        """Per image, the prompt positions of its text raters (official L199-204), from the layer-0 embeddings."""
+        """Per image, ``(P,)`` True at the prompt positions of its text raters (official L199-204), from the layer-0 embeddings.
+
+        One host read per image (where its text is); the raters stay a mask on the device.
+        """
         embeds = self._embeds
         if embeds is None:
             raise RuntimeError("SparseVLM saw no prompt embeddings; call handle.prepare(inputs) before each "
@@ -376,14 +526,14 @@ class SparseVLM(AttentionScoredMethod):
         for span in self._spans:
             after = torch.arange(length, device=embeds.device) >= span.start + span.length  # (L,)
             text = (after & ~in_image[span.sample] & real[span.sample]).nonzero().squeeze(1)  # (T,)
-            if text.numel() == 0:
-                raters.append(text)
-                continue
-            v = embeds[span.sample, span.start + span.visual_positions().to(embeds.device)].float()  # (V, D)
-            t = embeds[span.sample, text].float()  # (T, D)
-            r = (v @ t.T).softmax(dim=1).mean(dim=0)  # (T,)
-            chosen = text[r > r.mean()]
-            raters.append(chosen if chosen.numel() else text)
+            mask = torch.zeros(length, dtype=torch.bool, device=embeds.device)  # (L,)
+            if text.numel():
+                v = embeds[span.sample, span.start + span.visual_positions().to(embeds.device)].float()  # (V, D)
+                t = embeds[span.sample, text].float()  # (T, D)
+                r = (v @ t.T).softmax(dim=1).mean(dim=0)  # (T,)
+                above = r > r.mean()  # (T,)
+                mask[text] = above | ~above.any()  # none above the mean (one token ties with it): all text rates
+            raters.append(mask)
         return raters
 
     # -- selection -------------------------------------------------------------------------------
@@ -396,51 +546,77 @@ class SparseVLM(AttentionScoredMethod):
         last = self.last_slots(valid)
         rater_slots = []  # per image, slots of its raters in this sequence
         for span, raters in zip(self._spans, self._raters, strict=True):
-            slots = torch.isin(origin[span.sample], raters.to(origin.device)).nonzero().squeeze(1)
+            row = origin[span.sample]  # (L,) prompt position of each slot, -1 on padding
+            is_rater = raters.to(row.device)[row.clamp(min=0)] & (row >= 0)  # (L,)
+            slots = is_rater.nonzero().squeeze(1)  # (r,) one host read per image and stage
             rater_slots.append(slots if slots.numel() else last[span.sample])
         queries = []
         for b in range(hidden.shape[0]):
             mine = [s for span, s in zip(self._spans, rater_slots, strict=True) if span.sample == b]
             queries.append(torch.cat(mine).unique() if mine else last[b])  # (n_b,) sorted
         rows = self.attention_rows_at(stage, hidden, layer_kwargs, queries, valid)  # per b: (n_b, L)
-        out, image = [], 0
+        out, parts, image = [], [], 0
         for b, per_sample in enumerate(candidates):
             for slots in per_sample:
                 plan = self._plans[image]
                 which = torch.searchsorted(queries[b], rater_slots[image].to(queries[b].device))  # rows of its raters
-                scores = rows[b][which].mean(dim=0)[slots.to(rows[b].device)].cpu()  # (v,)
+                scores = rows[b][which].mean(dim=0)[slots.to(rows[b].device)]  # (v,)
                 keep = None if plan is None else plan[0][stage]
-                out.append(self._select_image(stage, b, slots, scores, keep, hidden, origin))
+                pick, part = self._select_image(b, image, slots.to(hidden.device), scores.to(hidden.device), keep,
+                                                hidden, origin)
+                out.append(pick)
+                if part is not None:
+                    parts.append(part)
                 image += 1
+        # the images' merges are disjoint (each averages its own pruned slots into one of them), so they are applied
+        # together, once every image chose
+        merges = _MergeSet.stack(parts)
+        if merges is not None:
+            merges.apply(hidden)
+        self._merge_sets[stage] = merges
         return out
 
-    def _select_image(self, stage: int, sample: int, slots: torch.Tensor, scores: torch.Tensor, keep: int | None,
-                      hidden: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-        """Indices into ``slots`` to keep for one image (rated + merged), recording and applying its merges."""
+    def _select_image(self, sample: int, image: int, slots: torch.Tensor, scores: torch.Tensor, keep: int | None,
+                      hidden: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, _MergeSet | None]:
+        """One image: indices into ``slots`` to keep (rated, then merged centres), and its merged tokens.
+
+        Everything stays on the device: the counts (``keep``, the recycled and cluster counts) are
+        known on the host from the schedule and ``slots``' length, so no value is read back.
+
+        Args:
+            sample: the image's batch row; ``image``: its index in span order.
+            slots: ``(v,)`` its visual tokens' slots in the sequence entering the stage layer.
+            scores: ``(v,)`` their rating (raters' mean attention).
+            keep: rated tokens to keep (``None``: keep everything).
+            hidden: ``(B, L, D)`` the hidden states entering the stage layer (the merges average them).
+            origin: ``(B, L)`` prompt position of each slot.
+
+        Returns:
+            ``(pick, merges)``: ``pick`` indexes ``slots`` (``(k + C,)``); ``merges`` is ``None``
+            when nothing is merged.
+        """
         n = slots.numel()
         if keep is None or n == 0:
-            return torch.arange(n)
+            return torch.arange(n, device=slots.device), None
         k = min(keep, n - 1)
-        top = scores.topk(k).indices if k > 0 else torch.zeros(0, dtype=torch.long)  # (k,)
-        pruned_mask = torch.ones(n, dtype=torch.bool)
-        pruned_mask[top] = False
-        pruned = pruned_mask.nonzero().squeeze(1)  # (P,) in sequence order
+        top = scores.topk(k).indices if k > 0 else torch.zeros(0, dtype=torch.long, device=slots.device)  # (k,)
         recycled, clusters = recycled_counts(n, k, self.config.recycle, self.config.cluster_size)
         if clusters == 0:
-            return top.sort().values
+            return top.sort().values, None
+        pruned_mask = torch.ones(n, dtype=torch.bool, device=slots.device)  # (v,)
+        pruned_mask[top] = False
+        # the n - k pruned in sequence order: a stable sort puts them first (nonzero would read the count back)
+        pruned = pruned_mask.to(torch.uint8).argsort(descending=True, stable=True)[:n - k]  # (P,)
         pool = pruned[scores[pruned].topk(recycled).indices]  # (R,) best-rated pruned, best first
-        pool_slots = slots.cpu()[pool]  # (R,)
-        _, members = cluster_and_merge(hidden[sample, pool_slots.to(hidden.device)], clusters)
-        new = []
-        row = origin[sample].cpu()
-        for group in members:
-            group_slots = pool_slots[group.cpu()]  # (g,) centre first
-            centre = int(group_slots[0])
-            new.append(_Merge(sample, centre, group_slots, int(row[centre]), row[group_slots]))
-        _apply(hidden, new)
-        self._merges[stage].extend(new)
-        centres = pool[torch.stack([g[0].cpu() for g in members])]  # (C,) indices into slots
-        return torch.cat([top.sort().values, centres])
+        pool_slots = slots[pool]  # (R,)
+        centres, assign = density_peak_clusters(hidden[sample, pool_slots], clusters)  # (C,), (R,)
+        order, member = cluster_members(centres, assign)  # (C, R) each
+        members = pool_slots[order]  # (C, R) slots, centre first
+        row = origin[sample]  # (L,)
+        merges = _MergeSet(sample=torch.full((clusters,), sample, dtype=torch.long, device=slots.device),
+                           center=members[:, 0], members=members, valid=member, origin=row[members[:, 0]],
+                           member_origin=row[members].masked_fill(~member, -1), image=[image] * clusters)
+        return torch.cat([top.sort().values, pool[centres]]), merges
 
     def _selector(self, stage):
         select = super()._selector(stage)
@@ -448,42 +624,63 @@ class SparseVLM(AttentionScoredMethod):
             return select
 
         def ordered(hidden: torch.Tensor, layer_kwargs: dict) -> list[torch.Tensor]:
-            done = len(self._merges[stage])
             keep = select(hidden, layer_kwargs)  # per sample, sorted slots (kept + merged centres)
-            return self._place_merged(stage, hidden, keep, self._merges[stage][done:])
+            return self._place_merged(stage, hidden, keep, self._merge_sets[stage])
 
         return ordered
 
     def _place_merged(self, stage: int, hidden: torch.Tensor, keep: list[torch.Tensor],
-                      merges: list[_Merge]) -> list[torch.Tensor]:
-        """Per sample, ``keep`` with each image's merged slots moved right after the image's last kept slot."""
+                      merges: _MergeSet | None) -> list[torch.Tensor]:
+        """Per sample, ``keep`` with each image's merged slots moved right after the image's last kept slot.
+
+        The official layout (kept visual tokens in order, then the merged ones in centre order).
+        Computed as a sort key per slot, on the device: an unmoved slot ``s`` gets ``s * W``, the
+        ``j``-th merged token of an image ``anchor * W + 1 + j``, where ``anchor`` is the image's
+        last kept unmoved slot or, when it kept none, its first merged token's own slot.
+
+        Args:
+            stage: the stage index.
+            hidden: ``(B, L, D)`` the hidden states entering the stage layer.
+            keep: per sample, ``(K_b,)`` the kept slots, sorted (merged centres included).
+            merges: the stage's merged tokens.
+
+        Returns:
+            Per sample, the same slots in the order they go on.
+        """
+        if merges is None:
+            return keep
         origin = self.slot_origin(stage, hidden)  # (B, L)
+        length = origin.shape[1]
+        blocks = [merges.block(i) for i in range(len(self._spans))]  # per image: its merged tokens' rows
+        width = max(hi - lo for lo, hi in blocks) + 2
         out = []
         for b, row in enumerate(keep):
-            order = row.tolist()
-            for span in (s for s in self._spans if s.sample == b):
-                mine = [m.center for m in merges if m.sample == b and span.start <= m.origin < span.start + span.length]
-                if not mine:
+            key = torch.arange(length, device=row.device) * width  # (L,) an unmoved slot's sort key
+            for span, (lo, hi) in zip(self._spans, blocks, strict=True):
+                if span.sample != b or lo == hi:
                     continue
-                moved = set(mine)
-                rest = [s for s in order if s not in moved]
-                inside = [i for i, s in enumerate(rest) if span.start <= int(origin[b, s]) < span.start + span.length]
-                at = inside[-1] + 1 if inside else sum(1 for s in order[:order.index(mine[0])] if s not in moved)
-                order = rest[:at] + mine + rest[at:]
-            out.append(torch.tensor(order, dtype=torch.long, device=row.device))
+                centres = merges.center[lo:hi].to(row.device)  # (C,) in centre order
+                moved = torch.zeros(length, dtype=torch.bool, device=row.device)  # (L,)
+                moved[centres] = True
+                source = origin[b, row]  # (K,)
+                inside = (source >= span.start) & (source < span.start + span.length) & ~moved[row]  # (K,)
+                last = torch.where(inside, row, -1).max()  # () the image's last kept unmoved slot, or -1
+                anchor = torch.where(last >= 0, last, centres[0])  # ()
+                key[centres] = anchor * width + 1 + torch.arange(hi - lo, device=row.device)  # (C,)
+            out.append(row[key[row].argsort()])  # (K,) keys are distinct
         return out
 
     def _replay(self, stage: int, layer: int):
         """Pre-hook redoing the stage's merges on later prefills of the same prompt (no-cache generation)."""
 
         def hook(module, args, kwargs):
-            merges = self._merges[stage]
+            merges = self._merge_sets[stage]
             cache = layer_cache(kwargs)
             prefill = cache is None or cache.get_seq_length(layer) == 0
-            if not merges or not prefill:
+            if merges is None or not prefill:
                 return None
             hidden = (args[0] if args else kwargs["hidden_states"]).clone()  # (B, L, D)
-            _apply(hidden, merges)
+            merges.apply(hidden)
             if args:
                 return (hidden,) + tuple(args[1:]), kwargs
             kwargs["hidden_states"] = hidden
@@ -492,11 +689,17 @@ class SparseVLM(AttentionScoredMethod):
         return hook
 
 
-def _apply(hidden: torch.Tensor, merges: list[_Merge]) -> None:
+def _apply(hidden: torch.Tensor, merges: _MergeSet | list[_Merge]) -> None:
     """Write each merge's cluster mean (official: sum over ``count + 1e-6``) into its centre slot of ``hidden`` ``(B, L, D)``.
 
-    In place; every mean is computed before any slot is written.
+    In place; every mean is computed before any slot is written (see :meth:`_MergeSet.apply`).
+
+    Args:
+        hidden: ``(B, L, D)`` the hidden states entering the stage layer.
+        merges: a stage's merged tokens, batched or as host-side :class:`_Merge` entries.
     """
-    means = [hidden[m.sample, m.group.to(hidden.device)].sum(dim=0) / (m.group.numel() + 1e-6) for m in merges]
-    for m, mean in zip(merges, means, strict=True):
-        hidden[m.sample, m.center] = mean
+    if isinstance(merges, list):
+        if not merges:
+            return
+        merges = _MergeSet.from_merges(merges, hidden.device)
+    merges.apply(hidden)
