@@ -25,6 +25,17 @@ once per sample and its FLOPs count for every region-guided run. 'full' (the unp
 always runs, as the reference. Also writes OUT/accuracy_vs_flops.png (the Pareto chart).
 No timings: speed is measured by `crop bench`.
 
+Resume: every finished answer is appended to OUT/progress.jsonl as its batch ends, and
+OUT/eval_spec.json records what is evaluated. Run the same command again on the same --out
+after a crash or a kill: what is done is skipped and results.json ends as an uninterrupted
+run's. Another spec is refused (use another --out, delete the folder, or pass --fresh).
+
+Several processes: `torchrun --nproc-per-node N -m crop eval ...` (or `accelerate launch
+--num_processes N -m crop eval ...`) gives each process every N-th batch (on GPU i with
+--device cuda or auto); each writes OUT/progress.rank<R>.jsonl and rank 0 merges them into
+the same results.json as one process writes. Write --num-samples there, not --n (the
+launchers' own parsers read --n as an abbreviation of their options).
+
 Your own data: --data FILE.jsonl replaces the synthetic benchmark. One JSON object per line:
 "image" (a path, relative to the file's folder or absolute), "question", "answers" (a string
 or a list), optional "box_px" [x0,y0,x1,y1] (pixels) or "box_grid" [x0,y0,x1,y1] (8x8 grid
@@ -50,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="synthetic benchmark split (default test)")
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help="evaluate on your own JSONL samples instead of the synthetic benchmark (see above)")
-    p.add_argument("--n", type=int, default=None,
-                   help="number of samples (default 200 synthetic; with --data, every line of the file)")
+    p.add_argument("--n", "--num-samples", type=int, default=None,
+                   help="number of samples (default 200 synthetic; with --data, every line of the file); "
+                        "write --num-samples after torchrun or accelerate launch, whose parsers take --n for theirs")
     p.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed, also the methods' seed (default 0)")
     p.add_argument("--methods", default="full,crop-ilp,crop-plc", help="comma-separated registered names or aliases: full, crop-ilp, crop-plc, crop-self, fastv, dart, ... "
                         "(see 'crop methods')")
@@ -71,7 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default 8)")
     add_device_arguments(p)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (a run on it is resumed; see above)")
+    p.add_argument("--fresh", action="store_true",
+                   help="drop the progress saved in --out instead of resuming it")
     p.set_defaults(func=run)
 
 
@@ -79,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``crop eval``; returns the exit code."""
     from tqdm import tqdm
 
+    from crop.eval.progress_store import ProgressStore, Shard, fingerprint
     from crop.eval.report import markdown_table, plot_accuracy_vs_flops, plot_accuracy_vs_tokens
     from crop.eval.runner import EvalSpec, check_oracle, load_samples, run_eval
     from crop.localizers import make_localizer
@@ -102,25 +117,40 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CropInputError(f"--data: {exc}" if args.data else str(exc)) from None
     spec.n = len(samples)
+    try:
+        shard = Shard.from_env()
+    except ValueError as exc:
+        raise CropInputError(f"RANK / WORLD_SIZE: {exc}") from None
+    out = Path(args.out)
+    store = ProgressStore(out, shard)
+    try:  # before any model loads: a folder of another evaluation is refused at once
+        store.prepare(fingerprint(spec, args.model, args.localizer), fresh=args.fresh)
+    except ValueError as exc:
+        raise CropInputError(str(exc)) from None
+    if shard.world_size > 1:
+        _device_per_rank(args)
     load_kwargs, localizer_device = device_settings(args)
     model, processor = load_model(args.model, **load_kwargs)
     localizer = None if args.localizer == "oracle" else make_localizer(args.localizer, device=localizer_device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     bar = None
+    desc = "crop eval" if shard.world_size == 1 else f"crop eval [{shard.rank}/{shard.world_size}]"
 
-    def progress_factory(total):
+    def progress_factory(total, initial=0):
         nonlocal bar
-        bar = tqdm(total=total, desc="crop eval", unit="answer", file=sys.stderr)
+        bar = tqdm(total=total, initial=initial, desc=desc, unit="answer", file=sys.stderr, position=shard.rank)
         return bar.update
 
     try:
-        results = run_eval(model, processor, localizer, spec, args.localizer, args.model, progress_factory, samples)
+        results = run_eval(model, processor, localizer, spec, args.localizer, args.model, progress_factory, samples,
+                           store=store)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     finally:
         if bar is not None:
             bar.close()
+    if not results:  # another rank than 0: its rows are in its progress file, rank 0 writes the results
+        print(f"rank {shard.rank}: wrote {store.path}")
+        return 0
     results["devices"] = device_report(model, localizer, args)
     (out / "results.json").write_text(json.dumps(results, separators=(",", ":")) + "\n", encoding="utf-8")
     table = markdown_table(results)
@@ -134,6 +164,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}, "
           f"{out / 'accuracy_vs_flops.png'}")
     return 0
+
+
+def _device_per_rank(args: argparse.Namespace) -> None:
+    """Under a launcher, put each process on its own GPU (``cuda:LOCAL_RANK``) unless a device index was given.
+
+    Args:
+        args: the parsed arguments; ``--device`` and ``--localizer-device`` are rewritten in place.
+    """
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or getattr(args, "device_map", None) is not None:
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    for name in ("device", "localizer_device"):
+        value = getattr(args, name, None)
+        if value is not None and value.strip().lower() in ("auto", "cuda"):
+            setattr(args, name, f"cuda:{local}")
 
 
 def _vqa_table(results: dict) -> str:

@@ -24,6 +24,7 @@ from crop.data.synth import SynthSample, generate
 from crop.eval.flops import DecoderDims, prefill_flops, visual_per_layer, vlm_localization_flops
 from crop.eval.matching import MATCH_MODES, budget_for, scale_budget
 from crop.eval.metrics import localization_metrics, sample_scores, summarize
+from crop.eval.progress_store import ProgressStore, Shard, loc_item
 from crop.eval.provenance import git_hash, machine, versions
 from crop.localizers.base import Localization, Localizer
 from crop.methods import Option, canonical_name, check_options_used, config_builder, method_for
@@ -136,7 +137,8 @@ def localize_all(localizer: Localizer | None, samples: Sequence[SynthSample], ba
 
 
 def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, localizer_name: str,
-             model_name: str, progress_factory=None, samples: Sequence | None = None) -> dict[str, Any]:
+             model_name: str, progress_factory=None, samples: Sequence | None = None,
+             store: ProgressStore | None = None) -> dict[str, Any]:
     """Run every method x budget on the benchmark and return the results document.
 
     Args:
@@ -144,11 +146,17 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         localizer: the localizer, or ``None`` for the oracle (ground-truth boxes).
         spec: what to run.
         localizer_name, model_name: recorded in the results.
-        progress_factory: ``total -> callable(n)`` for a progress bar (e.g. tqdm), or ``None``.
+        progress_factory: ``total -> callable(n)`` for a progress bar (e.g. tqdm), or ``None``; when a
+            resumed run has work done it is called as ``progress_factory(total, initial)``.
         samples: the samples, if already loaded (default: :func:`load_samples`).
+        store: a prepared :class:`crop.eval.progress_store.ProgressStore`: every localization and
+            prediction row is appended to it as its batch finishes, what it already holds is not run
+            again, only this process's shard of the batches runs, and rank 0 waits for the others'
+            rows and builds the results from the store. ``None``: everything in memory, one process.
 
     Returns:
-        A JSON-ready dict: config, versions, git hash, per-run metrics and per-sample predictions.
+        A JSON-ready dict: config, versions, git hash, per-run metrics and per-sample predictions;
+        ``{}`` on a process other than rank 0 of a sharded run (rank 0 returns the whole document).
     """
     samples = load_samples(spec) if samples is None else list(samples)
     if localizer is None:
@@ -157,10 +165,29 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
     if getattr(localizer, "in_model", False):  # --localizer self: ILP finds its own box (CROP-self)
         names = [self_localized_name(n) for n in names]
     runs = [("full", None)] + [(m, k) for m in dict.fromkeys(names) if m != "none" for k in spec.keep_tokens]
-    total = len(samples) * (len(runs) + (0 if localizer is None else 1))
-    progress = progress_factory(total) if progress_factory else None
+    shard = store.shard if store is not None else Shard()
+    batch = spec.batch_size
+    starts = shard.batches(len(samples), batch)  # this process's batches, as a one-process run makes them
+    mine = [i for start in starts for i in range(start, min(start + batch, len(samples)))]
+    total = len(mine) * (len(runs) + (0 if localizer is None else 1))
+    done_locs = {} if store is None or localizer is None else store.locs
+    initial = sum(i in done_locs for i in mine) + (0 if store is None else sum(
+        (r, i) in store.rows for r in range(len(runs)) for i in mine))
+    progress = None
+    if progress_factory:
+        progress = progress_factory(total, initial) if initial else progress_factory(total)
 
-    locs, _ = localize_all(localizer, samples, spec.batch_size, progress)
+    locs_at: dict[int, Localization] = dict(done_locs)
+    if localizer is None:  # the oracle: free and deterministic, every sample on every process
+        locs_at.update(enumerate(localize_all(None, samples, batch)[0]))
+    for start in starts:
+        chunk = samples[start:start + batch]
+        if localizer is None or all(start + j in locs_at for j in range(len(chunk))):
+            continue
+        found, _ = localize_all(localizer, chunk, batch, progress)
+        locs_at.update((start + j, loc) for j, loc in enumerate(found))
+        if store is not None:
+            store.append(loc_item(start + j, s.id, loc) for j, (s, loc) in enumerate(zip(chunk, found, strict=True)))
     first = processor(images=[samples[0].image], text=[chat_prompt(processor, samples[0].question)],
                       return_tensors="pt")
 
@@ -173,7 +200,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
     dims = DecoderDims.from_config(adapter.text_config)
 
     results: list[dict[str, Any]] = []
-    for method, budget in runs:
+    for index, (method, budget) in enumerate(runs):
         config_at = config_builder(method, options, shared)
         target, solution = budget_for(adapter, config_at, budget, spec.match, visual_tokens, text_tokens, loc_flops,
                                        dims)
@@ -182,7 +209,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
             results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": solution.keep_tokens,
                             "match": spec.match, "target": target, "infeasible": solution.reason, "predictions": []})
             if progress is not None:
-                progress(len(samples))
+                progress(len(mine))
             continue
         keep = None if budget is None else (solution.keep_tokens if solution is not None else
                                             scale_budget(budget, visual_tokens))
@@ -190,29 +217,59 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
         uses_region = method_for(config).uses_region
         pipe = CropPipeline(model, processor, _Precomputed(), config)
         preds = []
-        for start in range(0, len(samples), spec.batch_size):
-            chunk = samples[start:start + spec.batch_size]
-            chunk_locs = locs[start:start + spec.batch_size] if uses_region else [
+        header = {"method": method, "keep_tokens_576": budget, "keep_tokens": keep, "match": spec.match,
+                  "target": target}
+        for start in starts:
+            chunk = samples[start:start + batch]
+            todo = [store is None or (index, start + j) not in store.rows for j in range(len(chunk))]
+            if not any(todo):  # done before a resume
+                continue
+            if store is not None and index not in store.headers:
+                store.append([{"run": index, "header": header}])
+            chunk_locs = [locs_at[start + j] for j in range(len(chunk))] if uses_region else [
                 Localization(GridBox.full()) for _ in chunk]
             out = pipe.answer_batch([s.image for s in chunk], [s.question for s in chunk], spec.max_new_tokens,
                                     localizations=chunk_locs, localizer_s=0.0)
-            for s, r in zip(chunk, out, strict=True):
+            items = []
+            for j, (s, r) in enumerate(zip(chunk, out, strict=True)):
                 layer_tokens = [r.extra["prompt_tokens"] - r.visual_tokens_in + c for c in visual_per_layer(
                     {k: [v] for k, v in r.visual_tokens_kept.items()}, 0, dims.layers)]
-                preds.append({"id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
-                              "prediction": r.answer, **sample_scores(r.answer, s),
-                              "box": r.box, "box_gt": None if s.box_grid is None else list(s.box_grid),
-                              "fallback": r.localizer_fallback,
-                              **({"self_localized": True} if r.extra.get("self_localized") else {}),
-                              "visual_tokens_kept": r.visual_tokens_kept,
-                              "equivalent_tokens": r.extra.get("equivalent_tokens"),
-                              "flops": {"llm_prefill": prefill_flops(dims, layer_tokens),
-                                        "selection": r.extra["selection_flops"],
-                                        "localizer": loc_flops if uses_region else 0.0}})
+                row = {"id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
+                       "prediction": r.answer, **sample_scores(r.answer, s),
+                       "box": r.box, "box_gt": None if s.box_grid is None else list(s.box_grid),
+                       "fallback": r.localizer_fallback,
+                       **({"self_localized": True} if r.extra.get("self_localized") else {}),
+                       "visual_tokens_kept": r.visual_tokens_kept,
+                       "equivalent_tokens": r.extra.get("equivalent_tokens"),
+                       "flops": {"llm_prefill": prefill_flops(dims, layer_tokens),
+                                 "selection": r.extra["selection_flops"],
+                                 "localizer": loc_flops if uses_region else 0.0}}
+                if store is None:
+                    preds.append(row)
+                elif todo[j]:  # a batch cut short by a kill is run again; only its missing rows are written
+                    items.append({"run": index, "i": start + j, "id": s.id, "row": row})
+            if store is not None:
+                store.append(items)  # flushed and fsynced: this batch survives a kill from here on
             if progress is not None:
-                progress(len(chunk))
-        results.append({"method": method, "keep_tokens_576": budget, "keep_tokens": keep, "match": spec.match,
-                        "target": target, "predictions": preds})
+                progress(sum(todo))
+        results.append({**header, "predictions": preds})
+
+    if store is not None:
+        if shard.rank != 0:
+            return {}
+        feasible = [index for index, r in enumerate(results) if "infeasible" not in r]
+        store.wait_for(0 if localizer is None else len(samples),
+                       [(index, i) for index in feasible for i in range(len(samples))])
+        if localizer is not None:
+            locs_at = dict(store.locs)
+        for index in feasible:
+            rows = [store.rows[(index, i)] for i in range(len(samples))]
+            stale = [s.id for s, row in zip(samples, rows, strict=True) if row["id"] != s.id]
+            if stale:
+                raise ValueError(f"the progress files in {store.folder} hold other samples (first: id {stale[0]!r}); "
+                                 f"use another --out or pass --fresh")
+            results[index]["predictions"] = rows
+    locs = [locs_at[i] for i in range(len(samples))]
 
     full_preds = results[0]["predictions"]
     benchmark = {"name": "synth", "split": spec.split, "n": spec.n, "seed": spec.seed}

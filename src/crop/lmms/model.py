@@ -21,6 +21,11 @@ answerer, else ``full``), ``layer``, ``pool``, ``grid``, ``seed``, ``device``, `
 are never resized). Any other argument is a field of the method's config (e.g. ``trim=stride``,
 ``budget=exact`` for DART), set through :func:`crop.methods.build_config` as ``--option`` is; a
 field the method does not have is refused with the fields it has.
+
+Several processes (``accelerate launch --num_processes N -m lmms_eval ...`` or ``torchrun``):
+``rank`` and ``world_size`` come from the launcher's ``RANK`` / ``WORLD_SIZE``, so lmms-eval
+gives each process its share of the requests and gathers the scores; each process answers on
+``cuda:LOCAL_RANK`` when ``device`` is ``cuda`` (or ``auto`` on a machine with a GPU).
 """
 
 from __future__ import annotations
@@ -38,6 +43,24 @@ def _int_or_none(value: Any) -> int | None:
     return None if value in (None, "", "none", "None") else int(value)
 
 
+def _device_for_rank(device: str | None) -> str | None:
+    """``cuda:LOCAL_RANK`` for ``cuda`` / ``auto`` on a machine with a GPU, else ``device`` unchanged.
+
+    Args:
+        device: a ``device`` model argument.
+
+    Returns:
+        This process's device.
+    """
+    import os
+
+    import torch
+
+    if device is not None and device.strip().lower() in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 class CropLMM(lmms):
     """lmms-eval's view of a CROP pipeline (a "simple" model: ``doc_to_visual`` + ``doc_to_text``)."""
 
@@ -48,6 +71,8 @@ class CropLMM(lmms):
                  device: str = "cpu", dtype: str = "auto", attn: str = "sdpa", localizer_device: str | None = None,
                  max_new_tokens: Any = 8, batch_size: Any = 1, max_batch_size: Any = None, **fields: Any) -> None:
         super().__init__()
+        import os
+
         from crop.localizers import make_localizer
         from crop.methods import Option, build_config
         from crop.models.loading import load_model
@@ -60,6 +85,13 @@ class CropLMM(lmms):
         except ValueError as exc:
             raise ValueError(f"crop model_args: {exc} (the other model_args are in crop.lmms.model's docstring)") \
                 from None
+        self._rank = int(os.environ.get("RANK", "0"))
+        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self._world_size > 1:
+            device, localizer_device = _device_for_rank(device) or device, _device_for_rank(localizer_device)
+            from accelerate import Accelerator  # lmms-eval waits for every process through model.accelerator
+
+            self.accelerator = Accelerator()
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         model, processor = load_model(str(pretrained), attn_implementation=attn, device=device, dtype=dtype)
