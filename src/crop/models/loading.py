@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from crop.errors import CropInputError
+from crop.models.real_geometry import REAL_GEOMETRY_NAMES, build_real_geometry
 from crop.models.tiny import SHAPE_MODEL_NAMES, TINY_MODEL_NAMES, build_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
     Args:
         spec: ``"embedded"`` (the shipped toy model for ``role``), one of
             :data:`crop.models.tiny.TINY_MODEL_NAMES` or ``SHAPE_MODEL_NAMES`` (random weights),
+            :data:`crop.models.real_geometry.REAL_GEOMETRY_NAMES` (a 7B checkpoint's exact
+            geometry with 2 decoder layers and random weights, built directly in ``dtype``),
             a local folder exported by ``crop train`` (``crop_embedded.json`` + safetensors),
             a local checkpoint directory, or a hub id.
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (CUDA, half
@@ -250,6 +253,9 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
     check_attention(attn_implementation, target, torch_dtype)
     if spec in TINY_MODEL_NAMES or spec in SHAPE_MODEL_NAMES:
         model, processor = build_tiny_model(spec, attn_implementation=_built_attn(attn_implementation))
+    elif spec in REAL_GEOMETRY_NAMES:  # built in the target dtype: no float32 copy of billions of parameters
+        model, processor = build_real_geometry(spec, dtype=torch_dtype,
+                                               attn_implementation=_built_attn(attn_implementation))
     elif spec == EMBEDDED:
         from crop import embedded
 
@@ -314,51 +320,28 @@ def _wrap(model, processor):
 
 def _from_pretrained(spec: str, attn_implementation: str, device: torch.device, dtype: torch.dtype,
                      device_map: str | None):
-    """A real checkpoint through the stock transformers auto classes (PIL image processors)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """A real checkpoint through the stock transformers auto classes (PIL image processors).
+
+    The processor is read before the weights (a processor problem costs no weight loading), and
+    through :func:`crop.models.processors.load_checkpoint_processor`, which serves Qwen2-VL /
+    Qwen2.5-VL checkpoints image-only when their stock processor would need torchvision.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from crop.models.processors import load_checkpoint_processor
 
     is_local = Path(spec).exists()
     if not is_local and ("/" not in spec or spec.count("/") > 1 or spec.startswith((".", "/"))):
         raise CropInputError(f"unknown model {spec!r}: not a local path, not a hub id (owner/name), and not one of "
-                             f"{EMBEDDED}, {', '.join(TINY_MODEL_NAMES)}")
+                             f"{EMBEDDED}, {', '.join(TINY_MODEL_NAMES + SHAPE_MODEL_NAMES + REAL_GEOMETRY_NAMES)}")
     # transformers 5.x takes ``dtype`` (``torch_dtype`` is its deprecated alias); loading straight onto
     # the device (``device_map``) avoids a float32 copy of the weights in host memory
     placement = device_map if device_map is not None else (None if device.type == "cpu" else str(device))
     try:
-        processor = AutoProcessor.from_pretrained(spec)
+        processor = load_checkpoint_processor(spec, AutoConfig.from_pretrained(spec).model_type)
         model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn_implementation, dtype=dtype,
                                                             device_map=placement)
-        if getattr(processor, "image_processor", None) is None:
-            processor = _image_only_processor(spec, model.config.model_type, processor)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CropInputError(f"could not load model {spec!r}: {first}") from None
     return model.eval(), processor
-
-
-# Processors whose stock class also wants a video processor (which needs torchvision, never
-# installed here): without it AutoProcessor falls back to the bare tokenizer.
-_IMAGE_ONLY_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
-
-
-def _image_only_processor(spec: str, model_type: str, tokenizer):
-    """The checkpoint's image processor (PIL backend) + ``tokenizer`` in an image-only processor.
-
-    Args:
-        spec: the checkpoint path or hub id.
-        model_type: ``config.model_type`` of the loaded model.
-        tokenizer: what ``AutoProcessor`` returned (the tokenizer alone).
-
-    Raises:
-        ValueError: if the model type needs a processor this function does not know how to build.
-    """
-    import transformers
-    from transformers import AutoImageProcessor
-
-    from crop.models.processors import qwen_image_only_processor_class
-
-    if model_type not in _IMAGE_ONLY_PROCESSORS:
-        raise ValueError(f"its processor has no image processor (model type {model_type!r})")
-    base = getattr(transformers, _IMAGE_ONLY_PROCESSORS[model_type])
-    return qwen_image_only_processor_class(base)(image_processor=AutoImageProcessor.from_pretrained(spec),
-                                                 tokenizer=tokenizer, chat_template=tokenizer.chat_template)

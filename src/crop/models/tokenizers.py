@@ -59,7 +59,7 @@ def llama_byte_tokenizer():
     return tok
 
 
-def _gpt2_byte_alphabet() -> list[str]:
+def gpt2_byte_alphabet() -> list[str]:
     """The 256 printable characters GPT-2-style byte-level BPE uses for the 256 byte values."""
     printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     chars = printable[:]
@@ -81,7 +81,7 @@ def qwen_byte_tokenizer():
     from transformers import Qwen2Tokenizer
 
     tok = Qwen2Tokenizer(
-        vocab={c: i for i, c in enumerate(_gpt2_byte_alphabet())},
+        vocab={c: i for i, c in enumerate(gpt2_byte_alphabet())},
         merges=[],
         unk_token=None,
         bos_token=None,
@@ -163,7 +163,7 @@ def qwen_word_tokenizer(words: tuple[str, ...] = BENCHMARK_WORDS, box_grid: int 
     """
     from transformers import AddedToken, Qwen2Tokenizer
 
-    alphabet = _gpt2_byte_alphabet()
+    alphabet = gpt2_byte_alphabet()
     space = "\u0120"  # "Ġ": the byte-level symbol of a space
     merges = _learn_word_merges(sorted({w for word in words for w in (word, space + word)}))
     vocab = {c: i for i, c in enumerate(alphabet)}
