@@ -270,23 +270,6 @@ class GroundingLocalizer(VLMLocalizer):
         text = self.prompt.replace("{question}", question.strip())
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
-    def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
-        """Processor inputs for the grounding requests of ``questions``, left-padded.
-
-        Args:
-            images, questions: the pairs to localize.
-
-        Returns:
-            The processor's batch (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ...).
-        """
-        texts = [self.processor.apply_chat_template(self.messages(q), add_generation_prompt=True) for q in questions]
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
-        try:
-            return self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = side
-
     @torch.no_grad()
     def localize(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[Localization]:
         """Greedy-decode a grounding answer for each pair and map its boxes to the grid.

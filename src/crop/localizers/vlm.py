@@ -83,10 +83,13 @@ class VLMLocalizer:
                              stopping_criteria=self._stopping_criteria())
         return out[:, inputs["input_ids"].shape[1]:]  # (B, T)
 
+    def messages(self, question: str) -> list[dict]:
+        """The chat messages asking for ``question``'s region (the prompt the localizer was trained with)."""
+        return localizer_messages(question, self.answer_grid, self.image_first)
+
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
-        """Processor inputs for the localization prompts of ``questions``, left-padded."""
-        texts = [self.processor.apply_chat_template(localizer_messages(q, self.answer_grid, self.image_first),
-                                                    add_generation_prompt=True) for q in questions]
+        """Processor inputs for the localization prompts of ``questions`` (:meth:`messages`), left-padded."""
+        texts = [self.processor.apply_chat_template(self.messages(q), add_generation_prompt=True) for q in questions]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
         try:
