@@ -52,8 +52,9 @@ BUDGET = {
     "sparsevlm": 49,  # three stages: the shared selector (36); per image and stage its raters' slots (6), per sample and
     #                   stage the raters' union (6), per stage the largest cluster (3); once per image its text (2)
     #                   and visual positions (2). Was ~1,900 (a host read per kept token and per merged token).
-    "visionzip": 15,  # per image: dominant and contextual tokens chosen on the vision side, the prompt rebuilt
-    #                   (LLaVA 12; Qwen2-VL 15: its merged-patch layout is rebuilt too)
+    "visionzip": 16,  # per image: dominant and contextual tokens chosen on the vision side, the prompt rebuilt
+    #                   (LLaVA 12; Qwen2-VL 15, 16 with transformers 5.20, whose Qwen vision tower reads one more
+    #                   value back: its merged-patch layout is rebuilt too)
 }
 # how far a count may move between sizes, depths and budgets: a stage that keeps all of an image's candidates skips
 # that image's selection (one read fewer per image; PyramidDrop on Qwen2-VL's ~140-token images), never more. A sync
