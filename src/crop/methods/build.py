@@ -97,6 +97,7 @@ class Option:
         return self.method is not None and canonical_name(self.method) == method
 
     def parsed_value(self) -> Any:
+        """The value as the config takes it: a string parsed by :func:`parse_option_value`, anything else as is."""
         return parse_option_value(self.value) if isinstance(self.value, str) else self.value
 
 
