@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from crop.models.base import CompressedImage, ImageSpan
@@ -22,7 +24,8 @@ def keep_all(span: ImageSpan, features: torch.Tensor) -> tuple[CompressedImage, 
     return image, span.visual_positions().tolist()
 
 
-def compose(span: ImageSpan, features: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor) -> CompressedImage:
+def compose(span: ImageSpan, features: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor,
+            mixing: Callable[[], torch.Tensor] | None = None) -> CompressedImage:
     """Visual output tokens + the structure tokens that go with them, in span order of their sources.
 
     Args:
@@ -31,6 +34,8 @@ def compose(span: ImageSpan, features: torch.Tensor, tokens: torch.Tensor, sourc
         tokens: ``(M, D)`` the visual tokens that reach the LLM.
         source: ``(M,)`` distinct span positions (visual tokens) each output token takes its
             position from.
+        mixing: ``() -> (M, span.length)`` what each of ``tokens`` is made of, for tokens that
+            are not copies of their source (see :attr:`CompressedImage.mixing`); ``None``: copies.
 
     Returns:
         The compressed image; LLaVA-NeXT rows keep their newline iff they hold a source.
@@ -41,4 +46,13 @@ def compose(span: ImageSpan, features: torch.Tensor, tokens: torch.Tensor, sourc
     all_source = torch.cat([source, structure])  # (M + s,)
     all_tokens = torch.cat([tokens, features[structure]])  # (M + s, D)
     order = torch.argsort(all_source)
-    return CompressedImage(all_tokens[order], all_source[order], structure=int(structure.numel()))
+    image = CompressedImage(all_tokens[order], all_source[order], structure=int(structure.numel()))
+    if mixing is not None:
+        token_mixing = mixing
+
+        def composed() -> torch.Tensor:  # (M + s, length): structure tokens are copies
+            copies = torch.eye(span.length, device=device)[structure]  # (s, length)
+            return torch.cat([token_mixing().to(device, torch.float32), copies])[order]
+
+        image.mixing = composed
+    return image

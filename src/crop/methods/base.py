@@ -219,6 +219,7 @@ class InnerLLMMethod(PruningMethod):
         super().__init__(adapter, config)
         self.layers = adapter.decoder_layers()
         self.pruners = self._make_pruners()
+        self.relay = adapter.layer_feature_relay(self.origin_leaving)  # in-LM vision features (Qwen3-VL DeepStack)
         self._spans: list[ImageSpan] = []
         self._stats: PruneStats | None = None
 
@@ -268,8 +269,12 @@ class InnerLLMMethod(PruningMethod):
     def attach(self) -> None:
         for pruner in self.pruners:
             pruner.attach()
+        if self.relay is not None:
+            self.relay.attach()
 
     def detach(self) -> None:
+        if self.relay is not None:
+            self.relay.detach()
         for pruner in self.pruners:
             pruner.detach()
 
@@ -356,6 +361,13 @@ class InnerLLMMethod(PruningMethod):
             if prev.valid is not None:
                 origin = origin.masked_fill(~prev.valid, -1)
         return origin  # (B, L)
+
+    def origin_leaving(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` the prompt position of each slot of the sequence leaving decoder layer ``layer`` (-1 on padding).
+
+        The sequence as every stage at or before ``layer`` left it (see :meth:`slot_origin`).
+        """
+        return self.slot_origin(sum(k <= layer for k in self.stage_layers()), hidden)
 
     def _selector(self, stage: int):
         """The deferred selection for ``stage``: maps surviving visual slots, asks the method, returns positions."""

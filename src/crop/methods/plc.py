@@ -10,12 +10,14 @@ The paper's trained PLC (learnable queries) is not implemented here.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from crop.config import CropPLCConfig
 from crop.methods.base import METHODS, PreLLMMethod
 from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
-from crop.ops.pooling import count_pooled, pool_outside
+from crop.ops.pooling import count_pooled, pool_outside, pooling_weights
 from crop.regions import GridBox
 
 
@@ -39,9 +41,10 @@ def pool_image(span: ImageSpan, features: torch.Tensor, keep: torch.Tensor, pool
         The compressed image, tokens in span order of their first source token.
     """
     device = features.device
+    mixing = partial(_pool_mixing, span, keep, pool, device)
     if not span.grids:
         tokens, source = pool_outside(features, span.rows, span.cols, keep.to(device), pool)
-        return CompressedImage(tokens, source)
+        return CompressedImage(tokens, source, mixing=mixing)
     token_parts, sources = [], []
     for grid in span.grids:
         where = grid.positions().to(device)  # (rows*cols,) span positions
@@ -54,7 +57,27 @@ def pool_image(span: ImageSpan, features: torch.Tensor, keep: torch.Tensor, pool
     sources.append(structure)
     source = torch.cat(sources)  # (M,)
     order = torch.argsort(source)
-    return CompressedImage(torch.cat(token_parts)[order], source[order], structure=int(structure.numel()))
+    return CompressedImage(torch.cat(token_parts)[order], source[order], structure=int(structure.numel()),
+                           mixing=mixing)
+
+
+def _pool_mixing(span: ImageSpan, keep: torch.Tensor, pool: int, device: torch.device) -> torch.Tensor:
+    """``(M, span.length)`` what each token of :func:`pool_image` is made of (see :attr:`CompressedImage.mixing`)."""
+    if not span.grids:
+        return pooling_weights(span.rows, span.cols, keep, pool).to(device)
+    parts, sources = [], []
+    for grid in span.grids:
+        where = grid.positions()  # (rows*cols,) span positions
+        local = pooling_weights(grid.rows, grid.cols, grid.local(keep.cpu()), pool)  # (m_g, rows*cols)
+        weights = torch.zeros(local.shape[0], span.length)
+        weights[:, where] = local
+        parts.append(weights)  # (m_g, length)
+        sources.append(where[(local > 0).float().argmax(1)])  # (m_g,) first member: each token's source
+    structure = span.structure_positions(torch.cat(sources))  # (s,)
+    parts.append(torch.eye(span.length)[structure])
+    sources.append(structure)
+    order = torch.argsort(torch.cat(sources))
+    return torch.cat(parts)[order].to(device)  # (M, length)
 
 
 def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int | None, pool: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ the rows that hold a source. Config: :class:`crop.config.CropPLCTrainedConfig`.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -163,5 +164,21 @@ def compress_with(compressor: RegionCompressor, adapter, config: CropPLCTrainedC
     source = torch.cat([sources, structure])
     order = torch.argsort(source, stable=True)  # anchors before a compressed token drawn from the same spot
     image = CompressedImage(torch.cat([tokens, features[structure]])[order], source[order],
-                            structure=int(structure.numel()))
+                            structure=int(structure.numel()),
+                            mixing=partial(_compressor_mixing, span.length, anchors, visual, weights.detach(),
+                                           structure, order))
     return image, anchors.tolist()
+
+
+def _compressor_mixing(length: int, anchors: torch.Tensor, visual: torch.Tensor, weights: torch.Tensor,
+                       structure: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``(A + M + s, length)`` what each token of :func:`compress_with` is made of, in its token order.
+
+    Anchors and structure tokens are one-hot on themselves; a compressed token has the
+    compressor's attention weights over the visual tokens it read (its MLP comes after the mix).
+    """
+    device = weights.device
+    eye = torch.eye(length, device=device)
+    made = torch.zeros(weights.shape[0], length, device=device)
+    made[:, visual] = weights.float()  # (M, length)
+    return torch.cat([eye[anchors], made, eye[structure]])[order]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from crop.config import ConfigMixin, check_keep_tokens
 from crop.methods._compose import compose, keep_all
 from crop.methods.base import METHODS, PreLLMMethod
-from crop.ops.grid_pool import pool_grid_to, split_budget
+from crop.models.base import ImageSpan
+from crop.ops.grid_pool import pool_grid_to, pooling_mix, split_budget
 
 
 @dataclass
@@ -56,13 +58,27 @@ class UniformPool(PreLLMMethod):
         if budget is None or budget >= span.visual_tokens:
             return keep_all(span, features)
         grids = span.token_grids
+        shares = split_budget([g.rows * g.cols for g in grids], budget)
         tokens, sources = [], []
-        for grid, share in zip(grids, split_budget([g.rows * g.cols for g in grids], budget), strict=True):
+        for grid, share in zip(grids, shares, strict=True):
             if share == 0:
                 continue
             where = grid.positions().to(features.device)  # (rows*cols,) span positions
             pooled, local = pool_grid_to(features[where], grid.rows, grid.cols, share)  # (share, D), (share,)
             tokens.append(pooled)
             sources.append(where[local])
-        image = compose(span, features, torch.cat(tokens), torch.cat(sources))
+        image = compose(span, features, torch.cat(tokens), torch.cat(sources),
+                        mixing=partial(_pool_mixing, span, shares))
         return image, []
+
+
+def _pool_mixing(span: ImageSpan, shares: list[int]) -> torch.Tensor:
+    """``(budget, span.length)`` what each pooled token is made of: ``1/n`` on its bin's ``n`` tokens."""
+    parts = []
+    for grid, share in zip(span.token_grids, shares, strict=True):
+        if share == 0:
+            continue
+        weights = torch.zeros(share, span.length)
+        weights[:, grid.positions()] = pooling_mix(grid.rows, grid.cols, share)  # (share, rows*cols)
+        parts.append(weights)
+    return torch.cat(parts)

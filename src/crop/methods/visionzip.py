@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -164,10 +165,12 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Ten
     if cls is not None:
         token_parts.insert(0, _projector(project)(cls[None]).to(features.dtype))  # (1, D)
         source_parts.insert(0, torch.tensor([CLS_SOURCE], device=device))
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None  # (assignment, targets) of the merge
     if contextual > 0 and rest.numel() > 0:
         targets = spread_indices(rest.numel(), contextual).to(device)  # (c,) indices into rest
         space = features[visual[rest]] if pre is None else pre.to(device)[rest]  # (V - d, D or P)
         merged, assignment = merge_into_targets(space, keys.to(device)[rest], targets)  # (c, D or P), (V - d,)
+        groups = (assignment, targets)
         if merge == "official":
             merged = _target_plus_member_mean(space, assignment, targets)  # (c, D or P)
         if pre is not None:
@@ -175,8 +178,39 @@ def visionzip_image(span: ImageSpan, features: torch.Tensor, saliency: torch.Ten
         token_parts.append(merged)
         source_parts.append(visual[rest[targets]])  # each contextual token is sourced at its target token
     tokens, source = torch.cat(token_parts), torch.cat(source_parts)  # (k, D), (k,)
-    image = CompressedImage(tokens, source) if order == "official" else compose(span, features, tokens, source)
+    mixing = partial(_visionzip_mixing, span.length, cls is not None, visual[dom], visual[rest], groups, merge)
+    if order == "official":
+        image = CompressedImage(tokens, source, mixing=mixing)
+    else:
+        image = compose(span, features, tokens, source, mixing=mixing)
     return image, visual[dom].tolist()
+
+
+def _visionzip_mixing(length: int, cls: bool, dominant: torch.Tensor, rest: torch.Tensor,
+                      groups: tuple[torch.Tensor, torch.Tensor] | None, merge: str) -> torch.Tensor:
+    """``(k, length)`` what each VisionZip token is made of, rows in :func:`visionzip_image`'s token order.
+
+    [CLS] (no span position) has a zero row; a dominant patch is one-hot on itself; a contextual
+    token has its merge's weights over its group: ``official``, one on its target plus the mean
+    over the others that joined it; ``mean``, the mean over the whole group.
+    """
+    device = dominant.device
+    parts = [torch.zeros(int(cls), length, device=device), torch.eye(length, device=device)[dominant]]
+    if groups is not None:
+        assignment, targets = groups  # (n,) target slot of each merged token, (c,) targets (indices into rest)
+        c, n = targets.numel(), rest.numel()
+        member = torch.zeros(c, n, device=device)  # (c, n) group membership over the merged tokens
+        member[assignment, torch.arange(n, device=device)] = 1.0
+        if merge == "official":
+            member[torch.arange(c, device=device), targets] = 0.0
+            weights = member / member.sum(1, keepdim=True).clamp(min=1)  # mean over the others
+            weights[torch.arange(c, device=device), targets] = 1.0  # plus the target itself
+        else:
+            weights = member / member.sum(1, keepdim=True)
+        contextual = torch.zeros(c, length, device=device)
+        contextual[:, rest] = weights  # (c, length)
+        parts.append(contextual)
+    return torch.cat(parts)
 
 
 @METHODS.register("visionzip")

@@ -20,6 +20,7 @@ def _register_builtin() -> None:
     import crop.models.llava  # noqa: F401
     import crop.models.llava_next  # noqa: F401
     import crop.models.qwen2_vl  # noqa: F401
+    import crop.models.qwen3_vl  # noqa: F401
 
 
 def adapter_names() -> list[str]:

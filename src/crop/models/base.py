@@ -8,7 +8,7 @@ encode images, and how to rebuild inputs after compression. One adapter per HF `
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -152,16 +152,41 @@ class CompressedImage:
         source: ``(M,)`` for each of them, the span position of its first source token (for a
             plain grid, its row-major index).
         structure: how many of the ``M`` are structure tokens (newlines), not visual tokens.
+        mixing: for images with tokens made from several source tokens (pooled, merged,
+            compressed), a function giving the ``(M, span.length)`` weights of the span's tokens
+            each output token summarizes (a pooled token: ``1/n`` on each of its block's ``n``
+            tokens; a copy: one-hot on its source). ``None``: every token is a copy of its
+            source's features. Computed only when an adapter must carry side features along
+            (:meth:`carry`), so other models pay nothing for it.
     """
 
     tokens: torch.Tensor
     source: torch.Tensor
     structure: int = 0
+    mixing: Callable[[], torch.Tensor] | None = None
 
     @property
     def visual_tokens(self) -> int:
         """Visual tokens that reach the LLM (region + pooled), structure tokens not counted."""
         return int(self.tokens.shape[0]) - self.structure
+
+    def carry(self, side: torch.Tensor) -> torch.Tensor:
+        """Per-token side features of the span (Qwen3-VL's DeepStack) for the tokens that reach the LLM.
+
+        Each output token gets the side features of what it was made of, mixed as its own
+        features were: a copied token its source's row, a pooled or merged one the
+        :attr:`mixing` weights over its members.
+
+        Args:
+            side: ``(span.length, C)`` one row per span position.
+
+        Returns:
+            ``(M, C)``, in the order of :attr:`tokens`.
+        """
+        if self.mixing is None:
+            return side[self.source.to(side.device)]  # (M, C)
+        weights = self.mixing().to(side.device, torch.float32)  # (M, length)
+        return (weights @ side.float()).to(side.dtype)  # (M, C)
 
 
 @dataclass(frozen=True)
@@ -174,6 +199,8 @@ class AttentionParts:
             and ``kv_heads * head_dim`` wide).
         heads, kv_heads, head_dim: query heads, key/value heads (GQA) and the head width.
         scaling: the softmax scale (``head_dim ** -0.5`` for Llama and Qwen2).
+        q_norm, k_norm: per-head norms applied to the projections (viewed as ``(..., heads, head_dim)``)
+            before RoPE (Qwen3's ``self_attn.q_norm``/``k_norm``); ``None`` where the layer has none.
     """
 
     norm: nn.Module
@@ -183,6 +210,8 @@ class AttentionParts:
     kv_heads: int
     head_dim: int
     scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
 
 
 @dataclass
@@ -230,6 +259,23 @@ def image_encoder_outputs(features: list[torch.Tensor]) -> dict[str, BaseModelOu
     # HF annotates pooler_output as one Tensor, but its own get_image_features stores the per-image
     # sequence there, and that is what the model's forward reads back from mm_encoder_outputs
     return {"image": BaseModelOutputWithPooling(pooler_output=features)}  # type: ignore[arg-type]
+
+
+SlotOrigin = Callable[[int, torch.Tensor], torch.Tensor]
+"""``(layer, hidden (B, L, D) leaving it) -> (B, L)`` the prompt position each slot holds (-1 on padding)."""
+
+
+class LayerFeatureRelay(Protocol):
+    """Hooks an adapter gives inner-LLM methods to keep in-LM feature additions on the kept tokens (see
+    :meth:`VLMAdapter.layer_feature_relay`)."""
+
+    def attach(self) -> None:
+        """Register the hooks (idempotent)."""
+        ...
+
+    def detach(self) -> None:
+        """Remove them; the model is as before :meth:`attach`."""
+        ...
 
 
 class MultimodalModel(Protocol):
@@ -315,7 +361,8 @@ class VLMAdapter(ABC):
         return cast(MultimodalModel, self.model.get_submodule("model"))
 
     def attention_parts(self, layer: int) -> AttentionParts:
-        """Layer ``layer``'s norm, q/k projections and head geometry (Llama / Qwen2 text decoders by default).
+        """Layer ``layer``'s norm, q/k projections, per-head q/k norms and head geometry (Llama / Qwen2 / Qwen3 text
+        decoders by default).
 
         Raises:
             ValueError: if the layer does not have the Llama-style ``input_layernorm`` + ``self_attn.q_proj``.
@@ -331,7 +378,21 @@ class VLMAdapter(ABC):
         head_dim = int(getattr(attn, "head_dim", 0) or getattr(cfg, "head_dim", 0) or cfg.hidden_size // heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
         return AttentionParts(block.get_submodule("input_layernorm"), attn.q_proj, attn.k_proj, heads, kv_heads,
-                              head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)))
+                              head_dim, float(getattr(attn, "scaling", head_dim ** -0.5)),
+                              q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None))
+
+    def layer_feature_relay(self, slot_origin: SlotOrigin) -> LayerFeatureRelay | None:
+        """Hooks that add the model's per-visual-token features after early decoder layers to the tokens still there.
+
+        For models that add vision features inside the LM (Qwen3-VL's DeepStack, see
+        :mod:`crop.models.deepstack`), inner-LLM methods attach this while they prune, so the
+        features follow the kept tokens. ``None`` (the default): the model adds none.
+
+        Args:
+            slot_origin: ``(layer, hidden (B, L, D) leaving it) -> (B, L)`` the prompt position
+                of each slot (-1 on padding), from the pruning method.
+        """
+        return None
 
     def view_box(self, box: GridBox, image_size: tuple[int, int], image_processor: Any) -> GridBox | None:
         """``box`` (on the whole image) as a box on the image the model actually sees.

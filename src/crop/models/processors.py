@@ -20,14 +20,15 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # model type -> the stock processor class whose image-only variant serves it when torchvision is missing
-IMAGE_ONLY_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+IMAGE_ONLY_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                         "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}
 
 
 def qwen_image_only_processor_class(base: type[Any]) -> type[Any]:
     """A subclass of a Qwen processor class ``base`` that needs no video processor (which would need torchvision).
 
     Args:
-        base: ``Qwen2VLProcessor`` or ``Qwen2_5_VLProcessor``.
+        base: ``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` or ``Qwen3VLProcessor``.
 
     Returns:
         ``<base>ImageOnly``, built with ``image_processor``, ``tokenizer`` and ``chat_template``.
@@ -39,6 +40,10 @@ def qwen_image_only_processor_class(base: type[Any]) -> type[Any]:
             self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            # Qwen3-VL's processor reads these (its video path wraps frames in them); Qwen2's ignore them
+            self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+            self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+            self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = f"{base.__name__}ImageOnly"

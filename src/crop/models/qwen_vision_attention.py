@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL: attention each merged visual token *receives* in the vision tower.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL: attention each merged visual token *receives* in the vision tower.
 
 Qwen's vision tower has no [CLS] token, so VisionZip's ranking signal does not exist there.
 The substitute used here: in the last full-attention vision block, the attention every
@@ -145,7 +145,8 @@ def capture_received_attention(visual: nn.Module, grid_thw: torch.Tensor, merge:
     merged_scores = to_token_order(merged_scores[:, None], visual, grid_thw, merge)[:, 0]  # (V_all,)
     merged_keys = to_token_order(merged_keys, visual, grid_thw, merge)  # (V_all, d)
     with torch.no_grad():
-        pre = merger.get_submodule("ln_q")(merger_in[0])  # (S, E) the merger's per-patch norm
+        norm = merger.get_submodule("ln_q" if hasattr(merger, "ln_q") else "norm")  # Qwen2/2.5-VL: ln_q; Qwen3-VL: norm
+        pre = norm(merger_in[0])  # (S, E) the merger's per-patch norm
     pre = to_token_order(pre.reshape(merged_scores.shape[0], -1), visual, grid_thw, merge)  # (V_all, unit*E)
     counts = [int(t * h * w) // unit for t, h, w in grid_thw.tolist()]
     return result, list(merged_scores.split(counts)), list(merged_keys.split(counts)), list(pre.split(counts))

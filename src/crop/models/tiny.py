@@ -23,7 +23,9 @@ from crop.models.tokenizers import (
     qwen_word_tokenizer,
 )
 
-TINY_MODEL_NAMES = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl")
+TINY_MODEL_NAMES = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl",
+                    "tiny-random-qwen3-vl")
+QWEN_VERSIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,14 @@ class QwenShape:
     # "bytes", "words" (byte-level plus one token per benchmark word) or "words+corners" (plus
     # two tokens per 8x8-grid box, see crop.models.tokenizers.grid_corner_tokens)
     tokenizer: str = "bytes"
+    # Qwen3-VL only: the vision blocks whose outputs DeepStack adds to the LM's hidden states after
+    # its first layers (one LM layer per entry; ``None``: every vision block, up to the LM's depth - 1)
+    deepstack_blocks: tuple[int, ...] | None = None
+
+
+# Qwen3-VL's geometry at tiny width: 16 px patches merged 2x2 (32 px per LLM token), a 3-block tower
+# whose every block feeds DeepStack (the real ones feed 3 of 27), so its features reach LM layers 0-2
+QWEN3_TINY_SHAPE = QwenShape(vision_layers=3, patch_size=16, min_pixels=64 * 64, max_pixels=384 * 384)
 
 
 def qwen_tokenizer(kind: str = "bytes"):
@@ -223,12 +233,21 @@ def qwen_tokenizer(kind: str = "bytes"):
     raise ValueError(f"unknown tokenizer {kind!r}; use 'bytes', 'words' or 'words+corners'")
 
 
-def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
-    """An image-only Qwen2-VL / Qwen2.5-VL processor with the tokenizer ``shape.tokenizer`` names."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+def _default_shape(version: str, shape: QwenShape | None) -> QwenShape:
+    """``shape``, or the version's tiny default (Qwen3-VL's 16 px patches, else Qwen2-VL's 14 px)."""
+    if shape is not None:
+        return shape
+    return QWEN3_TINY_SHAPE if version == "qwen3_vl" else QwenShape()
+
+
+def qwen_processor(version: str = "qwen2_vl", shape: QwenShape | None = None):
+    """An image-only Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor with the tokenizer ``shape.tokenizer`` names."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    base = Qwen2VLProcessor if version == "qwen2_vl" else Qwen2_5_VLProcessor
+    _check_qwen_version(version)
+    shape = _default_shape(version, shape)
+    base = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[version]
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=shape.min_pixels, max_pixels=shape.max_pixels, patch_size=shape.patch_size,
         merge_size=shape.merge_size, temporal_patch_size=2,
@@ -238,9 +257,19 @@ def qwen_processor(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
     )
 
 
-def qwen_config(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
-    """A ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` sized to the tokenizer ``shape.tokenizer`` names."""
+def _check_qwen_version(version: str) -> None:
+    if version not in QWEN_VERSIONS:
+        raise ValueError(f"unknown Qwen version {version!r}; use one of {', '.join(QWEN_VERSIONS)}")
+
+
+def qwen_config(version: str = "qwen2_vl", shape: QwenShape | None = None):
+    """A ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` sized to the tokenizer ``shape.tokenizer`` names."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    _check_qwen_version(version)
+    shape = _default_shape(version, shape)
+    if version == "qwen3_vl":
+        return _qwen3_config(shape)
 
     tok = qwen_tokenizer(shape.tokenizer)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
@@ -284,16 +313,52 @@ def qwen_config(version: str = "qwen2_vl", shape: QwenShape = QwenShape()):
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
 
 
-def build_tiny_qwen(
-    version: str = "qwen2_vl", seed: int = 0, shape: QwenShape = QwenShape(), attn_implementation: str = "sdpa"
-):
-    """A seeded random Qwen2-VL (``version="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) and its processor."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+def _qwen3_config(shape: QwenShape):
+    """A dense ``Qwen3VLConfig``: Qwen2-VL's token layout, q/k-normed attention, interleaved M-RoPE, DeepStack."""
+    from transformers import Qwen3VLConfig
 
-    if version not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError(f"unknown Qwen version {version!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
+    tok = qwen_tokenizer(shape.tokenizer)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    head_dim = shape.text_hidden // shape.text_heads
+    half = head_dim // 2  # the interleaved sections (t, h, w) cover head_dim / 2 frequencies
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    deepstack = shape.deepstack_blocks
+    if deepstack is None:
+        deepstack = tuple(range(min(shape.vision_layers, shape.text_layers - 1)))
+    text = dict(
+        vocab_size=len(tok), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+        num_key_value_heads=shape.text_kv_heads, head_dim=head_dim, max_position_embeddings=4096,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
+                         "mrope_interleaved": True},
+    )
+    vision = dict(
+        depth=shape.vision_layers, hidden_size=shape.vision_hidden, out_hidden_size=shape.text_hidden,
+        intermediate_size=2 * shape.vision_hidden, num_heads=shape.vision_heads, patch_size=shape.patch_size,
+        spatial_merge_size=shape.merge_size, temporal_patch_size=2, in_channels=3,
+        num_position_embeddings=576, deepstack_visual_indexes=list(deepstack),
+    )
+    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"])
+
+
+def build_tiny_qwen(
+    version: str = "qwen2_vl", seed: int = 0, shape: QwenShape | None = None, attn_implementation: str = "sdpa"
+):
+    """A seeded random Qwen2-VL (``version="qwen2_vl"``), Qwen2.5-VL (``"qwen2_5_vl"``) or Qwen3-VL (``"qwen3_vl"``)
+    and its processor."""
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    shape = _default_shape(version, shape)
     config = qwen_config(version, shape)
-    cls = Qwen2VLForConditionalGeneration if version == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration}[version]
     torch.manual_seed(seed)
     model = cls(config).eval()
     model.set_attn_implementation(attn_implementation)
@@ -314,6 +379,8 @@ def build_tiny_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"
         return build_tiny_qwen("qwen2_vl", seed, attn_implementation=attn_implementation)
     if name == "tiny-random-qwen2.5-vl":
         return build_tiny_qwen("qwen2_5_vl", seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-qwen3-vl":
+        return build_tiny_qwen("qwen3_vl", seed, attn_implementation=attn_implementation)
     if name == "llava-shape-0.5b":
         return build_tiny_llava(seed, shape=LLAVA_SHAPE_05B, attn_implementation=attn_implementation)
     raise ValueError(f"unknown random model {name!r}; known: {', '.join(TINY_MODEL_NAMES + SHAPE_MODEL_NAMES)}")

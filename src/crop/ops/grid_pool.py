@@ -61,6 +61,32 @@ def band_layout(rows: int, cols: int, k: int) -> list[int]:
     return [k // r + (1 if i < k % r else 0) for i in range(r)]
 
 
+def grid_bins(rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` bins :func:`pool_grid_to` averages, band after band (sort by ``source`` for its output order).
+
+    Args:
+        rows, cols: the grid.
+        k: bins wanted, ``1 <= k < rows * cols``.
+
+    Returns:
+        ``(member, source)``: ``member`` is ``(k, rows * cols)`` bool (token ``j`` is in bin
+        ``i``); ``source`` is ``(k,)`` the row-major index of each bin's centre token.
+    """
+    layout = band_layout(rows, cols, k)
+    row_start, row_end = _bins(rows, len(layout))  # (r',) each
+    row_idx = torch.arange(rows)
+    col_idx = torch.arange(cols)
+    weights, sources = [], []
+    for band, bins in enumerate(layout):
+        in_rows = (row_idx >= row_start[band]) & (row_idx < row_end[band])  # (rows,)
+        col_start, col_end = _bins(cols, bins)  # (c_i,) each
+        in_cols = (col_idx[None, :] >= col_start[:, None]) & (col_idx[None, :] < col_end[:, None])  # (c_i, cols)
+        weights.append((in_rows[None, :, None] & in_cols[:, None, :]).flatten(1))  # (c_i, rows*cols)
+        centre_row = (row_start[band] + row_end[band] - 1) // 2
+        sources.append(centre_row * cols + (col_start + col_end - 1) // 2)  # (c_i,)
+    return torch.cat(weights), torch.cat(sources)  # (k, n), (k,)
+
+
 def pool_grid_to(features: torch.Tensor, rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pool one ``rows x cols`` token grid to exactly ``k`` tokens.
 
@@ -82,24 +108,21 @@ def pool_grid_to(features: torch.Tensor, rows: int, cols: int, k: int) -> tuple[
         raise ValueError(f"{n} features do not fill a {rows}x{cols} token grid")
     if k == n:
         return features, torch.arange(n, device=features.device)
-    layout = band_layout(rows, cols, k)
-    row_start, row_end = _bins(rows, len(layout))  # (r',) each
-    row_idx = torch.arange(rows)
-    col_idx = torch.arange(cols)
-    weights, sources = [], []
-    for band, bins in enumerate(layout):
-        in_rows = (row_idx >= row_start[band]) & (row_idx < row_end[band])  # (rows,)
-        col_start, col_end = _bins(cols, bins)  # (c_i,) each
-        in_cols = (col_idx[None, :] >= col_start[:, None]) & (col_idx[None, :] < col_end[:, None])  # (c_i, cols)
-        weights.append((in_rows[None, :, None] & in_cols[:, None, :]).flatten(1))  # (c_i, rows*cols)
-        centre_row = (row_start[band] + row_end[band] - 1) // 2
-        sources.append(centre_row * cols + (col_start + col_end - 1) // 2)  # (c_i,)
-    member = torch.cat(weights).to(features.device)  # (k, n) bool: token j is in bin i
+    member, source = grid_bins(rows, cols, k)  # (k, n) bool, (k,)
+    member, source = member.to(features.device), source.to(features.device)
     counts = member.sum(1, keepdim=True).to(features.dtype)  # (k, 1)
     tokens = (member.to(features.dtype) @ features) / counts  # (k, D)
-    source = torch.cat(sources).to(features.device)  # (k,)
     order = torch.argsort(source)
     return tokens[order], source[order]
+
+
+def pooling_mix(rows: int, cols: int, k: int) -> torch.Tensor:
+    """``(k, rows * cols)`` what each token of :func:`pool_grid_to` is made of: ``1/n`` on each of its bin's ``n`` tokens."""
+    if k == rows * cols:
+        return torch.eye(k)
+    member, source = grid_bins(rows, cols, k)  # (k, n), (k,)
+    weights = member.float() / member.sum(1, keepdim=True)  # (k, n)
+    return weights[torch.argsort(source)]
 
 
 def split_budget(sizes: Sequence[int], k: int) -> list[int]:

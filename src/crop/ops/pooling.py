@@ -51,6 +51,33 @@ def pool_outside(features: torch.Tensor, rows: int, cols: int, keep: torch.Tenso
     return tokens[order], source[order]
 
 
+def pooling_weights(rows: int, cols: int, keep: torch.Tensor, pool: int) -> torch.Tensor:
+    """What each token of :func:`pool_outside` is made of: ``(M, rows * cols)`` weights, rows in its output order.
+
+    A kept token is one-hot on itself; a pooled token holds ``1/n`` on each of the ``n``
+    not-kept tokens of its block (so ``weights @ features`` is ``pool_outside``'s tokens).
+
+    Args:
+        rows, cols: the token grid.
+        keep: ``(k,)`` indices of tokens kept as they are.
+        pool: block side in tokens.
+    """
+    n = rows * cols
+    keep = keep.cpu()
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    kept_mask[keep] = True
+    idx = torch.arange(n)
+    block = (idx // cols // pool) * (-(-cols // pool)) + (idx % cols) // pool  # (n,) block id of each token
+    blocks = block[~kept_mask].unique()  # (p,) live blocks, ascending
+    member = (block[None, :] == blocks[:, None]) & ~kept_mask[None, :]  # (p, n) outside tokens of each live block
+    pooled = member.float() / member.sum(1, keepdim=True)  # (p, n)
+    kept_idx = kept_mask.nonzero().squeeze(1)  # (k,)
+    first = torch.where(member, idx[None, :], n).min(1).values  # (p,) first outside token of each block
+    source = torch.cat([kept_idx, first])  # (k + p,) as pool_outside orders them
+    weights = torch.cat([torch.eye(n)[kept_idx], pooled])  # (k + p, n)
+    return weights[torch.argsort(source)]
+
+
 def count_pooled(rows: int, cols: int, keep: torch.Tensor, pool: int) -> int:
     """How many pooled tokens :func:`pool_outside` would add for this kept set (no features needed)."""
     idx = torch.arange(rows * cols)
