@@ -27,6 +27,7 @@ from crop.pipeline import CropPipeline
 from tests.conftest import random_image
 
 TOLERANCE = {"tiny-random-llava": 1e-3, "tiny-random-qwen2-vl": 1e-3, "tiny-random-qwen2.5-vl": 1e-3,
+             "tiny-random-qwen3-vl": 1e-3,
              "tiny-random-llava-next": 0.1}
 
 

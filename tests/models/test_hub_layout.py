@@ -35,7 +35,7 @@ from crop.models.tiny import build_tiny_llava, build_tiny_qwen
 from crop.pipeline import CropPipeline
 from tests.conftest import chat_inputs, random_image
 
-STOCK = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+STOCK = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Qwen/Qwen2.5-VL-7B-Instruct preprocessor_config.json (350 bytes; the same keys and values in
@@ -50,6 +50,28 @@ HUB_VIDEO_PREPROCESSOR = {"do_convert_rgb": True, "do_normalize": True, "do_resc
                           "rescale_factor": 0.00392156862745098, "return_metadata": False,
                           "size": {"longest_edge": 12845056, "shortest_edge": 3136}, "temporal_patch_size": 2,
                           "video_processor_type": "Qwen2VLVideoProcessor"}
+
+
+# Qwen/Qwen3-VL-8B-Instruct preprocessor_config.json and video_preprocessor_config.json (16 px patches, mean/std 0.5)
+QWEN3_HUB_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                          "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                          "image_std": [0.5, 0.5, 0.5], "image_processor_type": "Qwen2VLImageProcessorFast"}
+QWEN3_HUB_VIDEO_PREPROCESSOR = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16,
+                                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                                "image_std": [0.5, 0.5, 0.5], "fps": 2, "do_sample_frames": True,
+                                "min_frames": 4, "max_frames": 768, "processor_class": "Qwen3VLProcessor",
+                                "video_processor_type": "Qwen3VLVideoProcessor"}
+HUB_FILES = {"qwen2_vl": (HUB_PREPROCESSOR, HUB_VIDEO_PREPROCESSOR),
+             "qwen2_5_vl": (HUB_PREPROCESSOR, HUB_VIDEO_PREPROCESSOR),
+             "qwen3_vl": (QWEN3_HUB_PREPROCESSOR, QWEN3_HUB_VIDEO_PREPROCESSOR)}
+
+
+# the image processor's geometry as transformers 5 saves it, per version
+HUB_SIZES = {version: {"image_mean": CLIP_MEAN, "image_std": CLIP_STD, "patch_size": 14,
+                       "size": {"longest_edge": 12845056, "shortest_edge": 3136}}
+             for version in ("qwen2_vl", "qwen2_5_vl")}
+HUB_SIZES["qwen3_vl"] = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16,
+                         "size": {"longest_edge": 16777216, "shortest_edge": 65536}}
 
 
 def _write(path: Path, content) -> None:
@@ -68,30 +90,31 @@ def hub_qwen_folder(folder: Path, version: str, layout: str):
     model.save_pretrained(str(folder))
     stock = STOCK[version]
     _tokenizer_files(proc.tokenizer, folder, stock)
+    preprocessor, video = HUB_FILES[version]
     if layout == "hub":  # the files a hub download brings
-        _write(folder / "preprocessor_config.json", {**HUB_PREPROCESSOR, "processor_class": stock})
-        _write(folder / "video_preprocessor_config.json", HUB_VIDEO_PREPROCESSOR)
+        _write(folder / "preprocessor_config.json", {**preprocessor, "processor_class": stock})
+        _write(folder / "video_preprocessor_config.json", video)
         _write(folder / "chat_template.json", {"chat_template": QWEN_VL_CHAT_TEMPLATE})
     else:  # "save_pretrained": what transformers 5's stock processor save writes
         image = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-                 "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "Qwen2VLImageProcessor",
-                 "merge_size": 2, "patch_size": 14, "resample": 3, "rescale_factor": 0.00392156862745098,
-                 "size": {"longest_edge": 12845056, "shortest_edge": 3136}, "temporal_patch_size": 2}
+                 "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "resample": 3,
+                 "rescale_factor": 0.00392156862745098, "temporal_patch_size": 2, **HUB_SIZES[version]}
         _write(folder / "processor_config.json", {"image_processor": image, "processor_class": stock,
-                                                  "video_processor": HUB_VIDEO_PREPROCESSOR})
+                                                  "video_processor": video})
         _write(folder / "chat_template.jinja", QWEN_VL_CHAT_TEMPLATE)
     return model
 
 
 @pytest.mark.parametrize("layout", ["hub", "save_pretrained"])
-@pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("version", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_hub_layout_qwen_loads_without_torchvision_and_answers(tmp_path, version, layout):
     reference = hub_qwen_folder(tmp_path, version, layout)
     model, proc = load_model(str(tmp_path))
     # the stock class's image-only variant, with the checkpoint's own image processor and chat template
     assert type(proc).__name__ == f"{STOCK[version]}ImageOnly"
     assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessorPil"
-    assert proc.image_processor.size == {"shortest_edge": 3136, "longest_edge": 12845056}
+    assert proc.image_processor.size == HUB_SIZES[version]["size"]
+    assert proc.image_processor.patch_size == HUB_SIZES[version]["patch_size"]
     assert "You are a helpful assistant." in proc.chat_template
     inputs = chat_inputs(proc, [random_image(1)], ["What is it?"])
     assert inputs["input_ids"].tolist()[0].count(model.config.image_token_id) == int(inputs["image_grid_thw"][0].prod()) // 4
