@@ -178,3 +178,35 @@ def test_hub_ids_and_the_tiny_name_load_through_the_same_adapter():
     model, _ = tiny(NAME)
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
     assert model.config.model_type == "qwen3_vl"
+
+
+def _tiny_moe():
+    """A tiny random Qwen3-VL-MoE: the dense tiny model's config with sparse MoE blocks in every LM layer."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from crop.models.tiny import qwen_config
+
+    dense = qwen_config("qwen3_vl").to_dict()
+    text, vision = dense.pop("text_config"), dense.pop("vision_config")
+    for sub in (text, vision):
+        for key in ("model_type", "architectures", "transformers_version"):
+            sub.pop(key, None)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    ids = {k: dense[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    torch.manual_seed(0)
+    return Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)).eval()
+
+
+@pytest.mark.parametrize("method", ["crop-ilp", "crop-plc", "fastv"])
+def test_the_moe_variant_shares_the_code_path(method):
+    model = _tiny_moe()
+    inputs = _inputs()
+    assert isinstance(get_adapter(model), Qwen3VLAdapter)
+    reference = model(**inputs).logits
+    with apply_method(model, build_config(method, 10**6, [], {"layer": 1})) as h:
+        assert torch.equal(model(**h.prepare(inputs, [BOX])).logits, reference)  # keep-all: bit-identical
+    with apply_method(model, build_config(method, 12, [], {"layer": 1})) as h:
+        pruned = model(**h.prepare(inputs, [BOX])).logits
+        kept = h.stats.visual_tokens_kept
+    assert 12 in kept.get("after_layer_1", kept["llm_input"])
+    assert torch.isfinite(pruned).all() and not torch.allclose(pruned[0, -1], reference[0, -1], atol=1e-4)
