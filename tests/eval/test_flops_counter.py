@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from crop.eval.flops import DecoderDims, llava_vision_flops, prefill_flops, visual_per_layer
+from crop.eval.flops import DecoderDims, llava_vision_flops, prefill_flops, vision_flops, visual_per_layer
 from crop.localizers import make_localizer
 from crop.methods import build_config
 from crop.models import get_adapter
@@ -66,6 +66,15 @@ def test_llava_vision_tower_and_projector_flops_match_the_counter():
     model, result, counts = _counted("tiny-random-llava")
     counted = counts["CLIPVisionModel"] + counts["LlavaMultiModalProjector"]
     assert llava_vision_flops(model.config, result.visual_tokens_in) == pytest.approx(counted, rel=2e-3)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
+def test_qwen_vision_tower_and_merger_flops_match_the_counter(name):
+    # Qwen2-VL and Qwen3-VL run full attention in every vision block, so the count is exact up to
+    # what the counter does not see (norms, activations, RoPE, the position-embedding interpolation)
+    model, result, counts = _counted(name)
+    counted = counts[type(model.model.visual).__name__]  # the tower with its mergers
+    assert vision_flops(model.config, result.visual_tokens_in) == pytest.approx(counted, rel=1e-2)
 
 
 @pytest.mark.parametrize(("tokens", "count"), [(256, 21), (64, 64)])

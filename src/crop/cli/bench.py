@@ -19,7 +19,9 @@ the analytic count; analytic FLOPs per component; and, for each budget, the idea
 same kept tokens fed from layer 0). Writes OUT/bench.json, OUT/bench.md, OUT/bench.png.
 
 Models: 'tiny-random-llava', 'llava-shape-0.5b' (CLIP ViT-L/14-336-shaped tower, ~0.5B
-Llama LM, random weights: realistic proportions on a CPU), 'embedded', a path or hub id.
+Llama LM), 'qwen3-vl-shape-2b' (Qwen3-VL-2B's sizes, DeepStack included, 768 px images = 576
+visual tokens) -- both random weights with realistic proportions, for costs on a CPU --
+'embedded', any tiny-random-* name, a path or hub id.
 On a GPU (--device cuda) every clock reading waits for the queued kernels
 (torch.cuda.synchronize), and bench.json records the devices, dtype and GPU names.
 """

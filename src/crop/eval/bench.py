@@ -41,8 +41,8 @@ from crop.eval.flops import (
     DecoderDims,
     decode_flops,
     kv_cache_bytes,
-    llava_vision_flops,
     prefill_flops,
+    vision_flops,
     visual_per_layer,
     vlm_localization_flops,
 )
@@ -332,7 +332,7 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
             "method": method, "keep_tokens_576": None if budget is None else budget[0],
             "keep_tokens": None if budget is None else budget[1],
             "visual_tokens_kept": kept, "equivalent_tokens": kept_info[name]["equivalent"], "timings": med,
-            "flops": {"vision": llava_vision_flops(model.config, bench.visual) * batch,
+            "flops": {"vision": vision_flops(model.config, bench.visual) * batch,
                       "localizer": loc_flops * batch if kept_info[name]["uses_region"] else 0,
                       "selection": kept_info[name]["selection"],
                       "llm_prefill": prefill, "decode_per_token": decode},

@@ -107,6 +107,38 @@ def llava_vision_flops(config, visual: int) -> int:
     return vit_flops(visual + 1, hidden, inter, layers, 3 * patch * patch) + projector
 
 
+def qwen_vision_flops(config, visual: int) -> int:
+    """FLOPs of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower and its merger(s) for an image of ``visual`` tokens.
+
+    The tower runs on ``visual * merge**2`` patches; the merger (and Qwen3-VL's DeepStack
+    mergers, one per level) maps each ``merge x merge`` group to one token with a 2-layer MLP.
+    Attention is counted as full over the image's patches: Qwen2.5-VL's windowed blocks cost
+    less, so its count is an upper bound.
+
+    Args:
+        config: the VLM's config (``vision_config`` with ``spatial_merge_size``).
+        visual: the image's merged visual tokens.
+    """
+    vision = config.vision_config
+    merge = int(vision.spatial_merge_size)
+    patches = visual * merge * merge
+    hidden, inter, layers = _vision_sizes(vision)
+    patch_pixels = 3 * int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
+    gated = hasattr(vision, "fullatt_block_indexes")  # Qwen2.5-VL's blocks have a gated (SwiGLU) MLP
+    out = int(getattr(vision, "out_hidden_size", 0) or vision.hidden_size)  # Qwen2-VL: hidden_size is the LM's
+    group = merge * merge * hidden
+    mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or [])
+    return vit_flops(patches, hidden, inter, layers, patch_pixels, gated) + mergers * 2 * visual * (
+        group * group + group * out)
+
+
+def vision_flops(config, visual: int) -> int:
+    """FLOPs of the VLM's vision side for one image of ``visual`` tokens: Qwen-style towers or LLaVA's CLIP + projector."""
+    if hasattr(config.vision_config, "spatial_merge_size"):
+        return qwen_vision_flops(config, visual)
+    return llava_vision_flops(config, visual)
+
+
 def localization_flops(config, prompt_tokens: int, patches: int, patch_pixels: int, decoded: int) -> int:
     """FLOPs of one generative localization: vision tower, prefill, and the decode of the box.
 

@@ -54,7 +54,7 @@ LLAVA_SHAPE_05B = LlavaShape(
     vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
     text_hidden=1024, text_layers=16, text_heads=16, text_kv_heads=16, text_intermediate=7168, vocab_size=32000,
 )
-SHAPE_MODEL_NAMES = ("llava-shape-0.5b",)
+SHAPE_MODEL_NAMES = ("llava-shape-0.5b", "qwen3-vl-shape-2b")
 
 
 def _clip_config(shape: LlavaShape):
@@ -211,11 +211,24 @@ class QwenShape:
     # Qwen3-VL only: the vision blocks whose outputs DeepStack adds to the LM's hidden states after
     # its first layers (one LM layer per entry; ``None``: every vision block, up to the LM's depth - 1)
     deepstack_blocks: tuple[int, ...] | None = None
+    vision_intermediate: int = 0  # 0: twice vision_hidden (Qwen2.5-VL / Qwen3-VL towers)
+    head_dim: int = 0  # 0: text_hidden // text_heads (Qwen3 sets it on its own)
+    vocab_size: int = 0  # 0: the tokenizer's size; larger pads the embedding (realistic LM-head cost)
+    tie_embeddings: bool = False
 
 
 # Qwen3-VL's geometry at tiny width: 16 px patches merged 2x2 (32 px per LLM token), a 3-block tower
 # whose every block feeds DeepStack (the real ones feed 3 of 27), so its features reach LM layers 0-2
 QWEN3_TINY_SHAPE = QwenShape(vision_layers=3, patch_size=16, min_pixels=64 * 64, max_pixels=384 * 384)
+
+# Qwen/Qwen3-VL-2B-Instruct's sizes (vision tower 24 x 1024 with DeepStack from blocks 5, 11, 17; LM 28 x 2048,
+# 16/8 heads of 128, 151,936-token vocabulary, tied embeddings), random weights, every image resized to
+# 768 x 768 px = 24 x 24 = 576 visual tokens (LLaVA-1.5's count): realistic proportions for `crop bench`
+QWEN3_VL_SHAPE_2B = QwenShape(
+    vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, deepstack_blocks=(5, 11, 17),
+    text_hidden=2048, text_layers=28, text_heads=16, text_kv_heads=8, head_dim=128, text_intermediate=6144,
+    vocab_size=151936, tie_embeddings=True, patch_size=16, min_pixels=768 * 768, max_pixels=768 * 768,
+)
 
 
 def qwen_tokenizer(kind: str = "bytes"):
@@ -319,14 +332,15 @@ def _qwen3_config(shape: QwenShape):
 
     tok = qwen_tokenizer(shape.tokenizer)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    head_dim = shape.text_hidden // shape.text_heads
+    head_dim = shape.head_dim or shape.text_hidden // shape.text_heads
     half = head_dim // 2  # the interleaved sections (t, h, w) cover head_dim / 2 frequencies
     section = [half - 2 * (half // 3), half // 3, half // 3]
     deepstack = shape.deepstack_blocks
     if deepstack is None:
         deepstack = tuple(range(min(shape.vision_layers, shape.text_layers - 1)))
     text = dict(
-        vocab_size=len(tok), hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+        vocab_size=max(len(tok), shape.vocab_size), hidden_size=shape.text_hidden,
+        intermediate_size=shape.text_intermediate, tie_word_embeddings=shape.tie_embeddings,
         num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
         num_key_value_heads=shape.text_kv_heads, head_dim=head_dim, max_position_embeddings=4096,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -335,11 +349,12 @@ def _qwen3_config(shape: QwenShape):
     )
     vision = dict(
         depth=shape.vision_layers, hidden_size=shape.vision_hidden, out_hidden_size=shape.text_hidden,
-        intermediate_size=2 * shape.vision_hidden, num_heads=shape.vision_heads, patch_size=shape.patch_size,
-        spatial_merge_size=shape.merge_size, temporal_patch_size=2, in_channels=3,
+        intermediate_size=shape.vision_intermediate or 2 * shape.vision_hidden, num_heads=shape.vision_heads,
+        patch_size=shape.patch_size, spatial_merge_size=shape.merge_size, temporal_patch_size=2, in_channels=3,
         num_position_embeddings=576, deepstack_visual_indexes=list(deepstack),
     )
-    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=shape.tie_embeddings,
+                         image_token_id=ids["<|image_pad|>"],
                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                          vision_end_token_id=ids["<|vision_end|>"])
 
@@ -383,4 +398,6 @@ def build_tiny_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"
         return build_tiny_qwen("qwen3_vl", seed, attn_implementation=attn_implementation)
     if name == "llava-shape-0.5b":
         return build_tiny_llava(seed, shape=LLAVA_SHAPE_05B, attn_implementation=attn_implementation)
+    if name == "qwen3-vl-shape-2b":
+        return build_tiny_qwen("qwen3_vl", seed, shape=QWEN3_VL_SHAPE_2B, attn_implementation=attn_implementation)
     raise ValueError(f"unknown random model {name!r}; known: {', '.join(TINY_MODEL_NAMES + SHAPE_MODEL_NAMES)}")
