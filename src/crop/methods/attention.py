@@ -1,4 +1,4 @@
-"""Attention rows for attention-scored inner-LLM baselines (FastV, PyramidDrop, SparseVLM), SDPA kept on.
+"""Attention rows for attention-scored inner-LLM baselines (FastV, PyramidDrop, SparseVLM, CROP-self), SDPA kept on.
 
 The model never runs with ``output_attentions``: the few attention rows a method ranks visual
 tokens by are recomputed from the layer's own queries and keys, either
@@ -8,10 +8,15 @@ tokens by are recomputed from the layer's own queries and keys, either
 - *recomputed*: layer ``K``'s norm and projections applied to the hidden states entering it
   (PyramidDrop's "lightweight attention" at the layer it prunes).
 
-Either way RoPE is applied with the ``position_embeddings`` (cos, sin) the model computed for
-that sequence (for Qwen2-VL these are already the composed M-RoPE tables), key/value heads are
-repeated for GQA, the softmax is causal over the real (unpadded) slots, and heads are averaged.
-All architecture access goes through :meth:`crop.models.base.VLMAdapter.attention_parts`.
+Either way the projections become the states the layer's attention really uses, as the stock
+attention ``forward`` (Llama, Qwen2-VL, Qwen3-VL) builds them: viewed as heads, passed through
+the layer's per-head ``q_norm``/``k_norm`` where it has them (Qwen3 / Qwen3-VL, before RoPE;
+:func:`query_states`, :func:`key_states`), rotated with the ``position_embeddings`` (cos, sin) the
+model computed for that sequence (for Qwen2-VL/Qwen3-VL these are already the composed M-RoPE
+tables; :func:`rotate`), key/value heads repeated for GQA, scaled by the layer's ``scaling``, the
+softmax causal over the real (unpadded) slots, and heads averaged. DART ranks its pivots by the
+same key states (:mod:`crop.methods.dart`). All architecture access goes through
+:meth:`crop.models.base.VLMAdapter.attention_parts`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from crop.config import ConfigMixin, check_keep_tokens, check_ratio
@@ -79,14 +85,57 @@ class QKCapture:
         return hook
 
 
+def _heads(x: torch.Tensor, heads: int, head_dim: int, norm: nn.Module | None) -> torch.Tensor:
+    """``(..., heads*d)`` projections as ``(..., heads, d)`` float32 states, per-head ``norm`` applied first.
+
+    The norm runs in the projection's own dtype, as the model's attention runs it (a norm whose
+    weight is in another dtype than float32, e.g. ``nn.LayerNorm``, may refuse float32 input).
+    """
+    x = x.view(*x.shape[:-1], heads, head_dim)  # (..., heads, d)
+    if norm is not None:
+        x = norm(x)  # (..., heads, d) normalised over d, per head
+    return x.float()
+
+
+def query_states(parts: AttentionParts, q: torch.Tensor) -> torch.Tensor:
+    """The layer's query states before RoPE: ``(..., H*d)`` ``q_proj`` outputs -> ``(..., H, d)`` float32.
+
+    Applies ``parts.q_norm`` (Qwen3's per-head RMSNorm) where the layer has one, so the scores are
+    the ones the model computes; without it a Qwen3 layer's rows come out wrong.
+    """
+    return _heads(q, parts.heads, parts.head_dim, parts.q_norm)
+
+
+def key_states(parts: AttentionParts, k: torch.Tensor) -> torch.Tensor:
+    """The layer's key states before RoPE: ``(..., Hkv*d)`` ``k_proj`` outputs -> ``(..., Hkv, d)`` float32.
+
+    Applies ``parts.k_norm`` where the layer has one (see :func:`query_states`).
+    """
+    return _heads(k, parts.kv_heads, parts.head_dim, parts.k_norm)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the stock attention applies it (``x * cos + rotate_half(x) * sin``), shared by every head.
+
+    Args:
+        x: ``(n, h, d)`` query or key states.
+        cos, sin: ``(n, d)`` the rotary tables at those ``n`` slots.
+
+    Returns:
+        ``(n, h, d)`` float32.
+    """
+    cos, sin = cos.float()[:, None], sin.float()[:, None]  # (n, 1, d)
+    return x * cos + rotate_half(x) * sin  # (n, h, d)
+
+
 def attention_rows(parts: AttentionParts, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    queries: Sequence[torch.Tensor], valid: torch.Tensor) -> list[torch.Tensor]:
     """Head-averaged causal attention of chosen query slots over all slots, per sample.
 
     Args:
-        parts: head geometry and scale of the layer.
-        q: ``(B, L, H*d)`` query projections (before RoPE).
-        k: ``(B, L, Hkv*d)`` key projections (before RoPE).
+        parts: head geometry, per-head q/k norms and scale of the layer.
+        q: ``(B, L, H*d)`` query projections (``q_proj`` outputs: before the q norm and RoPE).
+        k: ``(B, L, Hkv*d)`` key projections (``k_proj`` outputs: before the k norm and RoPE).
         cos, sin: ``(B|1, L, d)`` the layer's rotary tables for these slots.
         queries: per sample, ``(n_b,)`` slots whose attention rows are wanted.
         valid: ``(B, L)`` False on padding slots (never attended to).
@@ -96,17 +145,14 @@ def attention_rows(parts: AttentionParts, q: torch.Tensor, k: torch.Tensor, cos:
         slots the query may see: real slots at or before it).
     """
     batch, seq_len, _ = q.shape
-    heads, kv_heads, dim = parts.heads, parts.kv_heads, parts.head_dim
+    groups = parts.heads // parts.kv_heads
     out = []
     for b in range(batch):
         rows = queries[b].to(q.device)  # (n,)
-        cb = cos[b if cos.shape[0] > 1 else 0].float()  # (L, d)
-        sb = sin[b if sin.shape[0] > 1 else 0].float()  # (L, d)
-        qb = q[b, rows].float().view(-1, heads, dim)  # (n, H, d)
-        qb = qb * cb[rows, None] + rotate_half(qb) * sb[rows, None]  # (n, H, d) rotated
-        kb = k[b].float().view(seq_len, kv_heads, dim)  # (L, Hkv, d)
-        kb = kb * cb[:, None] + rotate_half(kb) * sb[:, None]  # (L, Hkv, d) rotated
-        kb = kb.repeat_interleave(heads // kv_heads, dim=1)  # (L, H, d) GQA: each kv head serves a group
+        cb, sb = cos[b if cos.shape[0] > 1 else 0], sin[b if sin.shape[0] > 1 else 0]  # (L, d) each
+        qb = rotate(query_states(parts, q[b, rows]), cb[rows], sb[rows])  # (n, H, d)
+        kb = rotate(key_states(parts, k[b]), cb, sb)  # (L, Hkv, d)
+        kb = kb.repeat_interleave(groups, dim=1)  # (L, H, d) GQA: each kv head serves a group
         scores = torch.einsum("nhd,lhd->hnl", qb, kb) * parts.scaling  # (H, n, L)
         keys = torch.arange(seq_len, device=q.device)  # (L,)
         allowed = (keys[None, :] <= rows[:, None]) & valid[b][None, :]  # (n, L) causal, no padding
@@ -235,7 +281,9 @@ class AttentionScoredMethod(InnerLLMMethod):
         """Per sample, the ``(n_b, L)`` head-averaged attention of slots ``queries[b]`` (see :func:`attention_rows`).
 
         Uses the layer before the stage layer (captured) or the stage layer itself (recomputed
-        from ``hidden``), as :attr:`capture_before` says.
+        from ``hidden``), as :attr:`capture_before` says. Either way only the projections are
+        taken here; :func:`attention_rows` turns them into the layer's query/key states (per-head
+        norms, RoPE).
         """
         cos, sin = layer_kwargs["position_embeddings"]  # (B|1, L, d) each
         with torch.no_grad():

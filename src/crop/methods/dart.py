@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from crop.config import ConfigMixin, check_keep_tokens, check_layer
-from crop.methods.attention import QKCapture
+from crop.methods.attention import QKCapture, key_states, rotate
 from crop.methods.base import METHODS, InnerLLMMethod
 from crop.ops.similarity import duplication_select
 
@@ -76,7 +75,8 @@ class DART(InnerLLMMethod):
     1. *Pivots*: the ``image_pivots`` visual tokens and the ``text_pivots`` text tokens after
        the image (the question and "ASSISTANT:") with the largest L1 norm of layer K-1's keys
        after RoPE (all heads concatenated). Official: ``any_states = layer_outputs[-2]`` (L342),
-       the attention's ``key_states`` after ``apply_rotary_pos_emb`` (L572) and ``repeat_kv``
+       the attention's ``key_states`` after ``apply_rotary_pos_emb`` (L572; on Qwen3 also after the
+       layer's ``k_norm``, see :meth:`DART._key_l1`) and ``repeat_kv``
        (L578), ranked by ``torch.norm(p=1)`` (L424-425); the rotary positions are those of
        ``generate()`` on an unpadded batch of one (``attention_mask.cumsum(-1) - 1``, L1155,
        i.e. ``0..L-1``). Here the keys are rotated at each sample's real-token positions
@@ -149,7 +149,7 @@ class DART(InnerLLMMethod):
         batch, seq_len, _ = hidden.shape
         device = hidden.device
         # DART has a single stage, so slot s of ``hidden`` is prompt position s
-        _, keys = self.capture.take(seq_len)  # (B, L, Hkv*d) layer K-1's key projections, before RoPE
+        _, keys = self.capture.take(seq_len)  # (B, L, Hkv*d) layer K-1's key projections, before k_norm and RoPE
         mask = self._attention_mask
         valid = mask.to(device) if mask is not None and mask.shape == (batch, seq_len) \
             else torch.ones(batch, seq_len, dtype=torch.bool, device=device)  # (B, L)
@@ -210,7 +210,7 @@ class DART(InnerLLMMethod):
 
         Args:
             hidden: ``(L, D)`` the sample's hidden states entering layer K.
-            keys: ``(L, Hkv*d)`` layer K-1's key projections (before RoPE).
+            keys: ``(L, Hkv*d)`` layer K-1's key projections (``k_proj`` outputs: before k_norm and RoPE).
             cos, sin: ``(L, d)`` the rotary tables at the real-token positions (:meth:`key_rotary`).
             slots: ``(v,)`` the image's visual slots; ``text``: ``(t,)`` the text slots after it.
             position: ``(L,)`` each slot's position among the sample's real tokens.
@@ -240,14 +240,19 @@ class DART(InnerLLMMethod):
         return duplication_select(normed[:v], normed[pivot_rows[order]], quotas, taken)
 
     def _key_l1(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``(r,)`` L1 norm of layer K-1's keys after RoPE at slots ``rows``, over all key/value heads.
+        """``(r,)`` L1 norm of layer K-1's key states after RoPE at slots ``rows``, over all key/value heads.
 
         The official code takes the norm after ``repeat_kv``, which only repeats each key/value
         head ``heads // kv_heads`` times: that multiplies every norm by the same factor, so the
         ranking over the key/value heads is the same.
+
+        The keys are the attention's key states (:func:`crop.methods.attention.key_states`): on
+        Qwen3 / Qwen3-VL that includes the layer's per-head ``k_norm`` before RoPE. The official
+        rule ranks the ``key_states`` the attention computes (``any_states``), and on those models
+        the raw ``k_proj`` output never reaches the attention; its per-head scale is what ``k_norm``
+        removes, so without it the ranking would follow projection magnitudes the model ignores.
+        On Llama / Qwen2 (no ``k_norm``) nothing changes.
         """
-        parts = self.capture.parts
-        k = keys[rows].float().view(-1, parts.kv_heads, parts.head_dim)  # (r, Hkv, d)
-        c, s = cos[rows].float()[:, None], sin[rows].float()[:, None]  # (r, 1, d)
-        k = k * c + rotate_half(k) * s  # (r, Hkv, d) rotated at the original positions
+        k = key_states(self.capture.parts, keys[rows])  # (r, Hkv, d) float32, k_norm applied where the layer has one
+        k = rotate(k, cos[rows], sin[rows])  # (r, Hkv, d) rotated at the original positions
         return k.abs().sum(dim=(-2, -1))  # (r,)

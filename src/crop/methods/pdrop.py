@@ -201,7 +201,8 @@ class PyramidDrop(TopKSelection, AttentionScoredMethod):
         return visual_counts_per_layer(n_in, list(zip(layers, counts, strict=True)), self.adapter.num_layers)
 
     def selection_flops(self, seq_len, n_in):
-        # per stage: the stage layer's q/k projections over the sequence entering it, plus one row
+        # per stage: the stage layer's q/k projections over the sequence entering it (and their per-head norms,
+        # where the layer has them), plus one row
         parts = self.adapter.attention_parts(self.stage_layers()[0])
         hidden = int(self.adapter.text_config.hidden_size)
         layers, counts = pdrop_schedule(n_in, self.config.keep_tokens, self.adapter.num_layers, self.config.layers,
@@ -212,6 +213,8 @@ class PyramidDrop(TopKSelection, AttentionScoredMethod):
             length = text + current
             total += 2 * hidden * (parts.heads + parts.kv_heads) * parts.head_dim * length  # q_proj + k_proj
             total += 2 * parts.heads * parts.head_dim * length  # the last token's row
+            total += 4 * parts.head_dim * (parts.kv_heads * length * (parts.k_norm is not None)  # Qwen3's k_norm
+                                           + parts.heads * (parts.q_norm is not None))  # and q_norm (one query)
             current = count
         return total
 

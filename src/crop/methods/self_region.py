@@ -62,17 +62,21 @@ class CropSelf(AttentionScoredMethod):
         return prepared
 
     def selection_flops(self, seq_len, n_in):
-        """The recomputed attention rows (RoPE on the keys, query-key products, softmax) per captured layer.
+        """The recomputed attention rows (per-head q/k norms where the layer has them, RoPE, query-key products,
+        softmax) per captured layer.
 
         The queries are the text tokens after the image (``"text"``) or the last one; the box
         search over the ``G^4`` boxes of the grid is a few thousand additions and is left out.
         """
         parts = self.captures[0].parts
         queries = 1 if self.config.queries == "last" else max(seq_len - n_in, 1)
-        rope = 3 * seq_len * parts.kv_heads * parts.head_dim + 3 * queries * parts.heads * parts.head_dim
+        key_values = seq_len * parts.kv_heads * parts.head_dim  # key elements (all slots)
+        query_values = queries * parts.heads * parts.head_dim  # query elements (the query slots)
+        norms = 4 * (query_values * (parts.q_norm is not None) + key_values * (parts.k_norm is not None))  # RMSNorm
+        rope = 3 * key_values + 3 * query_values
         scores = 2 * queries * seq_len * parts.heads * parts.head_dim
         softmax = 5 * queries * seq_len * parts.heads
-        return len(self.captures) * (rope + scores + softmax)
+        return len(self.captures) * (norms + rope + scores + softmax)
 
     def query_slots(self, valid: torch.Tensor) -> list[torch.Tensor]:
         """Per sample, the slots whose attention counts: the last real one, or every real one after the last image."""

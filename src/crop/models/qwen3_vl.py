@@ -71,7 +71,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def project_features(self, pre: torch.Tensor) -> torch.Tensor:
         merger = self.model.get_submodule("model.visual.merger")  # after its per-patch norm: fc1, GELU, fc2
-        return merger.linear_fc2(merger.act_fn(merger.linear_fc1(pre)))  # (m, D)
+        fc1, act, fc2 = (merger.get_submodule(n) for n in ("linear_fc1", "act_fn", "linear_fc2"))
+        return fc2(act(fc1(pre)))  # (m, D)
 
     def deepstack_features(self, inputs: Mapping[str, Any]) -> list[list[torch.Tensor]]:
         """Per image, per level, the ``(rows*cols, D)`` DeepStack features of ``inputs``' images.
@@ -96,9 +97,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         levels = self.deepstack_features(inputs)  # [image][level] (length, D)
         carried = [[image.carry(level) for level in per_image]
                    for image, per_image in zip(images, levels, strict=True)]  # [image][level] (M, D)
+        # HF annotates both fields as tensors but stores, and reads back, one tensor per image (per level)
+        per_image: Any = [im.tokens for im in images]
+        per_level: Any = [list(level) for level in zip(*carried, strict=True)]  # [level][image] (M, D)
         rebuilt["mm_encoder_outputs"] = {"image": BaseModelOutputWithDeepstackFeatures(
-            pooler_output=[im.tokens for im in images],  # type: ignore[arg-type]  (per image, as HF stores it)
-            deepstack_features=[list(level) for level in zip(*carried, strict=True)])}  # [level][image] (M, D)
+            pooler_output=per_image, deepstack_features=per_level)}
         return rebuilt
 
     def layer_feature_relay(self, slot_origin: SlotOrigin) -> DeepStackRelay:
