@@ -12,7 +12,7 @@ from crop.methods.dart import DARTConfig
 from crop.methods.fastv import FastVConfig
 from crop.methods.self_region import for_self_localizer, self_localized_name
 
-REGION_GUIDED = {"crop-ilp", "crop-plc", "crop-plc-trained", "crop-self"}
+REGION_GUIDED = {"crop-ilp", "crop-plc", "crop-plc-trained", "crop-region", "crop-self"}
 
 
 @pytest.mark.parametrize("name", method_names())

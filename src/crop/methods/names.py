@@ -22,6 +22,7 @@ def register_builtin() -> None:
     import crop.methods.plc_trained  # noqa: F401
     import crop.methods.pool  # noqa: F401
     import crop.methods.random_prune  # noqa: F401
+    import crop.methods.region_prune  # noqa: F401
     import crop.methods.self_region  # noqa: F401
     import crop.methods.sparsevlm  # noqa: F401
     import crop.methods.visionzip  # noqa: F401
