@@ -10,13 +10,14 @@ The paper's trained PLC (learnable queries) is not implemented here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from crop.config import CropPLCConfig
 from crop.methods.base import METHODS, PreLLMMethod
-from crop.models.base import CompressedImage, ImageSpan, VLMAdapter
+from crop.models.base import CompressedImage, ImageSpan
 from crop.ops.pooling import count_pooled, pool_outside, pooling_weights
 from crop.regions import GridBox
 
@@ -80,11 +81,12 @@ def _pool_mixing(span: ImageSpan, keep: torch.Tensor, pool: int, device: torch.d
     return torch.cat(parts)[order].to(device)  # (M, length)
 
 
-def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int | None, pool: int) -> torch.Tensor:
+def region_share(select: Callable[[ImageSpan, GridBox, int | None], torch.Tensor], span: ImageSpan, box: GridBox,
+                 budget: int | None, pool: int) -> torch.Tensor:
     """Full-resolution token indices for one image so that kept + pooled == ``budget``.
 
     Args:
-        adapter: the model's adapter (its ``select`` maps region + budget to tokens).
+        select: maps (span, region, budget) to the region's tokens (:meth:`crop.models.base.VLMAdapter.select`).
         span: the image's token span.
         box: the region.
         budget: total tokens that may reach the LLM, or ``None`` for the region alone + pooling.
@@ -97,7 +99,7 @@ def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int
         ValueError: if the budget is smaller than the pooled context alone can be.
     """
     if budget is None:
-        return adapter.select(span, box, None)
+        return select(span, box, None)
     n = span.visual_tokens
     if budget >= n:
         return span.visual_positions()
@@ -105,7 +107,7 @@ def region_share(adapter: VLMAdapter, span: ImageSpan, box: GridBox, budget: int
     # the region share by the remaining deficit never overshoots; it stops at the budget.
     share = max(budget - _count_pooled(span, torch.empty(0, dtype=torch.long), pool), 0)
     while True:
-        keep = adapter.select(span, box, share) if share > 0 else torch.empty(0, dtype=torch.long)
+        keep = select(span, box, share) if share > 0 else torch.empty(0, dtype=torch.long)
         total = keep.numel() + _count_pooled(span, keep, pool)
         if total >= budget:
             break
@@ -136,5 +138,5 @@ class CropPLC(PreLLMMethod):
 
 
     def compress_image(self, features, span, box, image_index):
-        keep = region_share(self.adapter, span, box, self.config.keep_tokens, self.config.pool)
+        keep = region_share(self.adapter.select, span, box, self.config.keep_tokens, self.config.pool)
         return pool_image(span, features, keep, self.config.pool), keep.tolist()

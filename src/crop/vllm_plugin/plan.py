@@ -1,0 +1,153 @@
+"""What one vLLM request asks crop to do with its images, and what that leaves of each image's token grid.
+
+This module does not import vLLM: the plugin's processor (which fixes each image's placeholder
+count before the vision tower runs) and its model (which prunes the embeddings and places the
+kept tokens) both call :func:`compress_grid`, and the tests check it against crop's Hugging Face
+methods on the CPU.
+
+A request carries ``mm_processor_kwargs={"crop": {"method": ..., "keep_tokens": N, "box": [x0,
+y0, x1, y1]}}`` (box in cells of the ``grid`` x ``grid`` region grid, inclusive, as
+``--localizer box:...``). Only methods that act before the LLM can run in vLLM (all layers of a
+request share one KV-cache length there): :data:`ENGINE_METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from crop.errors import CropInputError
+from crop.methods._compose import compose
+from crop.methods.plc import pool_image, region_share
+from crop.models.base import CompressedImage, ImageSpan
+from crop.ops.grid_pool import pool_grid_to
+from crop.ops.selection import TRIMS, select_tokens
+from crop.regions import DEFAULT_GRID, GridBox
+
+ENGINE_METHODS = ("none", "crop-region", "crop-plc", "pool")
+"""Methods the plugin runs: the stock model, CROP's region tokens (ILP's selection before the LLM), CROP's
+training-free PLC (region + pooled context), and uniform pooling."""
+
+INNER_LLM = ("crop-ilp", "crop-self", "fastv", "pdrop", "sparsevlm", "dart", "random-inner")
+_CODES = {name: i for i, name in enumerate(ENGINE_METHODS)}
+_KEYS = {"method", "keep_tokens", "box", "grid", "pool", "trim"}
+
+
+@dataclass(frozen=True)
+class CropRequest:
+    """One request's crop options, checked.
+
+    Attributes:
+        method: one of :data:`ENGINE_METHODS`.
+        keep_tokens: visual tokens per image that reach the LLM (``None``: the region's own
+            count for ``crop-region`` / region + pooled for ``crop-plc``).
+        box: the region (``None``: the whole image).
+        pool: PLC's pooling block side.
+        trim: how a region larger than the budget is cut (``"center"`` or ``"stride"``).
+    """
+
+    method: str = "none"
+    keep_tokens: int | None = None
+    box: GridBox | None = None
+    pool: int = 4
+    trim: str = "center"
+
+    @classmethod
+    def parse(cls, options: Any) -> CropRequest:
+        """The request for ``options`` (the ``crop`` entry of ``mm_processor_kwargs``; ``None``: stock).
+
+        Raises:
+            CropInputError: in one line, for anything invalid (unknown key or method, an
+                inner-LLM method, a bad budget, box, pool or trim).
+        """
+        if options is None:
+            return cls()
+        if not isinstance(options, Mapping):
+            raise CropInputError(f"crop options must be a JSON object, got {type(options).__name__}")
+        unknown = sorted(set(options) - _KEYS)
+        if unknown:
+            raise CropInputError(f"unknown crop option(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
+        method = options.get("method", "crop-region" if "box" in options else "none")
+        if method in INNER_LLM:
+            raise CropInputError(f"{method} prunes inside the LLM, which vLLM cannot do (every layer of a request shares "
+                                 f"one KV-cache length); use one of {', '.join(ENGINE_METHODS)}")
+        if method not in ENGINE_METHODS:
+            raise CropInputError(f"unknown crop method {method!r}; vLLM runs {', '.join(ENGINE_METHODS)}")
+        keep = options.get("keep_tokens")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise CropInputError(f"keep_tokens must be a positive integer, got {keep!r}")
+        if method == "pool" and keep is None:
+            raise CropInputError("pool needs keep_tokens")
+        grid = options.get("grid", DEFAULT_GRID)
+        box = None
+        if options.get("box") is not None:
+            coords = options["box"]
+            if not isinstance(coords, (list, tuple)) or len(coords) != 4 or not all(
+                    isinstance(c, int) and not isinstance(c, bool) for c in coords):
+                raise CropInputError(f"box must be [x0, y0, x1, y1] (grid cells, integers), got {coords!r}")
+            try:
+                box = GridBox.from_list(coords, grid)
+            except ValueError as exc:
+                raise CropInputError(str(exc)) from None
+        pool = options.get("pool", 4)
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise CropInputError(f"pool must be a positive integer, got {pool!r}")
+        trim = options.get("trim", "center")
+        if trim not in TRIMS:
+            raise CropInputError(f"unknown trim {trim!r}; choose one of {', '.join(TRIMS)}")
+        return cls(method, keep, box, pool, trim)
+
+    def encode(self) -> torch.Tensor:
+        """``(9,)`` long: the request as one tensor per image (vLLM carries per-item tensors to the model)."""
+        box = self.box or GridBox.full()
+        return torch.tensor([_CODES[self.method], -1 if self.keep_tokens is None else self.keep_tokens,
+                             box.x0, box.y0, box.x1, box.y1, box.grid, self.pool, TRIMS.index(self.trim)])
+
+    @classmethod
+    def decode(cls, row: torch.Tensor) -> CropRequest:
+        """The request :meth:`encode` wrote."""
+        code, keep, x0, y0, x1, y1, grid, pool, trim = (int(v) for v in row.tolist())
+        return cls(ENGINE_METHODS[code], None if keep < 0 else keep, GridBox(x0, y0, x1, y1, grid), pool, TRIMS[trim])
+
+
+def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols: int) -> CompressedImage:
+    """One image's ``rows x cols`` token grid (row-major ``features``) after the request's method.
+
+    The same rules as crop's Hugging Face methods on a plain grid (``crop-region``:
+    :class:`crop.methods.region_prune.CropRegion`; ``crop-plc``: :class:`crop.methods.plc.CropPLC`;
+    ``pool``: :class:`crop.methods.pool.UniformPool`). Which tokens survive depends only on the
+    grid and the request, never on the feature values, so the processor can count them with
+    any features (:func:`planned_sources`) before the vision tower runs.
+
+    Returns:
+        The tokens that reach the LLM, each with its source (row-major index).
+    """
+    n = rows * cols
+    span = ImageSpan(0, 0, n, rows, cols)
+    box = request.box or GridBox.full()
+    budget = request.keep_tokens
+    if request.method == "none" or (budget is not None and budget >= n):  # as the HF path: the stock image
+        return CompressedImage(features, torch.arange(n, device=features.device))
+    if request.method == "crop-region":
+        keep = select_tokens(box, rows, cols, budget, trim=request.trim).to(features.device)  # (k,)
+        return compose(span, features, features[keep], keep)
+    if request.method == "crop-plc":
+        def select(s: ImageSpan, b: GridBox, k: int | None) -> torch.Tensor:
+            return select_tokens(b, s.rows, s.cols, k, trim=request.trim)
+
+        try:
+            keep = region_share(select, span, box, budget, request.pool)
+        except ValueError as exc:
+            raise CropInputError(str(exc)) from None
+        return pool_image(span, features, keep, request.pool)
+    assert budget is not None  # parse() refuses pool without a budget
+    tokens, source = pool_grid_to(features, rows, cols, budget)
+    return CompressedImage(tokens, source)
+
+
+def planned_sources(request: CropRequest, rows: int, cols: int) -> torch.Tensor:
+    """``(M,)`` the source (row-major index) of each token :func:`compress_grid` lets through, in order."""
+    return compress_grid(request, torch.zeros(rows * cols, 1), rows, cols).source

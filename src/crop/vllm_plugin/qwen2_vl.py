@@ -1,0 +1,148 @@
+"""crop's Qwen2-VL for vLLM: the stock model, with each request's images pruned before the LLM as it asks.
+
+Three hook points of vLLM's own Qwen2-VL (``vllm/model_executor/models/qwen2_vl.py``, vllm 0.32),
+each a subclass method:
+
+- the multimodal processor reads the request's ``crop`` options (``mm_processor_kwargs``), keeps
+  them as one small tensor per image (:meth:`CropRequest.encode`, a batched field vLLM carries to
+  the model and hashes with the image), and gives each image as many placeholders as tokens will
+  reach the LLM (:func:`crop.vllm_plugin.plan.planned_sources`), so the scheduler and the KV cache
+  are sized for the pruned prompt;
+- the model's ``embed_multimodal`` runs the stock vision tower and hands the LLM
+  :func:`crop.vllm_plugin.plan.compress_grid` of each image's tokens;
+- ``get_mrope_input_positions`` gives every token that reaches the LLM the M-RoPE position of its
+  source token and the text after an image the position it has in the full prompt, as crop's
+  Hugging Face adapter does (:mod:`crop.models.qwen2_vl`).
+
+Without ``crop`` options a request is the stock model's, token for token. The processor is crop's
+image-only one (:mod:`crop.models.processors`): the stock one needs torchvision for its video
+processor, which is not installed here, so this model serves images only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from crop.vllm_plugin.torchvision_free import serve_qwen2_vl_processor_module
+
+serve_qwen2_vl_processor_module()
+
+from vllm.model_executor.models.qwen2_vl import (  # noqa: E402  (after the stand-in above)
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
+from vllm.multimodal.processing import PromptReplacement  # noqa: E402
+
+from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
+
+CROP_FIELD = "crop_request"
+"""The per-image tensor field holding the request's crop options (:meth:`CropRequest.encode`)."""
+
+
+@lru_cache(maxsize=8)
+def _checkpoint_processor(path: str, model_type: str):
+    """The checkpoint's processor (image-only where the stock one needs torchvision), loaded once per process."""
+    from crop.models.processors import load_checkpoint_processor
+
+    return load_checkpoint_processor(path, model_type)
+
+
+class CropQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
+    """Qwen2-VL's processing info with crop's image-only processor, images only."""
+
+    def get_hf_processor(self, **kwargs: object) -> Any:
+        return _checkpoint_processor(str(self.ctx.model_config.model), self.get_hf_config().model_type)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}
+
+
+def _grid(item: Any, merge: int) -> tuple[int, int]:
+    """``(rows, cols)`` of an image item's merged token grid."""
+    t, h, w = (int(v) for v in item["image_grid_thw"].data.tolist())
+    return h // merge, w // merge
+
+
+class CropQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
+    """Reads each request's ``crop`` options and gives its images the placeholders of their pruned token count."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
+        kwargs = dict(hf_kwargs)
+        request = CropRequest.parse(kwargs.pop("crop", None))  # CropInputError: this request fails, alone
+        out = super()._call_hf_processor(hf_data, kwargs)
+        grids = out.get("image_grid_thw")
+        if grids is not None:
+            out[CROP_FIELD] = request.encode().repeat(len(grids), 1)  # (images, 9)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[CROP_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any],
+                            out_mm_kwargs: Any) -> Sequence[Any]:
+        merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)
+        token = self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor().image_token]
+
+        def pruned(item_idx: int) -> list[int]:
+            item = out_mm_kwargs["image"][item_idx]
+            rows, cols = _grid(item, merge)
+            return [token] * int(planned_sources(CropRequest.decode(item[CROP_FIELD].data), rows, cols).numel())
+
+        return [PromptReplacement(modality="image", target=[token], replacement=pruned)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(CropQwen2VLMultiModalProcessor, info=CropQwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class CropQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL whose images reach the LLM pruned as each request asks (see the module docstring)."""
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        requests = kwargs.pop(CROP_FIELD, None)
+        embeds = super().embed_multimodal(**kwargs)  # per image: (rows*cols, D)
+        if requests is None:
+            return embeds
+        merge = int(self.config.vision_config.spatial_merge_size)
+        grids = torch.as_tensor(kwargs["image_grid_thw"]).reshape(-1, 3).tolist()
+        rows_of = [torch.as_tensor(r) for r in requests] if isinstance(requests, (list, tuple)) \
+            else list(torch.as_tensor(requests))
+        out = []
+        for image, (_, h, w), row in zip(embeds, grids, rows_of, strict=True):
+            out.append(compress_grid(CropRequest.decode(row), image, h // merge, w // merge).tokens)  # (M, D)
+        return tuple(out)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """``(3, L)`` positions of the pruned prompt and the M-RoPE delta for generated tokens.
+
+        Each token that reaches the LLM takes the (t, h, w) position of its source token in the
+        full grid; the text after an image starts where it would after the full grid
+        (``max(rows, cols)`` after the image's start), as in transformers' ``get_rope_index``.
+        """
+        merge = int(self.config.vision_config.spatial_merge_size)
+        parts: list[np.ndarray] = []
+        consumed, next_pos = 0, 0  # prompt tokens placed so far; the next text position
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if feature.modality != "image":
+                raise ValueError(f"crop's Qwen2-VL serves images only, got {feature.modality}")
+            text = feature.mm_position.offset - consumed
+            parts.append(np.broadcast_to(np.arange(text) + next_pos, (3, text)))
+            start = next_pos + text
+            rows, cols = _grid(feature.data, merge)
+            source = planned_sources(CropRequest.decode(feature.data[CROP_FIELD].data), rows, cols).numpy()  # (M,)
+            parts.append(np.stack([np.full_like(source, start), start + source // cols, start + source % cols]))
+            consumed = feature.mm_position.offset + len(source)
+            next_pos = start + max(rows, cols)
+        tail = len(input_tokens) - consumed
+        parts.append(np.broadcast_to(np.arange(tail) + next_pos, (3, tail)))
+        positions = np.concatenate(parts, axis=1)  # (3, L)
+        return torch.from_numpy(positions.astype(np.int64)), int(positions.max() + 1 - len(input_tokens))

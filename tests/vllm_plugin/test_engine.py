@@ -1,0 +1,154 @@
+"""crop in the real vLLM engine (CPU wheel): the stock model without options, crop's answers with them.
+
+Runs in ``.venv-vllm`` (``scripts/setup_vllm.sh``; CI sets ``CROP_REQUIRE_VLLM=1`` there so this
+cannot be skipped). One engine serves the whole module (start-up costs ~20 s). The reference for
+every answer is crop's Hugging Face path on the same checkpoint in the same process (float32,
+greedy): the same tokens, and a prompt shorter by exactly the dropped visual tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CROP_REQUIRE_VLLM") == "1":
+        raise RuntimeError("CROP_REQUIRE_VLLM=1 but vLLM is not installed (run scripts/setup_vllm.sh)")
+    pytest.skip("vLLM is not installed (scripts/setup_vllm.sh makes .venv-vllm)", allow_module_level=True)
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine starts in seconds
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import torch  # noqa: E402
+
+from crop.api import apply_method  # noqa: E402
+from crop.methods import build_config  # noqa: E402
+from crop.models import get_adapter  # noqa: E402
+from crop.models.loading import load_model  # noqa: E402
+from crop.regions import GridBox  # noqa: E402
+from tests.conftest import random_image  # noqa: E402
+
+PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
+STEPS = 6
+BOX = [1, 2, 5, 6]
+
+
+def vllm_qwen_checkpoint(folder) -> str:
+    """A tiny random Qwen2-VL in the hub layout that vLLM's CPU attention runs (head_dim 64)."""
+    from crop.models.processors import save_hub_layout
+    from crop.models.tiny import QwenShape, build_tiny_qwen
+
+    shape = QwenShape(text_hidden=128, text_heads=2, text_kv_heads=1, text_intermediate=256, vision_hidden=64,
+                      vision_heads=2)
+    model, processor = build_tiny_qwen("qwen2_vl", 0, shape=shape)
+    model.save_pretrained(str(folder))
+    save_hub_layout(processor, folder, "Qwen2VLProcessor", video=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return vllm_qwen_checkpoint(tmp_path_factory.mktemp("qwen2vl"))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    from vllm import LLM
+
+    # float32 as the reference (vLLM's CPU default casts a float32 checkpoint to bfloat16)
+    return LLM(model=checkpoint, max_model_len=2048, enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0,
+               dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return load_model(checkpoint)
+
+
+def _vllm(engine, image, question, crop=None, logprobs=False):
+    """``(greedy tokens, prompt length)`` from the engine (+ the first step's top-5 logprobs if asked)."""
+    from vllm import SamplingParams
+
+    request = {"prompt": PROMPT.format(q=question), "multi_modal_data": {"image": image}}
+    if crop is not None:
+        request["mm_processor_kwargs"] = {"crop": crop}
+    params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=5 if logprobs else None)
+    (out,) = engine.generate(request, params, use_tqdm=False)
+    result = (list(out.outputs[0].token_ids), len(out.prompt_token_ids))
+    if logprobs:
+        return (*result, {t: v.logprob for t, v in out.outputs[0].logprobs[0].items()})
+    return result
+
+
+def _hf(hf, image, question, method=None, keep=None):
+    model, processor = hf
+    inputs = processor(text=[PROMPT.format(q=question)], images=[image], return_tensors="pt")
+    run, visual = dict(inputs), get_adapter(model).image_spans(inputs)[0].visual_tokens
+    handle = None
+    if method is not None:
+        handle = apply_method(model, build_config(method, keep))
+        run = handle.prepare(inputs, [GridBox.from_list(BOX)])
+        visual = handle.stats.visual_tokens_kept["llm_input"][0]
+    try:
+        with torch.no_grad():
+            out = model.generate(**run, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    first = torch.log_softmax(out.logits[0][0].float(), dim=-1)  # (V,) the first step's logprobs (raw logits)
+    return out.sequences[0, run["input_ids"].shape[1]:].tolist(), int(run["input_ids"].shape[1]), visual, first
+
+
+def test_without_crop_options_it_is_the_stock_model(engine, hf):
+    image = random_image(1, (400, 300))
+    tokens, length = _vllm(engine, image, "What color is the star?")
+    ref_tokens, ref_length, _, _ = _hf(hf, image, "What color is the star?")
+    assert (tokens, length) == (ref_tokens, ref_length)
+
+
+@pytest.mark.parametrize("method,keep", [("crop-region", 16), ("crop-region", 48), ("crop-plc", 40), ("crop-plc", 80),
+                                         ("pool", 16), ("pool", 36)])
+def test_crop_answers_equal_the_hugging_face_path(engine, hf, method, keep):
+    image = random_image(2, (400, 300))
+    full_length = _vllm(engine, image, "How many circles?")[1]
+    tokens, length, logprobs = _vllm(engine, image, "How many circles?",
+                                     {"method": method, "keep_tokens": keep, "box": BOX}, logprobs=True)
+    ref_tokens, ref_length, kept, ref_logprobs = _hf(hf, image, "How many circles?", method, keep)
+    assert kept == keep
+    assert length == ref_length  # the prompt shrank by exactly the dropped visual tokens
+    assert full_length - length == _hf(hf, image, "How many circles?")[2] - keep
+    assert tokens == ref_tokens
+    for token, value in logprobs.items():  # the same numbers, not only the same argmax
+        assert abs(value - float(ref_logprobs[token])) < 1e-4
+
+
+def test_requests_with_different_options_share_a_batch(engine, hf):
+    from vllm import SamplingParams
+
+    image = random_image(3, (336, 448))
+    crops = [None, {"method": "crop-region", "keep_tokens": 12, "box": BOX}, {"method": "crop-plc", "keep_tokens": 30,
+                                                                                "box": [0, 0, 3, 3]}]
+    requests = []
+    for crop in crops:
+        request = {"prompt": PROMPT.format(q="What is it?"), "multi_modal_data": {"image": image}}
+        if crop is not None:
+            request["mm_processor_kwargs"] = {"crop": crop}
+        requests.append(request)
+    outs = engine.generate(requests, SamplingParams(max_tokens=STEPS, temperature=0), use_tqdm=False)
+    for out, crop in zip(outs, crops, strict=True):
+        assert (list(out.outputs[0].token_ids), len(out.prompt_token_ids)) == _vllm(engine, image, "What is it?", crop)
+
+
+@pytest.mark.parametrize("crop,message", [({"method": "fastv", "keep_tokens": 16}, "prunes inside the LLM"),
+                                          ({"method": "crop-region", "box": [0, 0, 9, 9]}, "not a valid box"),
+                                          ({"method": "crop-region", "keep_tokens": -3}, "keep_tokens")])
+def test_a_bad_request_fails_alone_and_the_engine_keeps_serving(engine, hf, crop, message):
+    image = random_image(4, (400, 300))
+    with pytest.raises(Exception, match=message):
+        _vllm(engine, image, "What is it?", crop)
+    assert _vllm(engine, image, "What is it?")[0] == _hf(hf, image, "What is it?")[0]
