@@ -15,14 +15,24 @@ sorted), the causal mask follows that order and the renumbered positions are han
 (SparseVLM places its merged tokens after the kept visual tokens this way).
 
 The mechanism is instance-level forward pre-hooks on ``layers[K:]`` (no copied forward, no
-class patching): layer K's hook shortens the hidden states and rewrites the per-layer
-arguments (positions, mask); the later layers' hooks reuse them. Generated tokens are
-always kept. Samples of a batch may keep different numbers of tokens: the pruned sequences
-are left-padded to the longest, and the padding is masked out as keys.
+class patching). Layer K's hook chooses the kept slots and shortens the hidden states; then
+*every* pruned layer (K and each later one) gets its own incoming arguments rewritten for those
+slots: its own mask pruned (a sliding-window layer keeps its sliding mask, a full-attention layer
+its full one, as Qwen2-VL with ``use_sliding_window`` hands them out), its own cos/sin tables and
+position ids gathered. The rewrites are memoized per forward call by the identity of the
+incoming objects, so when every layer gets the same mask and tables (the usual case) they are
+computed once, at layer K. A renumbering pruner computes one set of positions with the model's
+single rotary function, so it refuses a later layer whose rotary inputs are not layer K's (rotary
+tables per layer type); any pruner refuses a layer whose arguments it cannot rewrite (no rotary
+tables where it needs them, a mask kind it does not know). Generated tokens are always kept.
+Samples of a batch may keep different numbers of tokens: the pruned sequences are left-padded to
+the longest, and the padding is masked out as keys.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +44,65 @@ from crop.hf_compat import layer_cache
 
 Selector = Callable[[torch.Tensor, dict], Sequence[torch.Tensor]]
 Rotary = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+_MISSING = object()  # "no memo entry" (a rewrite may itself be None: a mask left implicit)
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A reference to ``obj`` that does not keep it alive (``None`` and objects without weak references: a plain one)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # None (and anything else that cannot be weakly referenced) is held as is
+        return lambda: obj
+
+
+class LayerMemo:
+    """What a pruner made of each incoming per-layer argument during one forward call.
+
+    Entries are keyed by kind and by the ``id`` of the incoming objects (a mask; the cos and sin
+    tables; position ids) and hold those objects by weak reference: an entry answers only for the
+    very objects it was made from, so a freed tensor whose ``id`` a new one reuses can never hit a
+    stale entry, and the memo does not keep the model's unpruned masks alive. The results are held
+    strongly (the later layers of the same call need them). Layer K's hook starts a new memo at
+    every call, so nothing carries over from one forward to the next.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple[Callable[[], Any], ...], Any]] = {}
+
+    @staticmethod
+    def _key(kind: str, sources: tuple) -> tuple:
+        return (kind,) + tuple(id(s) for s in sources)
+
+    def get(self, kind: str, sources: tuple, default: Any = None) -> Any:
+        """The value stored for exactly these ``sources`` (identity, not equality), or ``default``."""
+        entry = self._entries.get(self._key(kind, sources))
+        if entry is None or any(ref() is not s for ref, s in zip(entry[0], sources, strict=True)):
+            return default
+        return entry[1]
+
+    def put(self, kind: str, sources: tuple, value: Any) -> Any:
+        """Store ``value`` as what ``sources`` became; returns it."""
+        self._entries[self._key(kind, sources)] = (tuple(_weak(s) for s in sources), value)
+        return value
+
+    def memoized(self, kind: str, sources: tuple, make: Callable[[], Any]) -> Any:
+        """The value stored for ``sources``, made by ``make()`` (and stored) on the first request."""
+        found = self.get(kind, sources, _MISSING)
+        return self.put(kind, sources, make()) if found is _MISSING else found
+
+
+@dataclass
+class ForwardStep:
+    """What layer K's hook settled for the forward call in progress, for the pruned layers of that call.
+
+    Attributes:
+        cached: in a decode step, the tokens layer K held in its cache before this call; ``None``
+            in a prefill.
+        memo: each incoming argument's rewrite for this call (see :class:`LayerMemo`).
+    """
+
+    cached: int | None
+    memo: LayerMemo = field(default_factory=LayerMemo)
 
 
 @dataclass
@@ -60,7 +129,7 @@ class PruneContext:
     valid: torch.Tensor | None = None  # (B, Lk) False on padding slots; None when no sample is padded
     prefill_len: int = 0
     dropped: torch.Tensor | None = None  # (B,) prompt tokens dropped here (renumbering pruners only)
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    step: ForwardStep | None = None  # the forward call in progress, set by layer K's hook at each call
 
     def kept_slots(self) -> torch.Tensor:
         """``(B, Lk)`` the prefill positions kept at this layer (left-padded), once the prefill reached it.
@@ -71,6 +140,17 @@ class PruneContext:
         if self.index is None:
             raise RuntimeError("this pruning layer has not run a prefill yet: prepare the prompt and run it from the start")
         return self.index
+
+    def current_step(self, layer: int) -> ForwardStep:
+        """The forward call in progress, for pruned layer ``layer``'s hook.
+
+        Raises:
+            RuntimeError: if the pruning layer's hook has not run in any call yet.
+        """
+        if self.step is None:
+            raise RuntimeError(f"decoder layer {layer} ran before the pruning layer in this forward call: "
+                               "run the model from its first layer")
+        return self.step
 
     def chosen(self) -> tuple[list[torch.Tensor], int]:
         """The per-sample positions to keep and the prompt length they refer to, once they are known.
@@ -230,8 +310,9 @@ class InnerLLMPruner:
         if self._handles:
             return
         self._handles.append(self.layers[self.layer].register_forward_pre_hook(self._enter_layer_k, with_kwargs=True))
-        for later in self.layers[self.layer + 1:]:
-            self._handles.append(later.register_forward_pre_hook(self._enter_later_layer, with_kwargs=True))
+        for i in range(self.layer + 1, len(self.layers)):
+            hook = functools.partial(self._enter_later_layer, i)  # bound to its layer, for the errors it may raise
+            self._handles.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         """Remove every hook; the layers are exactly as before :meth:`attach`."""
@@ -289,34 +370,131 @@ class InnerLLMPruner:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _enter_layer_k(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Layer K: start this call's memo, prune the hidden states (prefill), rewrite this layer's arguments."""
         ctx = self.context
         if ctx is None:
             raise RuntimeError("CROP ILP is applied but no prompt was prepared: call handle.prepare(inputs, boxes) "
                                "and run the model on what it returns")
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, L, D)
         cache = layer_cache(kwargs)
-        if cache is None or cache.get_seq_length(self.layer) == 0:
-            hidden = self._prefill(ctx, hidden, kwargs)
-        else:
-            ctx.layer_kwargs = {"attention_mask": self._decode_mask(ctx, kwargs.get("attention_mask"), hidden,
-                                                                    cache.get_seq_length(self.layer))}
-            if self.rotary is not None:
-                ctx.layer_kwargs.update(self._renumbered_decode(ctx, hidden, kwargs, self.rotary))
-        kwargs.update(ctx.layer_kwargs)
+        prefill = cache is None or cache.get_seq_length(self.layer) == 0
+        ctx.step = ForwardStep(cached=None if prefill else cache.get_seq_length(self.layer))
+        if prefill:
+            hidden = self._prefill(ctx, hidden, kwargs)  # (B, Lk, D)
+        elif self.rotary is not None:
+            ctx.step.memo.put("renumbered", self._rotary_inputs(self.layer, kwargs),
+                              self._renumbered_decode(ctx, hidden, kwargs, self.rotary))
+        kwargs.update(self._layer_update(ctx, self.layer, hidden, kwargs))
         if args:
             args = (hidden,) + tuple(args[1:])
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _enter_later_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.context is not None:
-            kwargs.update(self.context.layer_kwargs)
+    def _enter_later_layer(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A layer after K (``layer``, bound at attach): its own arguments rewritten for the slots layer K kept."""
+        ctx = self.context
+        if ctx is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, Lk, D) in a prefill, (B, q, D) in a decode step
+            kwargs.update(self._layer_update(ctx, layer, hidden, kwargs))
         return args, kwargs
+
+    # -- per-layer arguments -------------------------------------------------------------------
+
+    def _layer_update(self, ctx: PruneContext, layer: int, hidden: torch.Tensor, kwargs: dict) -> dict[str, Any]:
+        """Pruned layer ``layer``'s own mask and rotary inputs, rewritten for the kept slots.
+
+        Each incoming object is rewritten once per forward call (see :class:`LayerMemo`): layers
+        that get the same mask or tables as an earlier pruned layer get the same rewrite.
+        """
+        step = ctx.current_step(layer)
+        mask = self._checked_mask(layer, kwargs.get("attention_mask"))
+        update: dict[str, Any] = {"attention_mask": step.memo.memoized(
+            "mask", (mask,), lambda: self._layer_mask(ctx, step, layer, mask, hidden))}
+        update.update(self._layer_positions(ctx, step, layer, kwargs))
+        return update
+
+    def _layer_mask(self, ctx: PruneContext, step: ForwardStep, layer: int, mask: Any, hidden: torch.Tensor) -> Any:
+        """One incoming mask pruned to the kept slots (prefill) or to the kept keys (decode step)."""
+        if step.cached is None:
+            return self._prefill_mask(ctx, mask, hidden.dtype)
+        return self._decode_mask(ctx, mask, hidden, step.cached, layer)
+
+    def _layer_positions(self, ctx: PruneContext, step: ForwardStep, layer: int, kwargs: dict) -> dict[str, Any]:
+        """Layer ``layer``'s cos/sin tables and position ids for the kept slots.
+
+        Original positions: in a prefill the layer's own tables and ids are gathered at the kept
+        slots; decode steps need nothing (generated tokens keep their positions). Renumbered
+        positions: the set computed at layer K, which only fits layers given layer K's inputs.
+        """
+        if self.rotary is not None:
+            return self._renumbered_for(step, layer, kwargs)
+        if step.cached is not None:
+            return {}
+        index = ctx.kept_slots()  # (B, Lk)
+        cos, sin, pos = self._rotary_inputs(layer, kwargs)  # (B|1, L, d) each; position ids or None
+        update: dict[str, Any] = {"position_embeddings": step.memo.memoized(
+            "rotary", (cos, sin), lambda: (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2)))}  # (B, Lk, d) each
+        if isinstance(pos, torch.Tensor):
+            update["position_ids"] = step.memo.memoized(
+                "positions", (pos,), lambda: _gather_seq(pos, index, -1))  # (..., B, Lk)
+        return update
+
+    def _renumbered_for(self, step: ForwardStep, layer: int, kwargs: dict) -> dict[str, Any]:
+        """The renumbered positions and cos/sin layer K computed, for a layer given the same rotary inputs.
+
+        Raises:
+            RuntimeError: if the layer's rotary inputs are other objects than layer K's (rotary
+                tables per layer type): one recomputation with the model's rotary function cannot
+                serve both.
+        """
+        found = step.memo.get("renumbered", self._rotary_inputs(layer, kwargs))
+        if found is None:
+            raise RuntimeError(f"decoder layer {layer} gets other rotary inputs (position_embeddings, position_ids) than "
+                               f"the pruning layer {self.layer}: a renumbering pruner recomputes them with the model's one "
+                               "rotary function, so it cannot serve layers with their own rotary tables (e.g. per layer type)")
+        return found
+
+    @staticmethod
+    def _rotary_inputs(layer: int, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Layer ``layer``'s incoming ``(cos, sin, position_ids)``.
+
+        Raises:
+            RuntimeError: if the layer gets no ``(cos, sin)`` position_embeddings (the pruner moves or
+                replaces the tables the model hands each layer; it cannot serve a layer without them).
+        """
+        tables = kwargs.get("position_embeddings")
+        if not (isinstance(tables, (tuple, list)) and len(tables) == 2
+                and all(isinstance(t, torch.Tensor) for t in tables)):
+            raise RuntimeError(f"decoder layer {layer} got no (cos, sin) position_embeddings (got "
+                               f"{type(tables).__name__}): the pruner rewrites the rotary tables the model hands each "
+                               "pruned layer, so it cannot serve this one")
+        return tables[0], tables[1], kwargs.get("position_ids")
+
+    def _checked_mask(self, layer: int, mask: Any) -> Any:
+        """Layer ``layer``'s incoming mask, if it is a kind the pruner can prune.
+
+        Raises:
+            RuntimeError: for anything but ``None``, a ``(B, L)`` padding mask or (outside
+                FlashAttention) a ``(B, 1, q, L)`` mask.
+        """
+        if mask is None or (isinstance(mask, torch.Tensor) and (mask.dim() == 2 or (mask.dim() == 4
+                                                                                    and not self.padding_mask))):
+            return mask
+        kind = f"a {mask.dim()}-D tensor" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
+        handled = ("None or a (B, L) padding mask (FlashAttention)" if self.padding_mask
+                   else "None, a (B, L) padding mask or a (B, 1, q, L) mask")
+        raise RuntimeError(f"decoder layer {layer} got an attention mask the pruner cannot prune ({kind}); "
+                           f"it handles {handled}")
 
     # -- prefill / decode ----------------------------------------------------------------------
 
     def _prefill(self, ctx: PruneContext, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Choose the kept slots of this prompt (layer K, prefill) and return the hidden states at them.
+
+        A renumbering pruner also computes the kept slots' new positions and cos/sin here, once,
+        for every pruned layer given layer K's rotary inputs.
+        """
         batch, seq_len, _ = hidden.shape
         if ctx.keep is None:  # chosen here, from what the model computed
             if batch != ctx.batch:
@@ -329,16 +507,10 @@ class InnerLLMPruner:
                                f"({ctx.batch}, {prompt_len}); prepare each prompt before running it")
         index, valid = ctx.kept_index(seq_len, hidden.device)  # (B, Lk)
         ctx.index, ctx.valid, ctx.prefill_len = index, valid, seq_len
-        update: dict[str, Any] = {}
-        cos, sin = kwargs["position_embeddings"]  # (B|1, L, d) each
-        update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
-        pos = kwargs.get("position_ids")
-        if isinstance(pos, torch.Tensor):
-            update["position_ids"] = _gather_seq(pos, index, -1)  # (..., B, Lk)
         if self.rotary is not None:
-            update.update(self._renumbered_prefill(ctx, hidden, pos, self.rotary))
-        update["attention_mask"] = self._prefill_mask(ctx, kwargs.get("attention_mask"), hidden.dtype)
-        ctx.layer_kwargs = update
+            ctx.current_step(self.layer).memo.put("renumbered", self._rotary_inputs(self.layer, kwargs),
+                                                  self._renumbered_prefill(ctx, hidden, kwargs.get("position_ids"),
+                                                                           self.rotary))
         return _gather_seq(hidden, index, 1)  # (B, Lk, D)
 
     def _renumbered_prefill(self, ctx: PruneContext, hidden: torch.Tensor, pos: Any, rotary: Rotary) -> dict[str, Any]:
@@ -367,6 +539,7 @@ class InnerLLMPruner:
         return {"position_ids": new_pos, "position_embeddings": (cos, sin)}
 
     def _prefill_mask(self, ctx: PruneContext, mask: Any, dtype: torch.dtype) -> Any:
+        """One incoming prefill mask (``(B, 1, L, L)``, ``(B, L)`` or ``None``) pruned to the kept slots."""
         if self.padding_mask or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             return _kept_padding_mask(mask, ctx.kept_slots(), ctx.valid)
         index, valid = self._causal_index(ctx), ctx.valid  # (B, Lk)
@@ -386,7 +559,15 @@ class InnerLLMPruner:
         allowed = allowed | (eye & ~valid[:, None, :, None])  # padding rows attend to themselves (no NaN)
         return _to_mask_format(allowed, mask, self.eager, dtype)
 
-    def _decode_mask(self, ctx: PruneContext, mask: Any, hidden: torch.Tensor, cached: int) -> Any:
+    def _decode_mask(self, ctx: PruneContext, mask: Any, hidden: torch.Tensor, cached: int, layer: int) -> Any:
+        """One incoming decode-step mask over the whole sequence, pruned to the keys a pruned layer holds.
+
+        Args:
+            mask: the layer's mask: ``(B, 1, q, L + new)``, ``(B, L + new)`` or ``None``.
+            hidden: ``(B, q, D)`` this step's hidden states.
+            cached: tokens layer K held in its cache before this step.
+            layer: the layer the mask is for (named in errors).
+        """
         if ctx.index is None:
             raise RuntimeError("ILP decode step without a pruned prefill; prepare the prompt and run it from the start")
         batch, q_len, _ = hidden.shape
@@ -397,12 +578,11 @@ class InnerLLMPruner:
             keys = torch.cat([ctx.index, tail.expand(batch, new)], dim=1)  # (B, Lk + new) prefill positions
             valid = None if ctx.valid is None else torch.cat(
                 [ctx.valid, torch.ones(batch, new, dtype=torch.bool, device=ctx.valid.device)], dim=1)  # (B, Lk + new)
-            if isinstance(mask, torch.Tensor) and mask.shape[-1] != ctx.prefill_len + new:
-                raise RuntimeError(f"unexpected decode mask length {mask.shape[-1]} (expected {ctx.prefill_len + new})")
+            if isinstance(mask, torch.Tensor):
+                self._check_decode_keys(ctx, mask, new, layer)
             return _kept_padding_mask(mask, keys, valid)
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            if mask.shape[-1] != ctx.prefill_len + new:
-                raise RuntimeError(f"unexpected decode mask length {mask.shape[-1]} (expected {ctx.prefill_len + new})")
+            self._check_decode_keys(ctx, mask, new, layer)
             tail = torch.arange(ctx.prefill_len, ctx.prefill_len + new, device=mask.device)
             keys = torch.cat([ctx.index, tail.expand(ctx.index.shape[0], new)], dim=1)  # (B, Lk + new)
             gathered = _gather_seq(mask, keys, 3, batch_dim=0)  # (B, 1, q, Lk + new)
@@ -420,3 +600,23 @@ class InnerLLMPruner:
             allowed = allowed.clone()
             allowed[..., :kept] &= ctx.valid[:, None, None, :]
         return _to_mask_format(allowed, mask if isinstance(mask, torch.Tensor) else None, self.eager, hidden.dtype)
+
+    @staticmethod
+    def _check_decode_keys(ctx: PruneContext, mask: torch.Tensor, new: int, layer: int) -> None:
+        """Refuse a decode-step mask whose keys are not the whole sequence (the only layout the pruner can map).
+
+        transformers sizes each kind of decode mask on the cache of the first layer of that kind.
+        The pruner maps a mask over every token of the sequence onto the keys it kept; it cannot map
+        one sized on a cache that holds other tokens.
+
+        Raises:
+            RuntimeError: e.g. for a sliding-window layer once the sequence outgrows the window (its
+                mask covers only the last tokens), or when the first layer of a kind is itself
+                pruned (its mask is sized on the pruned cache).
+        """
+        expected = ctx.prefill_len + new
+        if mask.shape[-1] != expected:
+            raise RuntimeError(f"decoder layer {layer} got a decode-step mask over {mask.shape[-1]} keys where the pruner "
+                               f"expects the whole sequence ({ctx.prefill_len} prefill + {new} generated = {expected}): "
+                               "the mask was sized on a cache holding other tokens (a sliding window's last tokens, or a "
+                               "pruned layer's), which the pruner cannot map onto the kept ones")
