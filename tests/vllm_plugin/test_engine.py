@@ -37,22 +37,25 @@ STEPS = 6
 BOX = [1, 2, 5, 6]
 
 
-def vllm_qwen_checkpoint(folder) -> str:
-    """A tiny random Qwen2-VL in the hub layout that vLLM's CPU attention runs (head_dim 64)."""
+STOCK_PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def vllm_qwen_checkpoint(folder, version: str) -> str:
+    """A tiny random Qwen2-VL / Qwen2.5-VL in the hub layout that vLLM's CPU attention runs (head_dim 64)."""
     from crop.models.processors import save_hub_layout
     from crop.models.tiny import QwenShape, build_tiny_qwen
 
     shape = QwenShape(text_hidden=128, text_heads=2, text_kv_heads=1, text_intermediate=256, vision_hidden=64,
                       vision_heads=2)
-    model, processor = build_tiny_qwen("qwen2_vl", 0, shape=shape)
+    model, processor = build_tiny_qwen(version, 0, shape=shape)
     model.save_pretrained(str(folder))
-    save_hub_layout(processor, folder, "Qwen2VLProcessor", video=True)
+    save_hub_layout(processor, folder, STOCK_PROCESSOR[version], video=True)
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return vllm_qwen_checkpoint(tmp_path_factory.mktemp("qwen2vl"))
+@pytest.fixture(scope="module", params=list(STOCK_PROCESSOR))
+def checkpoint(request, tmp_path_factory):
+    return vllm_qwen_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""crop's Qwen2-VL for vLLM: the stock model, with each request's images pruned before the LLM as it asks.
+"""crop's Qwen2-VL and Qwen2.5-VL for vLLM: the stock models, with each request's images pruned before the LLM.
 
-Three hook points of vLLM's own Qwen2-VL (``vllm/model_executor/models/qwen2_vl.py``, vllm 0.32),
-each a subclass method:
+Three hook points of vLLM's own Qwen2-VL (``vllm/model_executor/models/qwen2_vl.py``, vllm 0.32;
+Qwen2.5-VL's classes derive from them), each a method of a mixin put in front of vLLM's class:
 
 - the multimodal processor reads the request's ``crop`` options (``mm_processor_kwargs``), keeps
   them as one small tensor per image (:meth:`CropRequest.encode`, a batched field vLLM carries to
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +32,13 @@ from crop.vllm_plugin.torchvision_free import serve_qwen2_vl_processor_module
 
 serve_qwen2_vl_processor_module()
 
-from vllm.model_executor.models.qwen2_vl import (  # noqa: E402  (after the stand-in above)
+from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402  (after the stand-in above)
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
     Qwen2VLMultiModalProcessor,
@@ -43,6 +49,11 @@ from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
 from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
+
+if TYPE_CHECKING:  # the mixins sit in front of vLLM classes, which the type checker may not see
+    _VllmClass = Any
+else:
+    _VllmClass = object
 
 CROP_FIELD = "crop_request"
 """The per-image tensor field holding the request's crop options (:meth:`CropRequest.encode`)."""
@@ -56,8 +67,8 @@ def _checkpoint_processor(path: str, model_type: str):
     return load_checkpoint_processor(path, model_type)
 
 
-class CropQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
-    """Qwen2-VL's processing info with crop's image-only processor, images only."""
+class CropProcessingInfo(_VllmClass):
+    """Mixin for a Qwen processing info: crop's image-only processor, images only."""
 
     def get_hf_processor(self, **kwargs: object) -> Any:
         return _checkpoint_processor(str(self.ctx.model_config.model), self.get_hf_config().model_type)
@@ -72,8 +83,9 @@ def _grid(item: Any, merge: int) -> tuple[int, int]:
     return h // merge, w // merge
 
 
-class CropQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
-    """Reads each request's ``crop`` options and gives its images the placeholders of their pruned token count."""
+class CropMultiModalProcessor(_VllmClass):
+    """Mixin for a Qwen multimodal processor: reads each request's ``crop`` options and gives its images the
+    placeholders of their pruned token count."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         kwargs = dict(hf_kwargs)
@@ -102,10 +114,8 @@ class CropQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[token], replacement=pruned)]
 
 
-@MULTIMODAL_REGISTRY.register_processor(CropQwen2VLMultiModalProcessor, info=CropQwen2VLProcessingInfo,
-                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
-class CropQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """vLLM's Qwen2-VL whose images reach the LLM pruned as each request asks (see the module docstring)."""
+class CropModel(_VllmClass):
+    """Mixin for a Qwen model: its images reach the LLM pruned as each request asks (see the module docstring)."""
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         requests = kwargs.pop(CROP_FIELD, None)
@@ -146,3 +156,31 @@ class CropQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         parts.append(np.broadcast_to(np.arange(tail) + next_pos, (3, tail)))
         positions = np.concatenate(parts, axis=1)  # (3, L)
         return torch.from_numpy(positions.astype(np.int64)), int(positions.max() + 1 - len(input_tokens))
+
+
+class CropQwen2VLProcessingInfo(CropProcessingInfo, Qwen2VLProcessingInfo):
+    """Qwen2-VL's processing info, crop's processor."""
+
+
+class CropQwen2VLMultiModalProcessor(CropMultiModalProcessor, Qwen2VLMultiModalProcessor):
+    """Qwen2-VL's multimodal processor, placeholders of the pruned images."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(CropQwen2VLMultiModalProcessor, info=CropQwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class CropQwen2VLForConditionalGeneration(CropModel, Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL with crop's per-request pruning."""
+
+
+class CropQwen2_5_VLProcessingInfo(CropProcessingInfo, Qwen2_5_VLProcessingInfo):
+    """Qwen2.5-VL's processing info, crop's processor."""
+
+
+class CropQwen2_5_VLMultiModalProcessor(CropMultiModalProcessor, Qwen2_5_VLMultiModalProcessor):
+    """Qwen2.5-VL's multimodal processor, placeholders of the pruned images."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(CropQwen2_5_VLMultiModalProcessor, info=CropQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class CropQwen2_5_VLForConditionalGeneration(CropModel, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with crop's per-request pruning."""
