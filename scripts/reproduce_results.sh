@@ -82,4 +82,7 @@ $PY scripts/untrained_compressor.py --model llava-shape-0.5b --out runs/compress
 $CROP bench --model llava-shape-0.5b --localizer embedded --methods full,crop-ilp,crop-self,crop-plc,crop-plc-trained \
     --option crop-plc-trained.compressor=runs/compressor-llava-shape-0.5b --keep-tokens 64 --batch 1 --repeats 5 \
     --new-tokens 16 --threads 1 --out results/bench-llava-shape-0.5b-costs
+# the Qwen family: Qwen3-VL-2B's sizes (DeepStack included), 768 px images = 576 visual tokens, random weights
+$CROP bench --model qwen3-vl-shape-2b --localizer embedded --methods full,crop-ilp,crop-plc \
+    --keep-tokens 64 --batch 1 --repeats 3 --new-tokens 8 --threads 1 --out results/bench-qwen3-vl-shape-2b
 fi

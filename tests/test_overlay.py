@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from crop.cli import main
@@ -23,9 +24,10 @@ def _bright(picture: Image.Image, x: int, y: int) -> bool:
     return picture.getpixel((x, y))[2] > 150  # the blue image, not dimmed
 
 
-def test_qwen_overlay_keeps_the_image_aspect_ratio(tmp_path):
-    """Qwen2-VL tokenizes the image at its own aspect ratio: a 2:1 image is drawn 2:1, not squashed."""
-    picture = _overlay(tmp_path, "tiny-random-qwen2-vl", (640, 320))
+@pytest.mark.parametrize("model", ["tiny-random-qwen2-vl", "tiny-random-qwen3-vl"])
+def test_qwen_overlay_keeps_the_image_aspect_ratio(tmp_path, model):
+    """Qwen2-VL and Qwen3-VL tokenize the image at its own aspect ratio: a 2:1 image is drawn 2:1, not squashed."""
+    picture = _overlay(tmp_path, model, (640, 320))
     assert picture.size == (448, 224)
     assert _bright(picture, 30, 30) and not _bright(picture, 300, 150)  # kept top-left, dimmed elsewhere
 

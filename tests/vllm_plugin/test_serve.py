@@ -1,0 +1,122 @@
+"""vLLM's OpenAI-compatible server with the crop plugin: chat completions with an image and crop options.
+
+Starts the server once for the module on 127.0.0.1 (``python -m vllm.entrypoints.openai.api_server``:
+the ``vllm`` console script of the CPU wheel looks up a distribution named ``vllm`` and fails),
+with a server default (``--mm-processor-kwargs``) that requests override, sends good and bad
+requests, and stops it. Runs in ``.venv-vllm`` (see tests/vllm_plugin/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CROP_REQUIRE_VLLM") == "1":
+        raise RuntimeError("CROP_REQUIRE_VLLM=1 but vLLM is not installed (run scripts/setup_vllm.sh)")
+    pytest.skip("vLLM is not installed (scripts/setup_vllm.sh makes .venv-vllm)", allow_module_level=True)
+
+from tests.conftest import random_image  # noqa: E402
+from tests.vllm_plugin.test_engine import vllm_qwen_checkpoint  # noqa: E402
+
+BOX = [1, 2, 5, 6]
+DEFAULT = {"crop": {"method": "crop-region", "keep_tokens": 24, "box": BOX}}  # the server's default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    checkpoint = vllm_qwen_checkpoint(folder, "qwen2_vl")
+    config = folder / "tokenizer_config.json"  # hub Qwen checkpoints carry the chat template here too
+    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
+    port = _free_port()
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = open(folder / "server.log", "w")  # noqa: SIM115  (closed below)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+         "--limit-mm-per-prompt", '{"image": 1}', "--trust-request-mm-kwargs",
+         "--mm-processor-kwargs", json.dumps(DEFAULT)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited ({process.returncode}):\n{(folder / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not come up in 240 s") from None
+                time.sleep(1)
+        yield base, checkpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _image_url(seed: int) -> str:
+    buffer = io.BytesIO()
+    random_image(seed, (400, 300)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _chat(server, crop="default", seed: int = 2) -> tuple[int, dict]:
+    base, checkpoint = server
+    body: dict = {"model": checkpoint, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _image_url(seed)}}, {"type": "text", "text": "How many circles?"}]}]}
+    if crop != "default":
+        body["mm_processor_kwargs"] = {"crop": crop}
+    request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def test_the_server_default_and_per_request_options(server):
+    status, stock = _chat(server, {"method": "none"})
+    assert status == 200
+    status, default = _chat(server)  # the server's default: the region's 24 tokens
+    assert status == 200
+    status, tighter = _chat(server, {"method": "crop-region", "keep_tokens": 8, "box": BOX})
+    assert status == 200
+    full, pruned, pruned8 = (r["usage"]["prompt_tokens"] for r in (stock, default, tighter))
+    assert full - pruned == full - pruned8 - 16 > 0  # 16 more visual tokens dropped for keep_tokens 8 than for 24
+    assert all(isinstance(r["choices"][0]["message"]["content"], str) for r in (stock, default, tighter))
+
+
+@pytest.mark.parametrize("crop,message", [({"method": "dart", "keep_tokens": 8}, "prunes inside the LLM"),
+                                          ({"method": "crop-plc", "keep_tokens": 8, "box": BOX, "pool": 0}, "pool"),
+                                          ({"keep_tokens": 8, "bbox": BOX}, "unknown crop option")])
+def test_a_bad_request_gets_a_400_and_the_server_keeps_serving(server, crop, message):
+    status, body = _chat(server, crop)
+    assert status == 400 and message in body["error"]["message"]
+    assert _chat(server)[0] == 200
