@@ -89,7 +89,10 @@ class CropMultiModalProcessor(_VllmClass):
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         kwargs = dict(hf_kwargs)
-        request = CropRequest.parse(kwargs.pop("crop", None))  # CropInputError: this request fails, alone
+        kwargs.pop("crop", None)
+        # the server's default (--mm-processor-kwargs) under the request's own fields, as vLLM merges them
+        options = self.info.ctx.get_merged_mm_kwargs(hf_kwargs).get("crop")
+        request = CropRequest.parse(options)  # CropInputError: this request fails, alone
         out = super()._call_hf_processor(hf_data, kwargs)
         grids = out.get("image_grid_thw")
         if grids is not None:
