@@ -27,6 +27,14 @@ def check_grid(value: Any) -> None:
         raise ValueError(f"grid must be an int in [1, 64], got {value!r}")
 
 
+def check_trim(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` names a way to cut an oversized region (:data:`crop.ops.selection.TRIMS`)."""
+    from crop.ops.selection import TRIMS
+
+    if value not in TRIMS:
+        raise ValueError(f"unknown trim {value!r}; choose one of {', '.join(TRIMS)}")
+
+
 def check_ratio(name: str, value: Any, low_open: bool = True) -> None:
     """Raise ``ValueError`` unless ``value`` is a number in (0, 1] (or [0, 1] with ``low_open=False``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -99,13 +107,10 @@ class CropILPConfig(ConfigMixin):
     method_name: ClassVar[str] = "crop-ilp"
 
     def __post_init__(self) -> None:
-        from crop.ops.selection import TRIMS
-
         check_keep_tokens(self.keep_tokens)
         check_layer(self.layer)
         check_grid(self.grid)
-        if self.trim not in TRIMS:
-            raise ValueError(f"unknown trim {self.trim!r}; choose one of {', '.join(TRIMS)}")
+        check_trim(self.trim)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crop.config import ConfigMixin, check_grid, check_keep_tokens
+from crop.config import ConfigMixin, check_grid, check_keep_tokens, check_trim
 from crop.methods._compose import compose
 from crop.methods.base import METHODS, PreLLMMethod
 
@@ -39,12 +39,9 @@ class CropRegionConfig(ConfigMixin):
     method_name: ClassVar[str] = "crop-region"
 
     def __post_init__(self) -> None:
-        from crop.ops.selection import TRIMS
-
         check_keep_tokens(self.keep_tokens)
         check_grid(self.grid)
-        if self.trim not in TRIMS:
-            raise ValueError(f"unknown trim {self.trim!r}; choose one of {', '.join(TRIMS)}")
+        check_trim(self.trim)
 
 
 @METHODS.register("crop-region")
