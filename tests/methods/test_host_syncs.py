@@ -41,6 +41,7 @@ BUDGET = {
     "crop-ilp": 4,  # the region known up front: per sample, the kept positions (a mask, its nonzero)
     "crop-plc": 12,  # per image: the region's tokens and the pooled cells (boolean masks, nonzero), the prompt rebuilt
     "crop-plc-trained": 20,  # per image: the region's anchors and queries, the prompt rebuilt
+    "crop-region": 8,  # per image: the region's tokens, the prompt rebuilt (LLaVA 8, Qwen2-VL 7)
     "crop-self": 16,  # one stage: the shared selector (2 images: 10), the attention box read back per image
     "dart": 34,  # one stage: the shared selector (10), per image its text (nonzero) and pivots' visiting order
     #              (tolist), and duplication_select's per-pivot count of tokens left (8 pivots x 2 images = 16)
