@@ -257,6 +257,7 @@ class AttentionScoredMethod(InnerLLMMethod):
         super().detach()
         for capture in self.captures:
             capture.detach()
+        self._attention_mask = None  # a removed method keeps no tensor of the last prompt
 
     def prepare(self, inputs, spans, boxes):
         mask = inputs.get("attention_mask")

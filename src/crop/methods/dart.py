@@ -129,6 +129,7 @@ class DART(InnerLLMMethod):
     def detach(self) -> None:
         super().detach()
         self.capture.detach()
+        self._attention_mask = None  # a removed method keeps no tensor of the last prompt
 
     def prepare(self, inputs, spans, boxes):
         mask = inputs.get("attention_mask")
