@@ -492,6 +492,7 @@ class SparseVLM(AttentionScoredMethod):
             self._embed_handle.remove()
             self._embed_handle = None
         self._embeds, self._embeds_armed = None, False
+        self._raters, self._merge_sets = [], [None for _ in self._layers]  # nothing of the last prompt stays
 
     def prepare(self, inputs, spans, boxes):
         self._plans = [self.schedule(s.visual_tokens) for s in spans]  # per image: (rated, totals) or None
