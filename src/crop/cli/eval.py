@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``crop eval``; returns the exit code."""
     from tqdm import tqdm
 
-    from crop.eval.progress_store import ProgressStore, Shard, fingerprint
+    from crop.eval.progress_store import ProgressStore, Shard, fingerprint, runtime_settings
     from crop.eval.report import markdown_table, plot_accuracy_vs_flops, plot_accuracy_vs_tokens
     from crop.eval.runner import EvalSpec, check_oracle, load_samples, run_eval
     from crop.localizers import make_localizer
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     store = ProgressStore(out, shard)
     try:  # before any model loads: a folder of another evaluation is refused at once
-        store.prepare(fingerprint(spec, args.model, args.localizer), fresh=args.fresh)
+        runtime = runtime_settings(args.device, args.dtype, args.attn, getattr(args, "device_map", None))
+        store.prepare(fingerprint(spec, args.model, args.localizer, runtime), fresh=args.fresh)
     except ValueError as exc:
         raise CropInputError(str(exc)) from None
     if shard.world_size > 1:

@@ -2,9 +2,10 @@
 
 ``crop eval`` appends every finished answer (and every localizer answer) to a JSONL progress file
 in its output folder, flushed and fsynced after each batch, and writes a fingerprint of what it
-evaluates (``eval_spec.json``) before the first answer. Running the same command on the same folder
-reads what is done, skips it and runs the rest, so a killed run ends with the same ``results.json``
-as an uninterrupted one. Another spec is refused.
+evaluates (``eval_spec.json``: the spec, the model and localizer names, and the answerer's device
+type, dtype and attention implementation, :func:`runtime_settings`) before the first answer.
+Running the same command on the same folder reads what is done, skips it and runs the rest, so a
+killed run ends with the same ``results.json`` as an uninterrupted one. Another spec is refused.
 
 Under ``torchrun`` / ``accelerate launch`` (``RANK`` and ``WORLD_SIZE`` in the environment) each
 process takes every ``WORLD_SIZE``-th batch (the batches are those of a one-process run, so every
@@ -84,17 +85,55 @@ class Shard:
         return list(range(0, n, batch_size))[self.rank::self.world_size]
 
 
-def fingerprint(spec: Any, model_name: str, localizer_name: str) -> dict[str, Any]:
-    """What an evaluation's results depend on (no git hash, no devices): equal fingerprints may share a folder.
+def runtime_settings(device: Any = "cpu", dtype: Any = "auto", attn_implementation: str = "sdpa",
+                     device_map: str | None = None) -> dict[str, Any]:
+    """Where and how the answerer runs, as a fingerprint records it: device type, dtype, attention implementation.
+
+    The same words ``crop eval`` takes (``--device``, ``--dtype``, ``--attn``, ``--device-map``),
+    resolved as the model loader resolves them, so ``auto`` on a GPU machine and ``cuda`` give the
+    same settings. The device is its type (``cuda``, not ``cuda:1``): under a launcher each rank
+    runs on its own GPU index, and every rank must write the same fingerprint. Answers differ with
+    each of these (bfloat16 against float32, SDPA against eager attention rounding), so rows
+    computed under one must not be merged with rows computed under another.
+
+    Args:
+        device: a ``--device`` word or a :class:`torch.device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+        dtype: a ``--dtype`` word or a :class:`torch.dtype` (``auto``, ``float32``, ``bfloat16``, ``float16``).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        device_map: ``--device-map`` (``auto`` spreads the model itself), or ``None``.
+
+    Returns:
+        ``{"device": ..., "dtype": ..., "attn_implementation": ...}`` (plus ``"device_map"`` when one is given).
+
+    Raises:
+        CropInputError: for a device this machine does not have or a dtype it cannot run there.
+    """
+    from crop.models.loading import resolve_device, resolve_dtype
+
+    target = resolve_device(device)
+    settings = {"device": target.type, "dtype": str(resolve_dtype(dtype, target)).removeprefix("torch."),
+                "attn_implementation": str(attn_implementation)}
+    if device_map is not None:
+        settings["device_map"] = device_map
+    return settings
+
+
+def fingerprint(spec: Any, model_name: str, localizer_name: str,
+                runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What an evaluation's results depend on (no git hash, no device index): equal fingerprints may share a folder.
 
     Args:
         spec: the :class:`crop.eval.runner.EvalSpec`.
         model_name, localizer_name: the answerer and localizer names, as given.
+        runtime: the answerer's device type, dtype and attention implementation
+            (:func:`runtime_settings`). ``None`` records none of them (a caller that does not
+            know them must not write a guess that a later run would be compared against).
 
     Returns:
         A JSON-ready dict.
     """
-    return json.loads(json.dumps({"model": model_name, "localizer": localizer_name, **spec.__dict__}))
+    settings = dict(runtime or {})
+    return json.loads(json.dumps({"model": model_name, "localizer": localizer_name, **settings, **spec.__dict__}))
 
 
 class SpecMismatch(ValueError):

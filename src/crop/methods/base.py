@@ -196,16 +196,20 @@ class PreLLMMethod(PruningMethod):
         if self.keeps_everything(spans):
             return dict(inputs), stats
         images, full_res = [], []
-        for i, (span, box, encoded) in enumerate(zip(spans, boxes, self.encode(inputs), strict=True)):
-            image, kept = self.compress_image(encoded, span, box, i)
-            images.append(image)
-            full_res.append(kept)
+        try:
+            for i, (span, box, encoded) in enumerate(zip(spans, boxes, self.encode(inputs), strict=True)):
+                image, kept = self.compress_image(encoded, span, box, i)
+                images.append(image)
+                full_res.append(kept)
+            rebuilt = self.adapter.compressed_inputs(inputs, spans, images)
+        finally:
+            self.adapter.release_encoded()  # prepared or refused: the handle keeps nothing of this batch
         stats.visual_tokens_kept["llm_input"] = [im.visual_tokens for im in images]
         stats.equivalent_tokens = [float(im.visual_tokens) for im in images]
         stats.full_resolution = full_res
         if self.uses_region:
             stats.region_tokens = [len(k) for k in full_res]
-        return self.adapter.compressed_inputs(inputs, spans, images), stats
+        return rebuilt, stats
 
 
 class InnerLLMMethod(PruningMethod):

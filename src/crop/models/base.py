@@ -468,6 +468,13 @@ class VLMAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot report vision-tower saliency")
 
+    def release_encoded(self) -> None:  # noqa: B027  (only adapters that keep something override it)
+        """Forget what :meth:`encode_images` kept for :meth:`compressed_inputs` (Qwen3-VL's DeepStack features).
+
+        Pre-LLM methods call it once a batch is prepared or refused, so a handle holds nothing of a
+        prompt between calls. The default keeps nothing.
+        """
+
     def project_features(self, pre: torch.Tensor) -> torch.Tensor:
         """Map ``(m, P)`` visual tokens from before the projector (:attr:`VisionSaliency.pre_projector`) to ``(m, D)``."""
         raise NotImplementedError(f"{type(self).__name__} cannot project vision-tower features")

@@ -74,6 +74,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         fc1, act, fc2 = (merger.get_submodule(n) for n in ("linear_fc1", "act_fn", "linear_fc2"))
         return fc2(act(fc1(pre)))  # (m, D)
 
+    def release_encoded(self) -> None:
+        self._deepstack = None
+
     def deepstack_features(self, inputs: Mapping[str, Any]) -> list[list[torch.Tensor]]:
         """Per image, per level, the ``(rows*cols, D)`` DeepStack features of ``inputs``' images.
 
