@@ -25,6 +25,7 @@ from crop.models import loading
 from crop.models.loading import load_model
 from crop.models.processors import save_hub_layout
 from crop.models.real_geometry import (
+    FULL_DEPTH_NAMES,
     QWEN_VL_CHAT_TEMPLATE,
     REAL_GEOMETRY_NAMES,
     build_real_geometry,
@@ -178,6 +179,8 @@ def test_real_geometry_at_full_depth_has_the_checkpoints_parameter_count(name, l
     assert sum(p.numel() for p in model.parameters()) == params
     two, _ = build_real_geometry(name, device="meta")  # the CPU variant: 2 decoder layers, everything else equal
     assert two.config.get_text_config().num_hidden_layers == 2 and two.dtype == torch.bfloat16
+    full, _ = build_real_geometry(f"{name}-full", device="meta")  # the GPU-timing name: the checkpoint's depth
+    assert sum(p.numel() for p in full.parameters()) == params and f"{name}-full" in FULL_DEPTH_NAMES
 
 
 def test_real_geometry_tokenizers_have_the_real_ids():
@@ -206,10 +209,12 @@ def test_real_geometry_llava_processor_is_the_hub_one(tmp_path):
 def test_load_model_builds_real_geometry_names_in_the_target_dtype(monkeypatch):
     calls = []
 
-    def fake(name, dtype, attn_implementation):
-        calls.append((name, dtype, attn_implementation))
+    def fake(name, dtype, device, attn_implementation):
+        calls.append((name, dtype, str(device), attn_implementation))
         return build_tiny_llava()
 
     monkeypatch.setattr(loading, "build_real_geometry", fake)
     model, _ = load_model(REAL_GEOMETRY_NAMES[0], dtype="bfloat16")
-    assert calls == [("llava-1.5-7b-geometry", torch.bfloat16, "sdpa")] and model.dtype == torch.bfloat16
+    assert calls == [("llava-1.5-7b-geometry", torch.bfloat16, "cpu", "sdpa")] and model.dtype == torch.bfloat16
+    load_model("llava-1.5-7b-geometry-full", dtype="bfloat16")  # built where it will run (here the CPU)
+    assert calls[-1] == ("llava-1.5-7b-geometry-full", torch.bfloat16, "cpu", "sdpa")

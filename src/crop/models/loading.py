@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from crop.errors import CropInputError
-from crop.models.real_geometry import REAL_GEOMETRY_NAMES, build_real_geometry
+from crop.models.real_geometry import FULL_DEPTH_NAMES, REAL_GEOMETRY_NAMES, build_real_geometry
 from crop.models.tiny import SHAPE_MODEL_NAMES, TINY_MODEL_NAMES, build_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
         spec: ``"embedded"`` (the shipped toy model for ``role``), one of
             :data:`crop.models.tiny.TINY_MODEL_NAMES` or ``SHAPE_MODEL_NAMES`` (random weights),
             :data:`crop.models.real_geometry.REAL_GEOMETRY_NAMES` (a 7B checkpoint's exact
-            geometry with 2 decoder layers and random weights, built directly in ``dtype``),
+            geometry with 2 decoder layers and random weights, built directly in ``dtype`` on
+            the device), ``FULL_DEPTH_NAMES`` (the same at full depth, for GPU timings),
             a local folder exported by ``crop train`` (``crop_embedded.json`` + safetensors),
             a local checkpoint directory, or a hub id.
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (CUDA, half
@@ -253,8 +254,10 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
     check_attention(attn_implementation, target, torch_dtype)
     if spec in TINY_MODEL_NAMES or spec in SHAPE_MODEL_NAMES:
         model, processor = build_tiny_model(spec, attn_implementation=_built_attn(attn_implementation))
-    elif spec in REAL_GEOMETRY_NAMES:  # built in the target dtype: no float32 copy of billions of parameters
-        model, processor = build_real_geometry(spec, dtype=torch_dtype,
+    elif spec in REAL_GEOMETRY_NAMES or spec in FULL_DEPTH_NAMES:
+        # built in the target dtype (no float32 copy of billions of parameters), on the target device
+        # unless accelerate places it
+        model, processor = build_real_geometry(spec, dtype=torch_dtype, device="cpu" if device_map else target,
                                                attn_implementation=_built_attn(attn_implementation))
     elif spec == EMBEDDED:
         from crop import embedded
@@ -333,7 +336,7 @@ def _from_pretrained(spec: str, attn_implementation: str, device: torch.device, 
     is_local = Path(spec).exists()
     if not is_local and ("/" not in spec or spec.count("/") > 1 or spec.startswith((".", "/"))):
         raise CropInputError(f"unknown model {spec!r}: not a local path, not a hub id (owner/name), and not one of "
-                             f"{EMBEDDED}, {', '.join(TINY_MODEL_NAMES + SHAPE_MODEL_NAMES + REAL_GEOMETRY_NAMES)}")
+                             f"{EMBEDDED}, {', '.join(TINY_MODEL_NAMES + SHAPE_MODEL_NAMES + REAL_GEOMETRY_NAMES + FULL_DEPTH_NAMES)}")
     # transformers 5.x takes ``dtype`` (``torch_dtype`` is its deprecated alias); loading straight onto
     # the device (``device_map``) avoids a float32 copy of the weights in host memory
     placement = device_map if device_map is not None else (None if device.type == "cpu" else str(device))

@@ -59,6 +59,12 @@ import torch
 
 REAL_GEOMETRY_NAMES = ("llava-1.5-7b-geometry", "qwen2.5-vl-7b-geometry")
 DECODER_LAYERS = 2
+# The same geometry at the checkpoints' full depth ([L1]: 32 decoder layers, [Q1]: 28): a 7B model's
+# whole compute with random weights, for timings on a GPU (~14 GB / ~16 GB in bfloat16, built
+# directly on the target device). Name -> (geometry, decoder layers).
+FULL_DEPTH = {"llava-1.5-7b-geometry-full": ("llava-1.5-7b-geometry", 32),
+              "qwen2.5-vl-7b-geometry-full": ("qwen2.5-vl-7b-geometry", 28)}
+FULL_DEPTH_NAMES = tuple(FULL_DEPTH)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # [L3], [Q3]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -291,13 +297,16 @@ def build_real_geometry(name: str, seed: int = 0, dtype: torch.dtype = torch.bfl
     """A seeded random model of one of :data:`REAL_GEOMETRY_NAMES` and its processor.
 
     Args:
-        name: ``"llava-1.5-7b-geometry"`` or ``"qwen2.5-vl-7b-geometry"``.
+        name: ``"llava-1.5-7b-geometry"`` or ``"qwen2.5-vl-7b-geometry"``, or one of
+            :data:`FULL_DEPTH_NAMES` (the same at the checkpoint's depth; ``decoder_layers`` is
+            then ignored).
         seed: torch seed for the weights.
         dtype: parameter dtype, used from creation on (bfloat16: ~2.1 GB / ~4.5 GB with 2 layers).
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         decoder_layers: decoder layers of the language model; ``device="meta"`` with the
             checkpoint's count (32 / 28) gives the full model's shapes without allocating them.
-        device: where the parameters are created (``"meta"``: shapes only).
+        device: where the parameters are created (``"meta"``: shapes only; ``"cuda"``: no
+            host copy, and random initialization at the GPU's speed).
 
     Returns:
         ``(model, processor)``, the model in eval mode.
@@ -305,6 +314,7 @@ def build_real_geometry(name: str, seed: int = 0, dtype: torch.dtype = torch.bfl
     Raises:
         ValueError: for an unknown name.
     """
+    name, decoder_layers = FULL_DEPTH.get(name, (name, decoder_layers))
     config = real_geometry_config(name, decoder_layers)
     config.dtype = dtype  # saved in config.json as the checkpoints' "torch_dtype"
     torch.manual_seed(seed)
