@@ -182,6 +182,8 @@ def check_bench_smoke(tmp_path, device: str, dtype: str) -> dict:
     assert set(cases) == {"full", "crop-ilp@64", "crop-plc@64", "ideal@64"}
     assert cases["crop-ilp@64"]["visual_tokens_kept"]["after_layer_2"] == [64]
     assert all(row["timings"]["prefill_s"]["median"] > 0 for row in cases.values())
+    # batch 1 has no padding: the cache holds exactly the counted tokens, in the model's dtype
+    assert all(row["kv_vs_analytic"] == pytest.approx(1.0) for row in cases.values())
     return results
 
 

@@ -88,6 +88,12 @@ def test_bench_body_on_cpu(tmp_path):
     assert results["devices"] == {"answerer": "cpu", "dtype": "float32", "attn": "sdpa", "device_map": None}
 
 
+def test_bench_body_on_cpu_in_bfloat16(tmp_path):
+    """The analytic KV bytes follow the model's dtype (a bf16 cache is half a float32 one)."""
+    results = check_bench_smoke(tmp_path, "cpu", "bfloat16")
+    assert results["devices"]["dtype"] == "bfloat16"
+
+
 # -- resolving devices and dtypes -----------------------------------------------------------------
 
 

@@ -326,7 +326,8 @@ def _batch_report(model, localizer, bench: _Bench, dims: DecoderDims, spec: Benc
         prefill = sum(prefill_flops(dims, layers) for layers in per_layer)
         half = spec.new_tokens // 2
         decode = sum(decode_flops(dims, [n + half for n in layers]) for layers in per_layer)
-        analytic_kv = sum(kv_cache_bytes(dims, layers) for layers in per_layer)
+        # the cache holds keys and values in the model's dtype (2 bytes in bf16/fp16, 4 in float32)
+        analytic_kv = sum(kv_cache_bytes(dims, layers, bytes_per_value=model.dtype.itemsize) for layers in per_layer)
         med = {k: _summary(v) for k, v in samples[name].items()}
         rows[name] = {
             "method": method, "keep_tokens_576": None if budget is None else budget[0],
