@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1
   "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0]); print('torch', torch.__version__);
 print('transformers', transformers.__version__); print('gpu', torch.cuda.get_device_name(0))"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  git rev-parse HEAD 2>/dev/null || true
+  echo "crop commit ${CROP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"  # the device copy may carry a stale .git
 } 2>&1 | tee "$OUT/versions.txt"
 
 [[ "${GPU_TESTS:-1}" == 1 ]] && timeout "${GPU_TESTS_TIMEOUT:-300}" "$PY" -m pytest -p no:cacheprovider -m gpu -rfEs --junitxml "$OUT/gpu-tests.xml" \
