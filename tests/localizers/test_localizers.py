@@ -129,3 +129,21 @@ def test_a_vlm_localizer_answers_on_its_own_grid_and_converts_to_the_callers():
     out = loc._parse("[3, 6, 4, 7]")
     assert out.box == GridBox(6, 12, 9, 15, grid=16) and not out.fallback
     assert VLMLocalizer(model=None, processor=None)._parse("[3, 6, 4, 7]").box == GridBox(3, 6, 4, 7)
+
+
+def test_vlm_localizer_takes_the_callers_batch_in_one_call():
+    """By default the whole call is one ``generate`` (no cap of its own); the boxes equal capped chunks'."""
+    from crop.data.synth import generate
+
+    samples = list(generate(6, 3, "test"))
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    whole = make_localizer("embedded")
+    assert whole.batch_size is None
+    calls = []
+    original = whole.generate
+    whole.generate = lambda inputs: calls.append(inputs["input_ids"].shape[0]) or original(inputs)
+    boxes = [r.box for r in whole.localize(images, questions)]
+    assert calls == [6]
+    chunked = make_localizer("embedded")
+    chunked.batch_size = 2
+    assert [r.box for r in chunked.localize(images, questions)] == boxes

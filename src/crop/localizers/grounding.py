@@ -237,7 +237,7 @@ class GroundingLocalizer(VLMLocalizer):
         grid: the region grid side of the boxes returned.
         max_new_tokens: decode budget per answer (a one-box JSON answer is about 40 tokens; a cut
             answer still yields every complete box).
-        batch_size: images per ``generate`` call.
+        batch_size: images per ``generate`` call (a grounding answer is long); ``None``: the caller's batch.
         prompt: override the family's request; a template with a ``{question}`` field.
 
     Raises:
@@ -246,7 +246,7 @@ class GroundingLocalizer(VLMLocalizer):
 
     name = "grounding"
 
-    def __init__(self, model: nn.Module, processor, grid: int = 8, max_new_tokens: int = 128, batch_size: int = 8,
+    def __init__(self, model: nn.Module, processor, grid: int = 8, max_new_tokens: int = 128, batch_size: int | None = 8,
                  prompt: str | None = None) -> None:
         fmt = grounding_format(str(getattr(getattr(model, "config", None), "model_type", None)))
         super().__init__(model, processor, grid=grid, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -281,9 +281,10 @@ class GroundingLocalizer(VLMLocalizer):
             One :class:`Localization` per pair (full image and ``fallback=True`` where no box is usable).
         """
         results: list[Localization] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            inputs = self.prepare(chunk, questions[start:start + self.batch_size])
+        step = self.batch_size or max(len(images), 1)
+        for start in range(0, len(images), step):
+            chunk = images[start:start + step]
+            inputs = self.prepare(chunk, questions[start:start + step])
             texts = self.decode(self.generate(inputs))  # (B, T) new tokens -> B strings
             sizes = self.input_sizes(inputs["image_grid_thw"])
             results.extend(read_grounding(text, self.format, image.size, self.grid, size)
