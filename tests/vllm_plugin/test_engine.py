@@ -32,7 +32,8 @@ from crop.models.loading import load_model  # noqa: E402
 from crop.regions import GridBox  # noqa: E402
 from tests.conftest import random_image  # noqa: E402
 
-PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
+QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
+PROMPTS = {"qwen2_vl": QWEN_PROMPT, "qwen2_5_vl": QWEN_PROMPT, "llava": "USER: <image>\n{q} ASSISTANT:"}
 STEPS = 6
 BOX = [1, 2, 5, 6]
 
@@ -53,9 +54,44 @@ def vllm_qwen_checkpoint(folder, version: str) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module", params=list(STOCK_PROCESSOR))
-def checkpoint(request, tmp_path_factory):
-    return vllm_qwen_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
+def vllm_llava_checkpoint(folder) -> str:
+    """A tiny random LLaVA-1.5 (576 tokens per image) in the hub layout vLLM reads (head_dim 64).
+
+    The tower's weights are renamed ``vision_tower.vision_model.*``, as in the llava-hf
+    checkpoints: vLLM's loader expects that name, which transformers 5.x no longer writes.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from crop.models.processors import save_hub_layout
+    from crop.models.tiny import LlavaShape, build_tiny_llava
+
+    shape = LlavaShape(text_hidden=128, text_heads=2, text_kv_heads=1, text_intermediate=256, vision_hidden=64,
+                       vision_heads=2)
+    model, processor = build_tiny_llava(0, shape=shape)
+    model.save_pretrained(str(folder))
+    save_hub_layout(processor, folder, "LlavaProcessor", processor_kwargs={
+        "patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1})
+    weights = folder / "model.safetensors"
+    renamed = {key if "vision_tower.vision_model." in key else key.replace("vision_tower.", "vision_tower.vision_model.", 1):
+               value for key, value in load_file(str(weights)).items()}
+    save_file(renamed, str(weights), metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=list(PROMPTS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoint(family, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(family)
+    return vllm_llava_checkpoint(folder) if family == "llava" else vllm_qwen_checkpoint(folder, family)
+
+
+@pytest.fixture(scope="module")
+def prompt(family):
+    return PROMPTS[family]
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +108,11 @@ def hf(checkpoint):
     return load_model(checkpoint)
 
 
-def _vllm(engine, image, question, crop=None, logprobs=False):
+def _vllm(engine, prompt, image, question, crop=None, logprobs=False):
     """``(greedy tokens, prompt length)`` from the engine (+ the first step's top-5 logprobs if asked)."""
     from vllm import SamplingParams
 
-    request = {"prompt": PROMPT.format(q=question), "multi_modal_data": {"image": image}}
+    request = {"prompt": prompt.format(q=question), "multi_modal_data": {"image": image}}
     if crop is not None:
         request["mm_processor_kwargs"] = {"crop": crop}
     params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=5 if logprobs else None)
@@ -87,9 +123,9 @@ def _vllm(engine, image, question, crop=None, logprobs=False):
     return result
 
 
-def _hf(hf, image, question, method=None, keep=None):
+def _hf(hf, prompt, image, question, method=None, keep=None):
     model, processor = hf
-    inputs = processor(text=[PROMPT.format(q=question)], images=[image], return_tensors="pt")
+    inputs = processor(text=[prompt.format(q=question)], images=[image], return_tensors="pt")
     run, visual = dict(inputs), get_adapter(model).image_spans(inputs)[0].visual_tokens
     handle = None
     if method is not None:
@@ -107,51 +143,52 @@ def _hf(hf, image, question, method=None, keep=None):
     return out.sequences[0, run["input_ids"].shape[1]:].tolist(), int(run["input_ids"].shape[1]), visual, first
 
 
-def test_without_crop_options_it_is_the_stock_model(engine, hf):
+def test_without_crop_options_it_is_the_stock_model(engine, hf, prompt):
     image = random_image(1, (400, 300))
-    tokens, length = _vllm(engine, image, "What color is the star?")
-    ref_tokens, ref_length, _, _ = _hf(hf, image, "What color is the star?")
+    tokens, length = _vllm(engine, prompt, image, "What color is the star?")
+    ref_tokens, ref_length, _, _ = _hf(hf, prompt, image, "What color is the star?")
     assert (tokens, length) == (ref_tokens, ref_length)
 
 
 @pytest.mark.parametrize("method,keep", [("crop-region", 16), ("crop-region", 48), ("crop-plc", 40), ("crop-plc", 80),
                                          ("pool", 16), ("pool", 36)])
-def test_crop_answers_equal_the_hugging_face_path(engine, hf, method, keep):
+def test_crop_answers_equal_the_hugging_face_path(engine, hf, prompt, method, keep):
     image = random_image(2, (400, 300))
-    full_length = _vllm(engine, image, "How many circles?")[1]
-    tokens, length, logprobs = _vllm(engine, image, "How many circles?",
+    full_length = _vllm(engine, prompt, image, "How many circles?")[1]
+    tokens, length, logprobs = _vllm(engine, prompt, image, "How many circles?",
                                      {"method": method, "keep_tokens": keep, "box": BOX}, logprobs=True)
-    ref_tokens, ref_length, kept, ref_logprobs = _hf(hf, image, "How many circles?", method, keep)
+    ref_tokens, ref_length, kept, ref_logprobs = _hf(hf, prompt, image, "How many circles?", method, keep)
     assert kept == keep
     assert length == ref_length  # the prompt shrank by exactly the dropped visual tokens
-    assert full_length - length == _hf(hf, image, "How many circles?")[2] - keep
+    assert full_length - length == _hf(hf, prompt, image, "How many circles?")[2] - keep
     assert tokens == ref_tokens
     for token, value in logprobs.items():  # the same numbers, not only the same argmax
         assert abs(value - float(ref_logprobs[token])) < 1e-4
 
 
-def test_requests_with_different_options_share_a_batch(engine, hf):
+def test_requests_with_different_options_share_a_batch(engine, prompt):
     from vllm import SamplingParams
 
     image = random_image(3, (336, 448))
-    crops = [None, {"method": "crop-region", "keep_tokens": 12, "box": BOX}, {"method": "crop-plc", "keep_tokens": 30,
+    crops = [None, {"method": "crop-region", "keep_tokens": 12, "box": BOX}, {"method": "crop-plc", "keep_tokens": 60,
                                                                                 "box": [0, 0, 3, 3]}]
     requests = []
     for crop in crops:
-        request = {"prompt": PROMPT.format(q="What is it?"), "multi_modal_data": {"image": image}}
+        request = {"prompt": prompt.format(q="What is it?"), "multi_modal_data": {"image": image}}
         if crop is not None:
             request["mm_processor_kwargs"] = {"crop": crop}
         requests.append(request)
     outs = engine.generate(requests, SamplingParams(max_tokens=STEPS, temperature=0), use_tqdm=False)
     for out, crop in zip(outs, crops, strict=True):
-        assert (list(out.outputs[0].token_ids), len(out.prompt_token_ids)) == _vllm(engine, image, "What is it?", crop)
+        assert (list(out.outputs[0].token_ids), len(out.prompt_token_ids)) == _vllm(engine, prompt, image, "What is it?",
+                                                                                     crop)
 
 
 @pytest.mark.parametrize("crop,message", [({"method": "fastv", "keep_tokens": 16}, "prunes inside the LLM"),
                                           ({"method": "crop-region", "box": [0, 0, 9, 9]}, "not a valid box"),
                                           ({"method": "crop-region", "keep_tokens": -3}, "keep_tokens")])
-def test_a_bad_request_fails_alone_and_the_engine_keeps_serving(engine, hf, crop, message):
+def test_a_bad_request_fails_alone_and_the_engine_keeps_serving(engine, hf, prompt, crop, message):
     image = random_image(4, (400, 300))
     with pytest.raises(Exception, match=message):
-        _vllm(engine, image, "What is it?", crop)
-    assert _vllm(engine, image, "What is it?")[0] == _hf(hf, image, "What is it?")[0]
+        _vllm(engine, prompt, image, "What is it?", crop)
+    assert _vllm(engine, prompt, image, "What is it?")[0] == _hf(hf, prompt, image, "What is it?")[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # stock architecture name -> crop's class (module:Class, imported lazily by vLLM in each process)
 ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "crop.vllm_plugin.llava:CropLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "crop.vllm_plugin.qwen2_vl:CropQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "crop.vllm_plugin.qwen2_vl:CropQwen2_5_VLForConditionalGeneration",
 }

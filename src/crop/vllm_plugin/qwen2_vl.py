@@ -22,15 +22,14 @@ processor, which is not installed here, so this model serves images only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from crop.vllm_plugin.torchvision_free import serve_qwen2_vl_processor_module
+from crop.vllm_plugin.torchvision_free import serve_pil_processor_modules
 
-serve_qwen2_vl_processor_module()
+serve_pil_processor_modules()
 
 from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402  (after the stand-in above)
     Qwen2_5_VLDummyInputsBuilder,
@@ -49,6 +48,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
 from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
+from crop.vllm_plugin.processors import checkpoint_processor  # noqa: E402
 
 if TYPE_CHECKING:  # the mixins sit in front of vLLM classes, which the type checker may not see
     _VllmClass = Any
@@ -59,19 +59,11 @@ CROP_FIELD = "crop_request"
 """The per-image tensor field holding the request's crop options (:meth:`CropRequest.encode`)."""
 
 
-@lru_cache(maxsize=8)
-def _checkpoint_processor(path: str, model_type: str):
-    """The checkpoint's processor (image-only where the stock one needs torchvision), loaded once per process."""
-    from crop.models.processors import load_checkpoint_processor
-
-    return load_checkpoint_processor(path, model_type)
-
-
 class CropProcessingInfo(_VllmClass):
     """Mixin for a Qwen processing info: crop's image-only processor, images only."""
 
     def get_hf_processor(self, **kwargs: object) -> Any:
-        return _checkpoint_processor(str(self.ctx.model_config.model), self.get_hf_config().model_type)
+        return checkpoint_processor(str(self.ctx.model_config.model), self.get_hf_config().model_type)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
