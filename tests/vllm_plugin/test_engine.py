@@ -30,52 +30,13 @@ from crop.methods import build_config  # noqa: E402
 from crop.models import get_adapter  # noqa: E402
 from crop.models.loading import load_model  # noqa: E402
 from crop.regions import GridBox  # noqa: E402
+from crop.vllm_plugin.checkpoints import save_vllm_llava, save_vllm_qwen  # noqa: E402
 from tests.conftest import random_image  # noqa: E402
 
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
 PROMPTS = {"qwen2_vl": QWEN_PROMPT, "qwen2_5_vl": QWEN_PROMPT, "llava": "USER: <image>\n{q} ASSISTANT:"}
 STEPS = 6
 BOX = [1, 2, 5, 6]
-
-
-STOCK_PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
-
-
-def vllm_qwen_checkpoint(folder, version: str) -> str:
-    """A tiny random Qwen2-VL / Qwen2.5-VL in the hub layout that vLLM's CPU attention runs (head_dim 64)."""
-    from crop.models.processors import save_hub_layout
-    from crop.models.tiny import QwenShape, build_tiny_qwen
-
-    shape = QwenShape(text_hidden=128, text_heads=2, text_kv_heads=1, text_intermediate=256, vision_hidden=64,
-                      vision_heads=2)
-    model, processor = build_tiny_qwen(version, 0, shape=shape)
-    model.save_pretrained(str(folder))
-    save_hub_layout(processor, folder, STOCK_PROCESSOR[version], video=True)
-    return str(folder)
-
-
-def vllm_llava_checkpoint(folder) -> str:
-    """A tiny random LLaVA-1.5 (576 tokens per image) in the hub layout vLLM reads (head_dim 64).
-
-    The tower's weights are renamed ``vision_tower.vision_model.*``, as in the llava-hf
-    checkpoints: vLLM's loader expects that name, which transformers 5.x no longer writes.
-    """
-    from safetensors.torch import load_file, save_file
-
-    from crop.models.processors import save_hub_layout
-    from crop.models.tiny import LlavaShape, build_tiny_llava
-
-    shape = LlavaShape(text_hidden=128, text_heads=2, text_kv_heads=1, text_intermediate=256, vision_hidden=64,
-                       vision_heads=2)
-    model, processor = build_tiny_llava(0, shape=shape)
-    model.save_pretrained(str(folder))
-    save_hub_layout(processor, folder, "LlavaProcessor", processor_kwargs={
-        "patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1})
-    weights = folder / "model.safetensors"
-    renamed = {key if "vision_tower.vision_model." in key else key.replace("vision_tower.", "vision_tower.vision_model.", 1):
-               value for key, value in load_file(str(weights)).items()}
-    save_file(renamed, str(weights), metadata={"format": "pt"})
-    return str(folder)
 
 
 @pytest.fixture(scope="module", params=list(PROMPTS))
@@ -86,7 +47,7 @@ def family(request):
 @pytest.fixture(scope="module")
 def checkpoint(family, tmp_path_factory):
     folder = tmp_path_factory.mktemp(family)
-    return vllm_llava_checkpoint(folder) if family == "llava" else vllm_qwen_checkpoint(folder, family)
+    return save_vllm_llava(folder) if family == "llava" else save_vllm_qwen(folder, family)
 
 
 @pytest.fixture(scope="module")

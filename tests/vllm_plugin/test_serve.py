@@ -29,8 +29,8 @@ if importlib.util.find_spec("vllm") is None:
         raise RuntimeError("CROP_REQUIRE_VLLM=1 but vLLM is not installed (run scripts/setup_vllm.sh)")
     pytest.skip("vLLM is not installed (scripts/setup_vllm.sh makes .venv-vllm)", allow_module_level=True)
 
+from crop.vllm_plugin.checkpoints import save_vllm_qwen  # noqa: E402
 from tests.conftest import random_image  # noqa: E402
-from tests.vllm_plugin.test_engine import vllm_qwen_checkpoint  # noqa: E402
 
 BOX = [1, 2, 5, 6]
 DEFAULT = {"crop": {"method": "crop-region", "keep_tokens": 24, "box": BOX}}  # the server's default
@@ -45,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
-    checkpoint = vllm_qwen_checkpoint(folder, "qwen2_vl")
+    checkpoint = save_vllm_qwen(folder, "qwen2_vl")
     config = folder / "tokenizer_config.json"  # hub Qwen checkpoints carry the chat template here too
     template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
