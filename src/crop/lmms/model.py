@@ -22,10 +22,15 @@ are never resized). Any other argument is a field of the method's config (e.g. `
 ``budget=exact`` for DART), set through :func:`crop.methods.build_config` as ``--option`` is; a
 field the method does not have is refused with the fields it has.
 
-Several processes (``accelerate launch --num_processes N -m lmms_eval ...`` or ``torchrun``):
-``rank`` and ``world_size`` come from the launcher's ``RANK`` / ``WORLD_SIZE``, so lmms-eval
-gives each process its share of the requests and gathers the scores; each process answers on
-``cuda:LOCAL_RANK`` when ``device`` is ``cuda`` (or ``auto`` on a machine with a GPU).
+Several processes (``accelerate launch --num_processes N -m lmms_eval ...`` or ``torchrun
+--nproc-per-node N -m lmms_eval ...``): ``rank`` and ``world_size`` come from the launcher's
+``RANK`` / ``WORLD_SIZE``, so lmms-eval gives each process every N-th document, gathers the logged
+samples and per-sample metrics on rank 0 and writes one result, equal to a one-process run's
+(``tests/lmms/test_lmms_sharded.py``, two CPU processes over gloo). Each process answers on
+``cuda:LOCAL_RANK`` when ``device`` is ``cuda`` (or ``auto`` on a machine with a GPU). The
+per-run throughput figures (``results["throughput"]``) are not gathered by lmms-eval: under N
+processes they describe rank 0's share; the per-sample ``visual_tokens_kept`` / ``localizer_ms``
+task metrics cover every sample.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
@@ -53,8 +59,6 @@ def _device_for_rank(device: str | None) -> str | None:
         This process's device.
     """
     import os
-
-    import torch
 
     if device is not None and device.strip().lower() in ("cuda", "auto") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -85,6 +89,8 @@ class CropLMM(lmms):
         except ValueError as exc:
             raise ValueError(f"crop model_args: {exc} (the other model_args are in crop.lmms.model's docstring)") \
                 from None
+        # lmms-eval 0.7.3's evaluate() sets these too, from the same variables; set here they hold from
+        # construction on, for code that reads model.rank / world_size before evaluate() runs
         self._rank = int(os.environ.get("RANK", "0"))
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if self._world_size > 1:
@@ -100,10 +106,23 @@ class CropLMM(lmms):
         loc = make_localizer(self.localizer_name, int(grid), device=localizer_device or device)
         self.pipeline = CropPipeline(model, processor, loc, self.config)
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self._answerer_device = torch.device(getattr(model, "device", "cpu"))
 
     @property
     def batch_size(self) -> int:
         return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        """Where lmms-eval puts the tensors it exchanges between processes (each rank's request count).
+
+        lmms-eval reads ``model.device`` only when ``WORLD_SIZE > 1``, for its collectives before
+        generation, so this must be a device the process group's backend serves: the accelerator's
+        (``cpu`` under gloo, ``cuda:LOCAL_RANK`` under NCCL), which the answerer's device need not
+        be (``device=cpu`` on a GPU machine). In one process it is the answerer's device.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        return torch.device(accelerator.device) if accelerator is not None else self._answerer_device
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answer every request in batches of ``batch_size``, in request order."""
