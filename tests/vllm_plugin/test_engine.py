@@ -145,9 +145,24 @@ def test_requests_with_different_options_share_a_batch(engine, prompt):
                                                                                      crop)
 
 
+def test_a_localizer_named_in_the_request_finds_the_box(engine, prompt):
+    """``"localizer": SPEC`` answers as the request with the box that localizer finds for the prompt's question."""
+    from crop.localizers import make_localizer
+
+    image, question = random_image(5, (400, 300)), "What color is the star?"
+    by_box = _vllm(engine, prompt, image, question, {"method": "crop-region", "keep_tokens": 16, "box": BOX})
+    assert _vllm(engine, prompt, image, question, {"method": "crop-region", "keep_tokens": 16,
+                                                   "localizer": "box:" + ",".join(map(str, BOX))}) == by_box
+    (found,) = make_localizer("embedded").localize([image], [question])
+    assert _vllm(engine, prompt, image, question, {"method": "crop-region", "keep_tokens": 16, "localizer": "embedded"}) \
+        == _vllm(engine, prompt, image, question, {"method": "crop-region", "keep_tokens": 16,
+                                                   "box": found.box.as_list()})
+
+
 @pytest.mark.parametrize("crop,message", [({"method": "fastv", "keep_tokens": 16}, "prunes inside the LLM"),
                                           ({"method": "crop-region", "box": [0, 0, 9, 9]}, "not a valid box"),
-                                          ({"method": "crop-region", "keep_tokens": -3}, "keep_tokens")])
+                                          ({"method": "crop-region", "keep_tokens": -3}, "keep_tokens"),
+                                          ({"method": "crop-region", "localizer": "/no/such/localizer"}, "localizer")])
 def test_a_bad_request_fails_alone_and_the_engine_keeps_serving(engine, hf, prompt, crop, message):
     image = random_image(4, (400, 300))
     with pytest.raises(Exception, match=message):

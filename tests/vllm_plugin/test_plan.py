@@ -60,3 +60,50 @@ def test_bad_requests_fail_in_one_line(options, message):
     with pytest.raises(CropInputError, match=message) as err:
         CropRequest.parse(options)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("prompt,question", [
+    ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+     "<|image_pad|><|vision_end|>What color is the star?<|im_end|>\n<|im_start|>assistant\n", "What color is the star?"),
+    ("USER: <image>\nHow many  circles are there? ASSISTANT:", "How many circles are there?"),
+    ("USER: <image>\nfirst ASSISTANT: one</s>USER: and the square? ASSISTANT:", "and the square?"),  # the last turn
+    ("<image> Is there a triangle?", "Is there a triangle?"),  # no known layout: the whole prompt
+])
+def test_the_question_is_the_last_user_turn_without_special_tokens(prompt, question):
+    from crop.vllm_plugin.plan import question_from_prompt
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<image>", "</s>"]
+    assert question_from_prompt(prompt, specials) == question
+
+
+def test_a_localizer_is_resolved_into_a_box_once_per_process():
+    from crop.vllm_plugin.localizing import LOCALIZER_STATS, localize_options, served_localizer
+
+    image = random_image(3, (400, 300))
+    before = LOCALIZER_STATS["requests"]
+    options = localize_options({"method": "crop-region", "keep_tokens": 16, "localizer": "box:1,2,5,6"},
+                               "USER: <image>\nWhat is it? ASSISTANT:", [image], ["<image>"])
+    assert options == {"method": "crop-region", "keep_tokens": 16, "box": [1, 2, 5, 6], "localizer": None}
+    assert LOCALIZER_STATS["requests"] == before + 1
+    assert served_localizer("box:1,2,5,6", 8) is served_localizer("box:1,2,5,6", 8)  # loaded once
+    embedded = localize_options({"localizer": "embedded"}, "USER: <image>\nWhat color is the star? ASSISTANT:",
+                                [image], ["<image>"])
+    from crop.localizers import make_localizer
+
+    (found,) = make_localizer("embedded").localize([image], ["What color is the star?"])
+    assert embedded["box"] == found.box.as_list()
+
+
+@pytest.mark.parametrize("options,images,message", [
+    ({"localizer": "box:1,2,5,6", "box": [0, 0, 3, 3]}, 1, "not both"),
+    ({"localizer": "embedded"}, 2, "one image per request"),
+    ({"localizer": 3}, 1, "localizer spec"),
+    ({"localizer": "self"}, 1, "does not expose"),
+    ({"localizer": "/no/such/localizer"}, 1, "localizer"),
+])
+def test_bad_localizer_options_fail_in_one_line(options, images, message):
+    from crop.vllm_plugin.localizing import localize_options
+
+    with pytest.raises(CropInputError, match=message) as info:
+        localize_options(options, "USER: <image>\nq ASSISTANT:", [random_image(1)] * images, ["<image>"])
+    assert "\n" not in str(info.value)

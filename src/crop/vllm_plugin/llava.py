@@ -44,6 +44,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
+from crop.vllm_plugin.localizing import LocalizingProcessor  # noqa: E402
 from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
 from crop.vllm_plugin.processors import checkpoint_processor  # noqa: E402
 
@@ -78,7 +79,7 @@ class CropLlavaProcessingInfo(LlavaProcessingInfo):
         return _side(self.get_num_image_tokens(image_width=size.width, image_height=size.height))
 
 
-class CropLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+class CropLlavaMultiModalProcessor(LocalizingProcessor, LlavaMultiModalProcessor):
     """LLaVA's multimodal processor: reads each request's ``crop`` options and gives its images the
     placeholders of their pruned token count."""
 

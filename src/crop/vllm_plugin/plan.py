@@ -7,12 +7,13 @@ methods on the CPU.
 
 A request carries ``mm_processor_kwargs={"crop": {"method": ..., "keep_tokens": N, "box": [x0,
 y0, x1, y1]}}`` (box in cells of the ``grid`` x ``grid`` region grid, inclusive, as
-``--localizer box:...``). Only methods that act before the LLM can run in vLLM (all layers of a
+``--localizer box:...``), or ``"localizer": SPEC`` instead of the box (:mod:`crop.vllm_plugin.localizing`). Only methods that act before the LLM can run in vLLM (all layers of a
 request share one KV-cache length there): :data:`ENGINE_METHODS`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ training-free PLC (region + pooled context), and uniform pooling."""
 
 INNER_LLM = ("crop-ilp", "crop-self", "fastv", "pdrop", "sparsevlm", "dart", "random-inner")
 _CODES = {name: i for i, name in enumerate(ENGINE_METHODS)}
-_KEYS = {"method", "keep_tokens", "box", "grid", "pool", "trim"}
+_KEYS = {"method", "keep_tokens", "box", "grid", "pool", "trim", "localizer"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class CropRequest:
         unknown = sorted(set(options) - _KEYS)
         if unknown:
             raise CropInputError(f"unknown crop option(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
+        if options.get("localizer") is not None:  # the plugin's processor replaces it by its box first
+            raise CropInputError("a crop localizer is resolved by the plugin's processor; this model has none")
         method = options.get("method", "crop-region" if "box" in options else "none")
         if method in INNER_LLM:
             raise CropInputError(f"{method} prunes inside the LLM, which vLLM cannot do (every layer of a request shares "
@@ -111,6 +114,23 @@ class CropRequest:
         """The request :meth:`encode` wrote."""
         code, keep, x0, y0, x1, y1, grid, pool, trim = (int(v) for v in row.tolist())
         return cls(ENGINE_METHODS[code], None if keep < 0 else keep, GridBox(x0, y0, x1, y1, grid), pool, TRIMS[trim])
+
+
+def question_from_prompt(prompt: str, special_tokens: list[str]) -> str:
+    """The question of a request: its last user turn, without the chat template's and the image's tokens.
+
+    Knows the two chat layouts the plugin serves: ChatML (``<|im_start|>user\n ... <|im_end|>``,
+    Qwen) and ``USER: ... ASSISTANT:`` (LLaVA-1.5); any other prompt is taken whole. Special tokens
+    (``special_tokens``: the tokenizer's added vocabulary, image placeholders included) are
+    removed and whitespace is collapsed.
+    """
+    turns = re.findall(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", prompt, flags=re.S)
+    if not turns:
+        turns = re.findall(r"USER:(.*?)(?:ASSISTANT:|$)", prompt, flags=re.S)
+    text = turns[-1] if turns else prompt
+    for token in sorted(special_tokens, key=len, reverse=True):
+        text = text.replace(token, " ")
+    return " ".join(text.split())
 
 
 def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols: int) -> CompressedImage:

@@ -47,6 +47,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
+from crop.vllm_plugin.localizing import LocalizingProcessor  # noqa: E402
 from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
 from crop.vllm_plugin.processors import checkpoint_processor  # noqa: E402
 
@@ -75,7 +76,7 @@ def _grid(item: Any, merge: int) -> tuple[int, int]:
     return h // merge, w // merge
 
 
-class CropMultiModalProcessor(_VllmClass):
+class CropMultiModalProcessor(LocalizingProcessor):
     """Mixin for a Qwen multimodal processor: reads each request's ``crop`` options and gives its images the
     placeholders of their pruned token count."""
 
