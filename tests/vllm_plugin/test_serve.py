@@ -111,11 +111,19 @@ def test_the_server_default_and_per_request_options(server):
     full, pruned, pruned8 = (r["usage"]["prompt_tokens"] for r in (stock, default, tighter))
     assert full - pruned == full - pruned8 - 16 > 0  # 16 more visual tokens dropped for keep_tokens 8 than for 24
     assert all(isinstance(r["choices"][0]["message"]["content"], str) for r in (stock, default, tighter))
+    # a request naming a localizer wins over the server's default box (and the reverse), in the same server
+    status, located = _chat(server, {"localizer": "box:0,0,3,3"})
+    assert status == 200
+    status, boxed = _chat(server, {"box": [0, 0, 3, 3]})
+    assert status == 200
+    assert located["usage"] == boxed["usage"] and located["choices"][0]["message"] == boxed["choices"][0]["message"]
+    assert located["usage"]["prompt_tokens"] == pruned  # the default's 24 tokens, from another region
 
 
 @pytest.mark.parametrize("crop,message", [({"method": "dart", "keep_tokens": 8}, "prunes inside the LLM"),
                                           ({"method": "crop-plc", "keep_tokens": 8, "box": BOX, "pool": 0}, "pool"),
-                                          ({"keep_tokens": 8, "bbox": BOX}, "unknown crop option")])
+                                          ({"keep_tokens": 8, "bbox": BOX}, "unknown crop option"),
+                                          ({"localizer": "/no/such/localizer"}, "localizer")])
 def test_a_bad_request_gets_a_400_and_the_server_keeps_serving(server, crop, message):
     status, body = _chat(server, crop)
     assert status == 400 and message in body["error"]["message"]

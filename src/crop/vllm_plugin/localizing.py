@@ -12,7 +12,8 @@ question is localized again, never served a stale box.
 Each localizer is loaded once per server process (:func:`served_localizer`), on the device named
 by the ``CROP_VLLM_LOCALIZER_DEVICE`` environment variable (default ``cpu``; e.g. ``cuda:1`` to keep
 it off the engine's GPU). Its time is logged per request and summed in :data:`LOCALIZER_STATS`.
-A localizer takes one image per request (one question, one box).
+A localizer takes one image per request (one question, one box). Where the server's default names a
+localizer and a request brings its own box (or the reverse), the request's choice wins.
 """
 
 from __future__ import annotations
@@ -106,6 +107,16 @@ class LocalizingProcessor(_VllmClass):
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         options = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs).get("crop")
+        if isinstance(options, Mapping) and options.get("localizer") is not None and options.get("box") is not None:
+            # one of the two is the server's default (--mm-processor-kwargs): the request's own choice wins
+            own = inputs.hf_processor_mm_kwargs.get("crop")
+            own = own if isinstance(own, Mapping) else {}
+            dropped = "localizer" if own.get("box") is not None and own.get("localizer") is None else \
+                "box" if own.get("localizer") is not None and own.get("box") is None else None
+            if dropped is not None:
+                options = {**options, dropped: None}
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs,
+                                                                             "crop": {**own, dropped: None}})
         if isinstance(options, Mapping) and options.get("localizer") is not None:
             tokenizer = self.info.get_tokenizer()
             prompt = tokenizer.decode(list(inputs.prompt))
