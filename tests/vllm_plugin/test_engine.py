@@ -34,7 +34,8 @@ from crop.vllm_plugin.checkpoints import save_vllm_llava, save_vllm_qwen  # noqa
 from tests.conftest import random_image  # noqa: E402
 
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
-PROMPTS = {"qwen2_vl": QWEN_PROMPT, "qwen2_5_vl": QWEN_PROMPT, "llava": "USER: <image>\n{q} ASSISTANT:"}
+PROMPTS = {"qwen2_vl": QWEN_PROMPT, "qwen2_5_vl": QWEN_PROMPT, "qwen3_vl": QWEN_PROMPT,
+           "llava": "USER: <image>\n{q} ASSISTANT:"}
 STEPS = 6
 BOX = [1, 2, 5, 6]
 

@@ -7,6 +7,7 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": "crop.vllm_plugin.llava:CropLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "crop.vllm_plugin.qwen2_vl:CropQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "crop.vllm_plugin.qwen2_vl:CropQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "crop.vllm_plugin.qwen3_vl:CropQwen3VLForConditionalGeneration",
 }
 
 

@@ -8,9 +8,10 @@ writes. Neither module imports vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from crop.models.tiny import LlavaShape, QwenShape
+from crop.models.tiny import QWEN3_TINY_SHAPE, LlavaShape, QwenShape
 
 VLLM_LLAVA_SHAPE = LlavaShape(text_hidden=128, text_heads=2, text_kv_heads=1, text_intermediate=256,
                               vision_hidden=64, vision_heads=2)
@@ -20,7 +21,8 @@ VLLM_QWEN_SHAPE = QwenShape(text_hidden=128, text_heads=2, text_kv_heads=1, text
 """A tiny Qwen2-VL / Qwen2.5-VL that vLLM's CPU attention runs (head_dim 64)."""
 LLAVA_PROCESSOR_FIELDS = {"patch_size": 14, "vision_feature_select_strategy": "default",
                           "num_additional_image_tokens": 1}
-QWEN_STOCK_PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+QWEN_STOCK_PROCESSOR = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                        "qwen3_vl": "Qwen3VLProcessor"}
 
 
 def save_vllm_llava(folder: str | Path, shape: LlavaShape = VLLM_LLAVA_SHAPE, seed: int = 0) -> str:
@@ -42,10 +44,15 @@ def save_vllm_llava(folder: str | Path, shape: LlavaShape = VLLM_LLAVA_SHAPE, se
 
 
 def save_vllm_qwen(folder: str | Path, version: str, shape: QwenShape = VLLM_QWEN_SHAPE, seed: int = 0) -> str:
-    """Write a seeded random Qwen2-VL (``version="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) to ``folder``."""
+    """Write a seeded random Qwen2-VL (``version="qwen2_vl"``), Qwen2.5-VL (``"qwen2_5_vl"``) or Qwen3-VL
+    (``"qwen3_vl"``, with ``QWEN3_TINY_SHAPE``'s 16 px patches and 3 DeepStack levels at these widths) to ``folder``."""
     from crop.models.processors import save_hub_layout
     from crop.models.tiny import build_tiny_qwen
 
+    if version == "qwen3_vl" and shape is VLLM_QWEN_SHAPE:
+        shape = dataclasses.replace(QWEN3_TINY_SHAPE, text_hidden=shape.text_hidden, text_heads=shape.text_heads,
+                                    text_kv_heads=shape.text_kv_heads, text_intermediate=shape.text_intermediate,
+                                    vision_hidden=shape.vision_hidden, vision_heads=shape.vision_heads)
     model, processor = build_tiny_qwen(version, seed, shape=shape)
     model.save_pretrained(str(folder))
     save_hub_layout(processor, folder, QWEN_STOCK_PROCESSOR[version], video=True)

@@ -69,6 +69,9 @@ class CropProcessingInfo(_VllmClass):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
 
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"image": self.get_max_image_tokens()}  # no video processor to ask about videos
+
 
 def _grid(item: Any, merge: int) -> tuple[int, int]:
     """``(rows, cols)`` of an image item's merged token grid."""
@@ -80,13 +83,14 @@ class CropMultiModalProcessor(LocalizingProcessor):
     """Mixin for a Qwen multimodal processor: reads each request's ``crop`` options and gives its images the
     placeholders of their pruned token count."""
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
+        # (this step, not ``_call_hf_processor``: Qwen3-VL's processor calls the HF processor itself)
         kwargs = dict(hf_kwargs)
         kwargs.pop("crop", None)
         # the server's default (--mm-processor-kwargs) under the request's own fields, as vLLM merges them
         options = self.info.ctx.get_merged_mm_kwargs(hf_kwargs).get("crop")
         request = CropRequest.parse(options)  # CropInputError: this request fails, alone
-        out = super()._call_hf_processor(hf_data, kwargs)
+        out = super()._apply_hf_processor_main(mm_items, kwargs)
         grids = out.get("image_grid_thw")
         if grids is not None:
             out[CROP_FIELD] = request.encode().repeat(len(grids), 1)  # (images, 9)
