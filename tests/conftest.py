@@ -120,10 +120,66 @@ def random_compressor(dim: int) -> str:
     return _COMPRESSORS[dim]
 
 
+_CLIP_TEXT: dict[int, str] = {}
+
+
+def random_clip_text_encoder(vision_width: int, projection: int = 16) -> str:
+    """Folder of a seeded random ``CLIPModel`` + a byte-level CLIP tokenizer, for CDPruner's ``text_encoder`` (built once).
+
+    Its vision side is ``vision_width`` wide (the LLaVA tower's width: CDPruner uses only its
+    ``post_layernorm`` and ``visual_projection``); text tower and joint space are tiny.
+    """
+    if vision_width not in _CLIP_TEXT:
+        import tempfile
+
+        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+        from crop.models.tokenizers import gpt2_byte_alphabet
+
+        chars = gpt2_byte_alphabet()
+        vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+        vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+        ends = vocab["<|endoftext|>"]
+        text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                    eos_token_id=ends, pad_token_id=ends, projection_dim=projection)
+        vision = dict(hidden_size=vision_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14, projection_dim=projection)  # the towers' own copies, as hub configs
+        with torch.random.fork_rng():
+            torch.manual_seed(vision_width)
+            clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
+        folder = tempfile.mkdtemp(prefix=f"crop-clip-{vision_width}-")
+        clip.save_pretrained(folder)
+        CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+        _CLIP_TEXT[vision_width] = folder
+    return _CLIP_TEXT[vision_width]
+
+
+_LLAMA_TOKENIZER: list[str] = []
+
+
+def saved_llama_tokenizer() -> str:
+    """Folder of the byte-level Llama tokenizer every LLaVA model built in code uses (saved once)."""
+    if not _LLAMA_TOKENIZER:
+        import tempfile
+
+        from crop.models.tokenizers import llama_byte_tokenizer
+
+        folder = tempfile.mkdtemp(prefix="crop-llama-tokenizer-")
+        llama_byte_tokenizer().save_pretrained(folder)
+        _LLAMA_TOKENIZER.append(folder)
+    return _LLAMA_TOKENIZER[0]
+
+
 def method_config(method: str, keep_tokens, model, shared=None):
-    """``build_config`` plus what a method needs to run on ``model`` here (a compressor for the trained PLC)."""
+    """``build_config`` plus what a method needs to run on ``model`` here (a compressor for the trained PLC, CDPruner's
+    CLIP text tower and the model's tokenizer on CLIP-tower models)."""
     from crop.methods import build_config
 
     options = [("crop-plc-trained", "compressor", random_compressor(model.config.get_text_config().hidden_size))] \
         if method == "crop-plc-trained" else []
+    vision = getattr(model.config, "vision_config", None)
+    if method == "cdpruner" and getattr(vision, "model_type", None) == "clip_vision_model":
+        options = [("cdpruner", "text_encoder", random_clip_text_encoder(int(vision.hidden_size))),
+                   ("cdpruner", "tokenizer", saved_llama_tokenizer())]
     return build_config(method, keep_tokens, options, shared)

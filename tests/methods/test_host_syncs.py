@@ -43,9 +43,17 @@ BUDGET = {
     "crop-plc-trained": 20,  # per image: the region's anchors and queries, the prompt rebuilt
     "crop-region": 8,  # per image: the region's tokens, the prompt rebuilt (LLaVA 8, Qwen2-VL 7)
     "crop-self": 16,  # one stage: the shared selector (2 images: 10), the attention box read back per image
+    "cdpruner": 10,  # per batch: visual positions over, prompt rows back, instructions over, kept positions back;
+    #                  per image the prompt rebuilt; LLaVA's CLIP text tower reads 2 values itself (LLaVA 10, Qwen2-VL
+    #                  7); the DPP's steps read nothing back
     "dart": 34,  # one stage: the shared selector (10), per image its text (nonzero) and pivots' visiting order
     #              (tolist), and duplication_select's per-pivot count of tokens left (8 pivots x 2 images = 16)
+    "divprune": 8,  # per image: its visual positions copied over, its kept positions read back (twice), the prompt
+    #                rebuilt (LLaVA 8, Qwen2-VL 7); the greedy steps themselves read nothing back
     "fastv": 14,  # one stage: the shared selector (10), per image its top-k moved to the host
+    "holov": 9,  # per image: its visual positions copied over and its kept positions read back (LLaVA 4); on Qwen2-VL
+    #             the adapter's saliency capture and prompt rebuild add 5 (9); the crops' scores, shares and top-k
+    #             are batched tensor ops that read nothing back
     "pdrop": 42,  # three stages: the shared selector (30), per image and stage its top-k moved to the host
     "pool": 10,  # per image: the pooled grid and the prompt rebuilt
     "random": 12,  # per image: the drawn positions and the prompt rebuilt

@@ -14,8 +14,11 @@ ALIASES = {"full": "none", "ilp": "crop-ilp", "plc": "crop-plc", "self": "crop-s
 
 def register_builtin() -> None:
     """Import the modules whose classes register themselves in :data:`METHODS` (idempotent)."""
+    import crop.methods.cdpruner  # noqa: F401
     import crop.methods.dart  # noqa: F401
+    import crop.methods.divprune  # noqa: F401
     import crop.methods.fastv  # noqa: F401
+    import crop.methods.holov  # noqa: F401
     import crop.methods.ilp  # noqa: F401
     import crop.methods.pdrop  # noqa: F401
     import crop.methods.plc  # noqa: F401
