@@ -55,7 +55,8 @@ def _no_grad():
 
 # every supported architecture, as a tiny random model name (the one list every test matrix uses)
 ARCHS = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl",
-         "tiny-random-qwen3-vl")
+         "tiny-random-qwen3-vl", "tiny-random-llava-onevision", "tiny-random-internvl",
+         "tiny-random-gemma3")
 
 
 def greedy(model, inputs, steps: int = 2, **kw):

@@ -127,7 +127,7 @@ def test_budget_honoured(name, method):
         return
     placeholders = (run["input_ids"] == adapter.image_token_id).sum(1).tolist()
     newlines = [p - BUDGET for p in placeholders]
-    if spans[0].grids:  # LLaVA-NeXT: a kept high-res row brings its newline
+    if spans[0].length > spans[0].visual_tokens:  # LLaVA-NeXT: a kept high-res row brings its newline
         assert all(0 < n <= s.grids[1].rows for n, s in zip(newlines, spans, strict=True))
     else:
         assert newlines == [0, 0]
@@ -392,7 +392,7 @@ def test_received_attention_by_hand():
     assert scores.argmax().item() == 3 and scores[3].item() > 1.99
 
 
-@pytest.mark.parametrize("name", ARCHS[2:])
+@pytest.mark.parametrize("name", [n for n in ARCHS if "qwen" in n])
 def test_qwen_saliency_is_in_token_order(name):
     model, proc = tiny(name)
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)

@@ -28,11 +28,16 @@ QUESTIONS = ["What color is it?", "How many circles are there left of the big re
 BOXES = [GridBox(1, 1, 4, 5), GridBox(3, 0, 7, 3)]
 # every inner-LLM method (their pruned layers get a new mask) and one pre-LLM method (a rebuilt prompt)
 FLASH_METHODS = [m for m in MATRIX_METHODS if issubclass(METHODS.get(m), InnerLLMMethod)] + ["crop-plc"]
-CASES = [pytest.param(m, a, id=f"{m}-{a}") for m in FLASH_METHODS for a in ARCHS]
+# Gemma 3 is left out: transformers refuses FlashAttention for it (FA2 cannot take its bidirectional image mask)
+FLASH_ARCHS = [a for a in ARCHS if a != "tiny-random-gemma3"]
+CASES = [pytest.param(m, a, id=f"{m}-{a}") for m in FLASH_METHODS for a in FLASH_ARCHS]
 
 
 def _budget(model, inputs) -> int:
-    return int(0.5 * min(s.visual_tokens for s in get_adapter(model).image_spans(inputs)))
+    counts = [s.visual_tokens for s in get_adapter(model).image_spans(inputs)]
+    # PyramidDrop's first stage alone costs a quarter of an image: with images 3x apart (InternVL: 1 tile vs 2 tiles +
+    # thumbnail), half the smaller one is not a budget it can meet
+    return max(int(0.5 * min(counts)), int(0.3 * max(counts)))
 
 
 @pytest.fixture
@@ -66,7 +71,7 @@ def test_flash_attention_matches_sdpa_on_a_padded_batch(method, name, kernel_cal
     assert torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", FLASH_ARCHS)
 @pytest.mark.parametrize("method", ["crop-ilp", "fastv", "dart"])
 def test_flash_attention_batch_of_one_takes_the_packed_sequence_check(method, name):
     """Batch 1, no mask: FA2 reads the kept positions (with gaps) to look for packed sequences; one sequence it must stay."""
@@ -80,7 +85,7 @@ def test_flash_attention_batch_of_one_takes_the_packed_sequence_check(method, na
     torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", FLASH_ARCHS)
 def test_flash_attention_keep_all_equals_the_stock_flash_model(name):
     model, proc = tiny(name)
     inputs = chat_inputs(proc, IMAGES, QUESTIONS)

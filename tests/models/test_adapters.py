@@ -79,7 +79,7 @@ def test_removal_restores_model(name):
 
 def _high_res_rows(span, positions) -> int:
     """LLaVA-NeXT: high-res grid rows holding any of ``positions`` (their newlines stay)."""
-    if not span.grids:
+    if span.length == span.visual_tokens:  # no newlines (one grid, or InternVL's tiles + thumbnail)
         return 0
     grid = span.grids[1]
     rel = torch.as_tensor(positions) - grid.offset
@@ -104,8 +104,8 @@ def test_ilp_budget_and_kv_lengths(name, budget):
     newlines = span.length - span.visual_tokens
     survivors = prompt_len - span.length + kept[0] + _high_res_rows(span, stats.full_resolution[0])
     lengths = [layer.keys.shape[-2] for layer in generated_cache(out).layers]
-    assert lengths == [prompt_len, prompt_len, survivors, survivors]
-    assert newlines == (span.grids[1].rows if span.grids else 0)
+    assert lengths == [prompt_len, prompt_len] + [survivors] * (len(lengths) - 2)
+    assert newlines == (span.grids[1].rows if span.grids and span.length > span.visual_tokens else 0)
 
 
 # LLaVA-NeXT PLC has no hooks and 1-D positions (the LLaVA-1.5 path); its no-cache run is skipped for time
@@ -122,7 +122,8 @@ def test_cached_generation_matches_no_cache_greedy(name, method):
 
 
 @pytest.mark.parametrize("method", ["ilp", "plc"])
-@pytest.mark.parametrize("name", ARCHS)
+# Gemma 3 makes 256 tokens of every image whatever its size (tests/models/test_gemma3.py batches ragged kept sets)
+@pytest.mark.parametrize("name", [a for a in ARCHS if a != "tiny-random-gemma3"])
 def test_batch_of_two_sizes_matches_one_by_one(name, method):
     model, proc = tiny(name)
     batch_inputs = _reference(name, "sdpa")[0]
@@ -164,7 +165,7 @@ def test_plc_tokens_are_region_plus_pooled_and_budget_met(name):
     assert stats.visual_tokens_kept["llm_input"] == expected
     placeholders = (run["input_ids"] == adapter.image_token_id).sum(1).tolist()  # visual + kept newlines
     newlines = [p - e for p, e in zip(placeholders, expected, strict=True)]
-    if spans[0].grids:
+    if spans[0].length > spans[0].visual_tokens:  # newlines (structure tokens) go with kept rows
         assert all(0 < n <= s.grids[1].rows for n, s in zip(newlines, spans, strict=True))
     else:
         assert newlines == [0, 0]
@@ -177,7 +178,7 @@ def test_plc_tokens_are_region_plus_pooled_and_budget_met(name):
         run = crop.prepare(inputs, BOXES)
         assert crop.stats.visual_tokens_kept["llm_input"] == [budget, budget]
     newlines = (run["input_ids"] == adapter.image_token_id).sum(1) - budget
-    assert ((newlines > 0) if spans[0].grids else (newlines == 0)).all()
+    assert ((newlines > 0) if spans[0].length > spans[0].visual_tokens else (newlines == 0)).all()
 
 
 @pytest.mark.parametrize("name", QWEN)

@@ -52,10 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="refuse images with more than N pixels before decoding them (default: Pillow's "
                         "decompression-bomb limit, about 89.5 million); raise it only for trusted input")
     p.add_argument("--model", default="embedded",
-                   help="answering VLM: 'embedded' (default, the shipped toy LLaVA), 'tiny-random-llava', "
-                        "'tiny-random-llava-next', 'tiny-random-qwen2-vl', 'tiny-random-qwen2.5-vl' (random "
+                   help="answering VLM: 'embedded' (default, the shipped toy LLaVA), a tiny-random-* name "
+                        "(llava, llava-next, llava-onevision, qwen2-vl, qwen2.5-vl, qwen3-vl, internvl, gemma3: random "
                         "weights, smoke tests only), or a local path / hub id of a LLaVA-1.5, LLaVA-NeXT, "
-                        "Qwen2-VL or Qwen2.5-VL checkpoint")
+                        "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL or Gemma 3 checkpoint")
     p.add_argument("--localizer", default=None,
                    help="'full' (whole image), 'box:x0,y0,x1,y1' (grid cells, inclusive), 'self' (no second "
                         "model: the answerer's own attention before layer K picks the box; ILP becomes crop-self), "

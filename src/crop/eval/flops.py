@@ -132,10 +132,80 @@ def qwen_vision_flops(config, visual: int) -> int:
         group * group + group * out)
 
 
+def internvl_vision_flops(config, visual: int) -> int:
+    """FLOPs of InternVL's vision side for an image of ``visual`` tokens: InternViT per 448 px tile, pixel shuffle, projector.
+
+    Each tile is ``(tile / patch)**2`` patches + [CLS] through the tower; the pixel shuffle (a
+    reshape, no FLOPs) folds ``1 / downsample_ratio`` squared patches into one token, and the
+    projector maps it (``fold**2 * hidden`` wide) to the LM's width with two linear layers.
+
+    Args:
+        config: an ``InternVLConfig``.
+        visual: the image's visual tokens (tiles and thumbnail, 256 per tile at 448 px / 14 px / 0.5).
+    """
+    vision = config.vision_config
+    hidden, inter, layers = _vision_sizes(vision)
+    tile_px, patch_px = (int(v[0] if isinstance(v, (list, tuple)) else v) for v in (vision.image_size, vision.patch_size))
+    side = tile_px // patch_px  # patches per tile side (32)
+    fold = round(1 / float(config.downsample_ratio))
+    tiles = max(1, -(-visual // (side // fold) ** 2))
+    text_hidden = int(config.get_text_config().hidden_size)
+    tower = tiles * vit_flops(side * side + 1, hidden, inter, layers, 3 * patch_px * patch_px)
+    projector = 2 * visual * (fold * fold * hidden * text_hidden + text_hidden * text_hidden)
+    return tower + projector
+
+
+def gemma3_vision_flops(config, visual: int) -> int:
+    """FLOPs of Gemma 3's vision side for ``visual`` tokens: SigLIP over the square view, 4x4 average pool, projector.
+
+    Each image (``mm_tokens_per_image`` tokens) is ``(image_size / patch_size)**2`` patches through
+    the tower (no [CLS]); the pool adds each patch once; the projector is a norm and one linear
+    map from the tower's width to the LM's.
+
+    Args:
+        config: a ``Gemma3Config``.
+        visual: the image's visual tokens (256 per image).
+    """
+    vision = config.vision_config
+    hidden, inter, layers = _vision_sizes(vision)
+    patch = int(vision.patch_size)
+    patches = (int(vision.image_size) // patch) ** 2  # 4096 at 896 px / 14 px
+    images = max(1, -(-visual // int(config.mm_tokens_per_image)))
+    text_hidden = int(config.get_text_config().hidden_size)
+    tower = vit_flops(patches, hidden, inter, layers, 3 * patch * patch)
+    return images * (tower + patches * hidden) + 2 * visual * hidden * text_hidden
+
+
+def llava_onevision_vision_flops(config, visual: int) -> int:
+    """FLOPs of LLaVA-OneVision's SigLIP tower (no [CLS], one pass per 384 px tile) and projector for one image.
+
+    The tiles are the base view plus ``ceil((visual - t) / t)`` high-res tiles (``t`` tokens per
+    tile): exact while unpadding cuts less than a tile, a lower bound once AnyRes-Max has
+    downsampled the grid (the tower then saw more tiles than the tokens show).
+
+    Args:
+        config: the VLM's config (``vision_config`` + text config).
+        visual: the image's visual tokens (newlines not counted).
+    """
+    hidden, inter, layers = _vision_sizes(config.vision_config)
+    patch = int(config.vision_config.patch_size)
+    per_tile = (int(config.vision_config.image_size) // patch) ** 2
+    tiles = 1 + max(0, -(-(visual - per_tile) // per_tile))
+    text_hidden = int(config.get_text_config().hidden_size)
+    projector = 2 * tiles * per_tile * (hidden * text_hidden + text_hidden * text_hidden)
+    return tiles * vit_flops(per_tile, hidden, inter, layers, 3 * patch * patch) + projector
+
+
 def vision_flops(config, visual: int) -> int:
     """FLOPs of the VLM's vision side for one image of ``visual`` tokens: Qwen-style towers or LLaVA's CLIP + projector."""
     if hasattr(config.vision_config, "spatial_merge_size"):
         return qwen_vision_flops(config, visual)
+    if getattr(config, "model_type", None) == "internvl":
+        return internvl_vision_flops(config, visual)
+    if getattr(config, "model_type", None) == "gemma3":
+        return gemma3_vision_flops(config, visual)
+    if getattr(config, "model_type", None) == "llava_onevision":
+        return llava_onevision_vision_flops(config, visual)
     return llava_vision_flops(config, visual)
 
 

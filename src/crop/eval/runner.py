@@ -192,7 +192,7 @@ def run_eval(model, processor, localizer: Localizer | None, spec: EvalSpec, loca
                       return_tensors="pt")
 
     adapter = get_adapter(model)
-    visual_tokens = adapter.image_spans(first)[0].length
+    visual_tokens = adapter.image_spans(first)[0].visual_tokens  # newline (structure) tokens count as text
     text_tokens = int(first["input_ids"].shape[1]) - visual_tokens
     loc_flops = float(vlm_localization_flops(localizer, samples[0].question, samples[0].image))
     shared = {"layer": spec.layer, "pool": spec.pool, "seed": spec.seed}  # for every method that has the field

@@ -257,7 +257,8 @@ class InnerLLMMethod(PruningMethod):
                 raise ValueError(f"layer {k} is outside the model's depth: pruning needs 1 <= layer <= "
                                  f"{depth - 1} for this {depth}-layer language model")
         return [InnerLLMPruner(self.layers, k, eager=self.adapter.uses_eager_attention, rotary=self.pruner_rotary(),
-                               padding_mask=self.adapter.uses_flash_attention)
+                               padding_mask=self.adapter.uses_flash_attention,
+                               layer_rotary=self.adapter.layer_rotary_embedding)
                 for k in self.stage_layers()]
 
     def move_stages(self) -> None:

@@ -197,7 +197,7 @@ class DART(InnerLLMMethod):
         if self.adapter.uses_mrope:
             return layer_kwargs["position_embeddings"]
         position = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L) index among the sample's real tokens
-        return self.adapter.rotary_embedding(hidden, position)
+        return self.adapter.layer_rotary_embedding(self.config.layer - 1)(hidden, position)  # layer K-1's own tables
 
     def _selector(self, stage):
         # run the selection eagerly even inside a torch.compile'd model: it reads values back anyway (graph breaks),

@@ -23,7 +23,8 @@ position ids gathered. The rewrites are memoized per forward call by the identit
 incoming objects, so when every layer gets the same mask and tables (the usual case) they are
 computed once, at layer K. A renumbering pruner computes one set of positions with the model's
 single rotary function, so it refuses a later layer whose rotary inputs are not layer K's (rotary
-tables per layer type); any pruner refuses a layer whose arguments it cannot rewrite (no rotary
+tables per layer type) unless it was given each layer's own rotary function (``layer_rotary``: Gemma 3's
+local and global tables), which then turns the same renumbered positions into that layer's tables; any pruner refuses a layer whose arguments it cannot rewrite (no rotary
 tables where it needs them, a mask kind it does not know). Generated tokens are always kept.
 Samples of a batch may keep different numbers of tokens: the pruned sequences are left-padded to
 the longest, and the padding is masked out as keys.
@@ -103,6 +104,7 @@ class ForwardStep:
 
     cached: int | None
     memo: LayerMemo = field(default_factory=LayerMemo)
+    renumbered: torch.Tensor | None = None  # the renumbered position ids layer K computed in this call (renumbering)
 
 
 @dataclass
@@ -282,6 +284,9 @@ class InnerLLMPruner:
             sorting them; needs ``rotary`` (positions are handed out in that order). The order may
             only permute real (unpadded) tokens among themselves: the causal mask is the one of
             the sorted slots, so each column keeps its padding status.
+        layer_rotary: ``layer -> rotary``, each layer's own rotary function, for a renumbering pruner on
+            a model whose layers get rotary tables of their own (per layer type); ``None``: ``rotary``
+            serves layer K and a later layer with other tables is refused.
         padding_mask: the layers take a ``(B, L)`` padding mask (1 on real tokens) or none, not a
             4-D one (FlashAttention): the pruned layers then get the kept slots' ``(B, Lk)`` mask,
             built from nothing when pruning alone pads (ragged kept sets). FlashAttention unpads
@@ -291,7 +296,8 @@ class InnerLLMPruner:
 
     def __init__(self, layers: nn.ModuleList, layer: int, eager: bool = False,
                  rotary: Rotary | None = None,
-                 ordered: bool = False, padding_mask: bool = False) -> None:
+                 ordered: bool = False, padding_mask: bool = False,
+                 layer_rotary: Callable[[int], Rotary] | None = None) -> None:
         if not 1 <= layer < len(layers):
             raise ValueError(f"ILP layer must be in [1, {len(layers) - 1}] for a {len(layers)}-layer model, got {layer}")
         if ordered and rotary is None:
@@ -300,6 +306,7 @@ class InnerLLMPruner:
         self.layer = layer
         self.eager = eager
         self.rotary = rotary
+        self.layer_rotary = layer_rotary if rotary is not None else None
         self.ordered = ordered
         self.padding_mask = padding_mask
         self.context: PruneContext | None = None
@@ -382,8 +389,9 @@ class InnerLLMPruner:
         if prefill:
             hidden = self._prefill(ctx, hidden, kwargs)  # (B, Lk, D)
         elif self.rotary is not None:
-            ctx.step.memo.put("renumbered", self._rotary_inputs(self.layer, kwargs),
-                              self._renumbered_decode(ctx, hidden, kwargs, self.rotary))
+            done = ctx.step.memo.put("renumbered", self._rotary_inputs(self.layer, kwargs),
+                                     self._renumbered_decode(ctx, hidden, kwargs, self._rotary_of(self.layer)))
+            ctx.step.renumbered = done["position_ids"]  # (B, q)
         kwargs.update(self._layer_update(ctx, self.layer, hidden, kwargs))
         if args:
             args = (hidden,) + tuple(args[1:])
@@ -411,7 +419,7 @@ class InnerLLMPruner:
         mask = self._checked_mask(layer, kwargs.get("attention_mask"))
         update: dict[str, Any] = {"attention_mask": step.memo.memoized(
             "mask", (mask,), lambda: self._layer_mask(ctx, step, layer, mask, hidden))}
-        update.update(self._layer_positions(ctx, step, layer, kwargs))
+        update.update(self._layer_positions(ctx, step, layer, hidden, kwargs))
         return update
 
     def _layer_mask(self, ctx: PruneContext, step: ForwardStep, layer: int, mask: Any, hidden: torch.Tensor) -> Any:
@@ -420,7 +428,8 @@ class InnerLLMPruner:
             return self._prefill_mask(ctx, mask, hidden.dtype)
         return self._decode_mask(ctx, mask, hidden, step.cached, layer)
 
-    def _layer_positions(self, ctx: PruneContext, step: ForwardStep, layer: int, kwargs: dict) -> dict[str, Any]:
+    def _layer_positions(self, ctx: PruneContext, step: ForwardStep, layer: int, hidden: torch.Tensor,
+                         kwargs: dict) -> dict[str, Any]:
         """Layer ``layer``'s cos/sin tables and position ids for the kept slots.
 
         Original positions: in a prefill the layer's own tables and ids are gathered at the kept
@@ -428,7 +437,7 @@ class InnerLLMPruner:
         positions: the set computed at layer K, which only fits layers given layer K's inputs.
         """
         if self.rotary is not None:
-            return self._renumbered_for(step, layer, kwargs)
+            return self._renumbered_for(step, layer, hidden, kwargs)
         if step.cached is not None:
             return {}
         index = ctx.kept_slots()  # (B, Lk)
@@ -440,15 +449,32 @@ class InnerLLMPruner:
                 "positions", (pos,), lambda: _gather_seq(pos, index, -1))  # (..., B, Lk)
         return update
 
-    def _renumbered_for(self, step: ForwardStep, layer: int, kwargs: dict) -> dict[str, Any]:
+    def _rotary_of(self, layer: int) -> Rotary:
+        """The rotary function that serves ``layer`` (its own with ``layer_rotary``, else the one ``rotary``)."""
+        if self.layer_rotary is not None:
+            return self.layer_rotary(layer)
+        if self.rotary is None:
+            raise RuntimeError("this pruner keeps the original positions: it has no rotary function")
+        return self.rotary
+
+    def _renumbered_for(self, step: ForwardStep, layer: int, hidden: torch.Tensor, kwargs: dict) -> dict[str, Any]:
         """The renumbered positions and cos/sin layer K computed, for a layer given the same rotary inputs.
+
+        A layer given other rotary inputs (its own tables) gets the same renumbered positions
+        through its own rotary function when the pruner has ``layer_rotary``, once per distinct
+        set of inputs in the call.
 
         Raises:
             RuntimeError: if the layer's rotary inputs are other objects than layer K's (rotary
                 tables per layer type): one recomputation with the model's rotary function cannot
                 serve both.
         """
-        found = step.memo.get("renumbered", self._rotary_inputs(layer, kwargs))
+        inputs = self._rotary_inputs(layer, kwargs)
+        found = step.memo.get("renumbered", inputs)
+        if found is None and self.layer_rotary is not None and step.renumbered is not None:
+            pos = step.renumbered  # (B, L') this call's renumbered positions, from layer K
+            found = step.memo.put("renumbered", inputs,
+                                  {"position_ids": pos, "position_embeddings": self._rotary_of(layer)(hidden, pos)})
         if found is None:
             raise RuntimeError(f"decoder layer {layer} gets other rotary inputs (position_embeddings, position_ids) than "
                                f"the pruning layer {self.layer}: a renumbering pruner recomputes them with the model's one "
@@ -508,9 +534,11 @@ class InnerLLMPruner:
         index, valid = ctx.kept_index(seq_len, hidden.device)  # (B, Lk)
         ctx.index, ctx.valid, ctx.prefill_len = index, valid, seq_len
         if self.rotary is not None:
-            ctx.current_step(self.layer).memo.put("renumbered", self._rotary_inputs(self.layer, kwargs),
-                                                  self._renumbered_prefill(ctx, hidden, kwargs.get("position_ids"),
-                                                                           self.rotary))
+            step = ctx.current_step(self.layer)
+            done = step.memo.put("renumbered", self._rotary_inputs(self.layer, kwargs),
+                                 self._renumbered_prefill(ctx, hidden, kwargs.get("position_ids"),
+                                                          self._rotary_of(self.layer)))
+            step.renumbered = done["position_ids"]  # (B, Lk)
         return _gather_seq(hidden, index, 1)  # (B, Lk, D)
 
     def _renumbered_prefill(self, ctx: PruneContext, hidden: torch.Tensor, pos: Any, rotary: Rotary) -> dict[str, Any]:

@@ -155,7 +155,9 @@ def compress_with(compressor: RegionCompressor, adapter, config: CropPLCTrainedC
     # "outside": the queries read what the anchors do not already give (everything when there are none)
     outside = config.attend == "outside" and bool(is_anchor.any()) and not bool(is_anchor.all())
     attend = ~is_anchor if outside else None
-    coords = grid_coordinates([(g.rows, g.cols) for g in span.token_grids]).to(features.device)  # (V, 2)
+    coords = grid_coordinates([(g.rows, g.cols) for g in span.token_grids])  # (V, 2) grid after grid, row-major
+    # to the visual (span) order; the same order except where a grid's rows are not contiguous (InternVL's tiles)
+    coords = coords[torch.cat([g.positions() for g in span.token_grids]).argsort()].to(features.device)  # (V, 2)
     made, weights = compressor(features[visual], coords, count, attend)  # (M, D), (M, V)
     made_source = visual[weights.argmax(dim=-1)]  # (M,) the token each one draws most from
     sources = torch.cat([anchors, made_source])  # (A + M,)

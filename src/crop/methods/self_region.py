@@ -112,10 +112,14 @@ class CropSelf(AttentionScoredMethod):
             for slots in per_sample:
                 span = self._spans[image]
                 grids = [(g.rows, g.cols) for g in span.token_grids]
-                mass = cell_mass(weights[b][slots.to(weights[b].device)], grids, cfg.grid)  # (G, G)
+                visual = span.visual_positions()  # (V,) sorted span positions, the candidates' order
+                # cell_mass reads the grids one after the other, each row-major: the span order except where a
+                # grid's rows are not contiguous in the span (InternVL's stitched tiles)
+                grid_order = torch.searchsorted(visual, torch.cat([g.positions() for g in span.token_grids]))  # (V,)
+                slot_weights = weights[b][slots.to(weights[b].device)]  # (V,) candidates' order
+                mass = cell_mass(slot_weights[grid_order.to(slot_weights.device)], grids, cfg.grid)  # (G, G)
                 box = best_box(mass, cfg.rule, cfg.price, cfg.share)
                 chosen = self.adapter.select(span, box, cfg.keep_tokens, cfg.trim)  # (k,) span positions
-                visual = span.visual_positions()  # (V,) sorted span positions, the candidates' order
                 out.append(torch.searchsorted(visual, chosen.cpu()))  # (k,) indices into the candidates
                 stats.boxes[image] = box
                 stats.region_tokens[image] = int(chosen.numel())

@@ -17,8 +17,11 @@ __all__ = ["ADAPTERS", "VLMAdapter", "adapter_names", "get_adapter"]
 
 def _register_builtin() -> None:
     """Import the modules whose adapter classes register themselves in :data:`ADAPTERS`."""
+    import crop.models.gemma3  # noqa: F401
+    import crop.models.internvl  # noqa: F401
     import crop.models.llava  # noqa: F401
     import crop.models.llava_next  # noqa: F401
+    import crop.models.llava_onevision  # noqa: F401
     import crop.models.qwen2_vl  # noqa: F401
     import crop.models.qwen3_vl  # noqa: F401
 

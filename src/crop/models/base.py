@@ -348,6 +348,14 @@ class VLMAdapter(ABC):
             raise ValueError(f"{type(self).__name__}: M-RoPE positions are 3-D; 1-D rotary tables do not apply")
         return self.model.get_submodule("model.language_model.rotary_emb")(hidden, position_ids)
 
+    def layer_rotary_embedding(self, layer: int) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Decoder layer ``layer``'s rotary function ``(hidden, position_ids (B, L)) -> (cos, sin)`` (1-D RoPE).
+
+        The default is :meth:`rotary_embedding` for every layer; models whose layers get tables of
+        their own (Gemma 3: local and global theta per layer type) override it.
+        """
+        return self.rotary_embedding
+
     def final_norm(self) -> nn.Module:
         """The language model's final norm (after its last decoder layer, before the LM head).
 

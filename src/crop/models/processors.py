@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 # model type -> the stock processor class whose image-only variant serves it when torchvision is missing
 IMAGE_ONLY_PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                         "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}
+                         "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor",
+                         "internvl": "InternVLProcessor", "llava_onevision": "LlavaOnevisionProcessor"}
 
 
 def qwen_image_only_processor_class(base: type[Any]) -> type[Any]:
@@ -70,9 +71,10 @@ def load_checkpoint_processor(spec: str, model_type: str):
 
     try:
         processor = AutoProcessor.from_pretrained(spec)
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:
         # The stock Qwen processor builds its video processor first, and that class refuses to exist
-        # without torchvision: the error comes before the image-only fallback below could run.
+        # without torchvision: the error comes before the image-only fallback below could run
+        # (InternVL's auto class reports it as a ValueError naming torchvision).
         if model_type not in IMAGE_ONLY_PROCESSORS or "torchvision" not in str(exc).lower():
             raise
         logger.info("%s: the stock %s needs torchvision for its video processor; serving images only", spec,
@@ -109,6 +111,16 @@ def image_only_processor(spec: str, model_type: str, tokenizer=None):
         tokenizer = AutoTokenizer.from_pretrained(spec)
     processor_dict, _ = ProcessorMixin.get_processor_dict(spec)
     chat_template = processor_dict.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    if model_type == "llava_onevision":  # its own image-only variant (crop.models.tiny_llava_onevision)
+        from crop.models.tiny_llava_onevision import load_llava_onevision_processor
+
+        return load_llava_onevision_processor(spec)
+    if model_type == "internvl":  # its own image-only variant (crop.models.internvl), images + <IMG_CONTEXT> runs
+        from crop.models.internvl import internvl_image_only_processor_class
+
+        return internvl_image_only_processor_class()(
+            image_processor=AutoImageProcessor.from_pretrained(spec), tokenizer=tokenizer, chat_template=chat_template,
+            image_seq_length=int(processor_dict.get("image_seq_length", 256)))
     base = getattr(transformers, IMAGE_ONLY_PROCESSORS[model_type])
     return qwen_image_only_processor_class(base)(image_processor=AutoImageProcessor.from_pretrained(spec),
                                                  tokenizer=tokenizer, chat_template=chat_template)

@@ -24,7 +24,8 @@ from crop.models.tokenizers import (
 )
 
 TINY_MODEL_NAMES = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl",
-                    "tiny-random-qwen3-vl")
+                    "tiny-random-qwen3-vl", "tiny-random-llava-onevision", "tiny-random-internvl",
+                    "tiny-random-gemma3")
 QWEN_VERSIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -394,8 +395,20 @@ def build_tiny_model(name: str, seed: int = 0, attn_implementation: str = "sdpa"
         return build_tiny_qwen("qwen2_vl", seed, attn_implementation=attn_implementation)
     if name == "tiny-random-qwen2.5-vl":
         return build_tiny_qwen("qwen2_5_vl", seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-gemma3":
+        from crop.models.tiny_gemma3 import build_tiny_gemma3
+
+        return build_tiny_gemma3(seed, attn_implementation=attn_implementation)
     if name == "tiny-random-qwen3-vl":
         return build_tiny_qwen("qwen3_vl", seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-llava-onevision":
+        from crop.models.tiny_llava_onevision import build_tiny_llava_onevision
+
+        return build_tiny_llava_onevision(seed, attn_implementation=attn_implementation)
+    if name == "tiny-random-internvl":
+        from crop.models.tiny_internvl import build_tiny_internvl
+
+        return build_tiny_internvl(seed, attn_implementation=attn_implementation)
     if name == "llava-shape-0.5b":
         return build_tiny_llava(seed, shape=LLAVA_SHAPE_05B, attn_implementation=attn_implementation)
     if name == "qwen3-vl-shape-2b":
