@@ -37,6 +37,15 @@ $CROP eval --split test --n 400 --methods "$ALL,crop-self" --keep-tokens 64,128,
     --match equivalent --layer 1 --out results/eval-matched-equivalent
 $PY scripts/readme_accuracy_table.py matched results/eval-matched-equivalent/results.json
 
+# the 2025 state of the art (CDPruner, DivPrune, HoloV) against CROP at matched compute (issue 31); CDPruner runs
+# with crop's LLM-embedding relevance here (the embedded answerer has no CLIP text tower)
+$CROP eval --split test --n 400 --methods full,crop-ilp,crop-plc,crop-plc-trained,cdpruner,divprune,holov \
+    --keep-tokens 64,128,192 --localizer embedded --match equivalent --layer 1 --out results/eval-2025-matched-equivalent
+$PY scripts/readme_accuracy_table.py matched results/eval-2025-matched-equivalent/results.json
+$CROP eval --split test --n 400 --methods full,crop-ilp,crop-plc,crop-plc-trained,cdpruner,divprune,holov \
+    --keep-tokens 192 --localizer embedded --match flops --layer 1 --out results/eval-2025-matched-flops
+$PY scripts/readme_accuracy_table.py matched results/eval-2025-matched-flops/results.json
+
 # the same target matched on FLOPs instead, the localizer's included
 $CROP eval --split test --n 400 --methods "$ALL" --keep-tokens 192 --localizer embedded --match flops \
     --layer 1 --out results/eval-matched-flops

@@ -295,3 +295,23 @@ def test_spans_and_overlay_view():
     assert len(panels) == 1 and panels[0].picture.size == IMAGES[0].size
     assert (panels[0].grid.rows, panels[0].grid.cols) == (16, 16)
     assert adapter.view_box(BOXES[0], IMAGES[0].size, proc.image_processor) == BOXES[0]  # resize only: same box
+
+
+def test_a_hub_layout_checkpoint_answers_a_batch(tmp_path):
+    """A Gemma 3 saved in the hub layout (stock ``Gemma3Processor``) loads through ``load_model`` and takes a batch
+    with one flat image list, as the pipeline and evaluation pass it."""
+    from crop.models.loading import load_model
+    from crop.models.processors import save_hub_layout
+
+    model, proc = tiny("tiny-random-gemma3")
+    model.save_pretrained(tmp_path)
+    save_hub_layout(proc, tmp_path, "Gemma3Processor", {"image_seq_length": proc.image_seq_length})
+    loaded, loaded_proc = load_model(str(tmp_path))
+    images, questions = [random_image(1, (400, 300)), random_image(2, (300, 400))], ["What?", "Which color?"]
+    batch = chat_inputs(loaded_proc, images, questions)
+    assert batch["input_ids"].shape[0] == 2
+    for i in range(2):
+        alone = chat_inputs(loaded_proc, images[i:i + 1], questions[i:i + 1])
+        n = int(alone["attention_mask"].sum())
+        torch.testing.assert_close(loaded(**batch).logits[i, -1], loaded(**alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+        assert int(batch["attention_mask"][i].sum()) == n

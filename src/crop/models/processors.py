@@ -82,6 +82,10 @@ def load_checkpoint_processor(spec: str, model_type: str):
         return image_only_processor(spec, model_type)
     if getattr(processor, "image_processor", None) is None:  # some versions fall back to the bare tokenizer
         return image_only_processor(spec, model_type, tokenizer=getattr(processor, "tokenizer", processor))
+    if model_type == "gemma3":  # the stock one reads a flat image list as one prompt's: take one per prompt marker
+        from crop.models.tiny_gemma3 import gemma3_batch_processor
+
+        return gemma3_batch_processor(processor)
     return processor
 
 

@@ -81,6 +81,13 @@ def _flat_images_processor_class():
     return Gemma3BatchProcessor
 
 
+def gemma3_batch_processor(processor):
+    """``processor`` (a stock ``Gemma3Processor``, e.g. a hub checkpoint's) rebuilt as the batch-taking subclass above."""
+    return _flat_images_processor_class()(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                                          chat_template=processor.chat_template,
+                                          image_seq_length=processor.image_seq_length)
+
+
 def gemma3_processor(image_size: int = 896, tokens_per_image: int = 256):
     """A Gemma 3 processor: PIL image backend (resize to ``image_size`` square), the byte tokenizer, the chat template."""
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
