@@ -113,11 +113,15 @@ class CropSelf(AttentionScoredMethod):
                 span = self._spans[image]
                 grids = [(g.rows, g.cols) for g in span.token_grids]
                 visual = span.visual_positions()  # (V,) sorted span positions, the candidates' order
-                # cell_mass reads the grids one after the other, each row-major: the span order except where a
-                # grid's rows are not contiguous in the span (InternVL's stitched tiles)
-                grid_order = torch.searchsorted(visual, torch.cat([g.positions() for g in span.token_grids]))  # (V,)
                 slot_weights = weights[b][slots.to(weights[b].device)]  # (V,) candidates' order
-                mass = cell_mass(slot_weights[grid_order.to(slot_weights.device)], grids, cfg.grid)  # (G, G)
+                # cell_mass reads the grids one after the other, each row-major: the span order except where a
+                # grid's rows are not contiguous in the span (InternVL's stitched tiles); reordered only then
+                # (the positions are host tensors: the check costs no device sync)
+                in_grids = torch.cat([g.positions() for g in span.token_grids])  # (V,) span positions, grid order
+                if not torch.equal(in_grids, visual):
+                    grid_order = torch.searchsorted(visual, in_grids)  # (V,)
+                    slot_weights = slot_weights[grid_order.to(slot_weights.device)]
+                mass = cell_mass(slot_weights, grids, cfg.grid)  # (G, G)
                 box = best_box(mass, cfg.rule, cfg.price, cfg.share)
                 chosen = self.adapter.select(span, box, cfg.keep_tokens, cfg.trim)  # (k,) span positions
                 out.append(torch.searchsorted(visual, chosen.cpu()))  # (k,) indices into the candidates
