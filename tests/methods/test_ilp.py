@@ -116,7 +116,7 @@ def test_layer_outside_depth_and_box_count(llava_sdpa):
 def test_unsupported_model_type_lists_supported():
     from crop.models import get_adapter
 
-    with pytest.raises(ValueError, match="supported: llava"):
+    with pytest.raises(ValueError, match=r"supported: (\w+, )*llava, llava_next"):
         get_adapter(torch.nn.Linear(2, 2))
 
 
