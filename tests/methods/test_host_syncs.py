@@ -51,9 +51,9 @@ BUDGET = {
     "divprune": 8,  # per image: its visual positions copied over, its kept positions read back (twice), the prompt
     #                rebuilt (LLaVA 8, Qwen2-VL 7); the greedy steps themselves read nothing back
     "fastv": 14,  # one stage: the shared selector (10), per image its top-k moved to the host
-    "holov": 9,  # per image: its visual positions copied over and its kept positions read back (LLaVA 4); on Qwen2-VL
-    #             the adapter's saliency capture and prompt rebuild add 5 (9); the crops' scores, shares and top-k
-    #             are batched tensor ops that read nothing back
+    "holov": 10,  # per image: its visual positions copied over and its kept positions read back (LLaVA 4); on
+    #              Qwen2-VL the adapter's saliency capture and prompt rebuild add 5 (9 on transformers 5.25, 10 on
+    #              5.20); the crops' scores, shares and top-k are batched tensor ops that read nothing back
     "pdrop": 42,  # three stages: the shared selector (30), per image and stage its top-k moved to the host
     "pool": 10,  # per image: the pooled grid and the prompt rebuilt
     "random": 12,  # per image: the drawn positions and the prompt rebuilt
