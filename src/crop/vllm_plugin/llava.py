@@ -41,11 +41,10 @@ from vllm.model_executor.models.llava import (  # noqa: E402  (after the stand-i
     _build_llava_or_pixtral_hf_processor,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
-from crop.vllm_plugin.localizing import LocalizingProcessor  # noqa: E402
 from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
+from crop.vllm_plugin.processing import CROP_FIELD, CropRequestProcessor  # noqa: E402
 from crop.vllm_plugin.processors import checkpoint_processor  # noqa: E402
 
 if TYPE_CHECKING:
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
 else:
     _VllmClass = object
 
-CROP_FIELD = "crop_request"
-"""The per-image tensor field holding the request's crop options (:meth:`CropRequest.encode`)."""
 
 
 def _side(tokens: int) -> int:
@@ -79,26 +76,9 @@ class CropLlavaProcessingInfo(LlavaProcessingInfo):
         return _side(self.get_num_image_tokens(image_width=size.width, image_height=size.height))
 
 
-class CropLlavaMultiModalProcessor(LocalizingProcessor, LlavaMultiModalProcessor):
+class CropLlavaMultiModalProcessor(CropRequestProcessor, LlavaMultiModalProcessor):
     """LLaVA's multimodal processor: reads each request's ``crop`` options and gives its images the
     placeholders of their pruned token count."""
-
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        kwargs = dict(hf_kwargs)
-        kwargs.pop("crop", None)
-        # the server's default (--mm-processor-kwargs) under the request's own fields, as vLLM merges them
-        options = self.info.ctx.get_merged_mm_kwargs(hf_kwargs).get("crop")
-        request = CropRequest.parse(options)  # CropInputError: this request fails, alone
-        out = super()._call_hf_processor(hf_data, kwargs)
-        pixels = out.get("pixel_values")
-        if pixels is not None:
-            out[CROP_FIELD] = request.encode().repeat(len(pixels), 1)  # (images, 9)
-        return out
-
-    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[CROP_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        return fields
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: Any) -> Sequence[Any]:

@@ -44,11 +44,10 @@ from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
-from crop.vllm_plugin.localizing import LocalizingProcessor  # noqa: E402
 from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
+from crop.vllm_plugin.processing import CROP_FIELD, CropRequestProcessor  # noqa: E402
 from crop.vllm_plugin.processors import checkpoint_processor  # noqa: E402
 
 if TYPE_CHECKING:  # the mixins sit in front of vLLM classes, which the type checker may not see
@@ -56,8 +55,6 @@ if TYPE_CHECKING:  # the mixins sit in front of vLLM classes, which the type che
 else:
     _VllmClass = object
 
-CROP_FIELD = "crop_request"
-"""The per-image tensor field holding the request's crop options (:meth:`CropRequest.encode`)."""
 
 
 class CropProcessingInfo(_VllmClass):
@@ -79,27 +76,11 @@ def _grid(item: Any, merge: int) -> tuple[int, int]:
     return h // merge, w // merge
 
 
-class CropMultiModalProcessor(LocalizingProcessor):
+class CropMultiModalProcessor(CropRequestProcessor):
     """Mixin for a Qwen multimodal processor: reads each request's ``crop`` options and gives its images the
     placeholders of their pruned token count."""
 
-    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
-        # (this step, not ``_call_hf_processor``: Qwen3-VL's processor calls the HF processor itself)
-        kwargs = dict(hf_kwargs)
-        kwargs.pop("crop", None)
-        # the server's default (--mm-processor-kwargs) under the request's own fields, as vLLM merges them
-        options = self.info.ctx.get_merged_mm_kwargs(hf_kwargs).get("crop")
-        request = CropRequest.parse(options)  # CropInputError: this request fails, alone
-        out = super()._apply_hf_processor_main(mm_items, kwargs)
-        grids = out.get("image_grid_thw")
-        if grids is not None:
-            out[CROP_FIELD] = request.encode().repeat(len(grids), 1)  # (images, 9)
-        return out
-
-    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[CROP_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        return fields
+    IMAGES_FIELD = "image_grid_thw"
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any],
                             out_mm_kwargs: Any) -> Sequence[Any]:

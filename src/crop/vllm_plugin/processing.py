@@ -1,0 +1,41 @@
+"""The processor step every crop model in vLLM shares: read the request's ``crop`` options, tag each image with them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from crop.vllm_plugin.localizing import LocalizingProcessor
+from crop.vllm_plugin.plan import CropRequest
+
+CROP_FIELD = "crop_request"
+"""The per-image tensor field holding the request's crop options (:meth:`CropRequest.encode`)."""
+
+
+class CropRequestProcessor(LocalizingProcessor):
+    """Mixin for a vLLM multimodal processor: the request's options become one ``CROP_FIELD`` row per image.
+
+    The options are the server's default (``--mm-processor-kwargs``) under the request's own
+    fields, as vLLM merges them; bad ones raise ``CropInputError`` and fail that request alone.
+    Hooked at ``_apply_hf_processor_main`` (not ``_call_hf_processor``: Qwen3-VL's processor calls
+    the HF processor itself). ``IMAGES_FIELD`` names the processor output with one row per image.
+    """
+
+    IMAGES_FIELD: ClassVar[str] = "pixel_values"
+
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
+        kwargs = dict(hf_kwargs)
+        kwargs.pop("crop", None)
+        request = CropRequest.parse(self.info.ctx.get_merged_mm_kwargs(hf_kwargs).get("crop"))
+        out = super()._apply_hf_processor_main(mm_items, kwargs)
+        images = out.get(self.IMAGES_FIELD)
+        if images is not None:
+            out[CROP_FIELD] = request.encode().repeat(len(images), 1)  # (images, 9)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[CROP_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
