@@ -6,7 +6,8 @@ Usage (in ``.venv-vllm``, made by ``scripts/setup_vllm.sh``; a quiet machine):
 
 Builds a random LLaVA-1.5-geometry checkpoint (336 px images, 576 visual tokens, CLIP-style tower
 and a Llama LM of :data:`BENCH_SHAPE`'s sizes) in vLLM's layout, starts one engine (the CPU wheel,
-``--dtype``, prefix caching off so no request reuses another's KV), and sends ``--requests``
+``--dtype``, prefix caching off so no request reuses another's KV, and the multimodal processor
+cache off so a repeated round preprocesses its images again, as distinct images in real traffic would), and sends ``--requests``
 requests at once, one distinct synthetic image and question each, per case: ``full`` (no crop
 options) and each ``--methods`` entry at ``--keep-tokens`` of 576, with the sample's ground-truth
 region as the request's box (the box comes with the request: no localizer runs, and none is
@@ -93,8 +94,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     save_vllm_llava(folder, BENCH_SHAPE)
     config = AutoConfig.from_pretrained(folder)
     llm = LLM(model=str(folder), max_model_len=1024, enforce_eager=True, limit_mm_per_prompt={"image": 1}, seed=0,
-              enable_prefix_caching=False, max_num_seqs=args.requests, disable_log_stats=False, dtype=args.dtype)
+              enable_prefix_caching=False, mm_processor_cache_gb=0, max_num_seqs=args.requests,
+              disable_log_stats=False, dtype=args.dtype)
     block_size = int(llm.llm_engine.vllm_config.cache_config.block_size)
+    batched_tokens = int(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
     samples = list(generate(args.requests, args.seed, "test"))
     cases: dict[str, tuple[dict | None, int | None]] = {"full": (None, None)}
     for method in args.methods:
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["throughput_ratio"] = row["requests_per_s"] / (args.requests / full["timings"]["generate_s"]["median"])
     return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "git": git_hash(), "versions": versions(),
             "vllm": __import__("vllm").__version__, "machine": machine(), "dtype": str(llm.llm_engine.model_config.dtype),
-            "block_size": block_size, "requests": args.requests, "keep_tokens": args.keep_tokens,
+            "block_size": block_size, "max_num_batched_tokens": batched_tokens, "requests": args.requests, "keep_tokens": args.keep_tokens,
             "new_tokens": args.new_tokens, "repeats": args.repeats, "shape": BENCH_SHAPE.__dict__, "cases": rows}
 
 

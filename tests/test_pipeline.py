@@ -66,3 +66,20 @@ def test_every_reported_time_waits_for_the_device(llava_sdpa, monkeypatch):
     result = pipe(random_image(3), "What is it?", max_new_tokens=3)
     assert len(calls) == 5  # localizer start + end, prefill start, first token, end of decode
     assert result.timings["prefill_s"] > 0 and result.timings["decode_s"] > 0
+
+
+def test_pipeline_feeds_a_half_precision_model_from_its_stock_processor():
+    """A model loaded in bfloat16 the stock way, with the processor as it came: the pipeline casts its inputs."""
+    import torch
+
+    from crop.models.loading import DeviceProcessor
+    from tests.conftest import tiny
+
+    model, proc = tiny("tiny-random-llava")
+    model = model.to(torch.bfloat16)
+    assert not isinstance(proc, DeviceProcessor)
+    pipe = CropPipeline(model, proc, FixedBoxLocalizer(GridBox(2, 2, 5, 5)), CropPLCConfig(keep_tokens=64))
+    assert isinstance(pipe.processor, DeviceProcessor) and pipe.processor.dtype == torch.bfloat16
+    result = pipe(random_image(34), "What is this?", max_new_tokens=3)
+    assert result.visual_tokens_kept == {"llm_input": 64}
+    assert CropPipeline(model, pipe.processor, FullImageLocalizer()).processor is pipe.processor  # not wrapped twice

@@ -21,6 +21,7 @@ from crop.localizers.base import Localization, Localizer
 from crop.methods import InnerLLMMethod
 from crop.methods.self_region import for_self_localizer
 from crop.models import get_adapter
+from crop.models.loading import processor_for
 from crop.regions import GridBox
 from crop.timing import clock
 
@@ -132,7 +133,7 @@ class CropPipeline:
 
     def __init__(self, model: nn.Module, processor, localizer: Localizer, config: Any = None) -> None:
         self.model: Any = model  # a *ForConditionalGeneration: an nn.Module with transformers' generate()
-        self.processor = processor
+        self.processor = processor_for(model, processor)  # inputs go where the model reads them, in its dtype
         self.localizer = localizer
         self.config = config or CropILPConfig()
         if getattr(localizer, "in_model", False):  # the answerer finds the region itself (CROP-self)

@@ -275,13 +275,13 @@ def load_model(spec: str, attn_implementation: str = "sdpa", role: str = "answer
         model, processor = embedded.load_embedded_from(spec)
     else:
         model, processor = _from_pretrained(spec, attn_implementation, target, torch_dtype, device_map)
-        return model, _wrap(model, processor)
+        return model, processor_for(model, processor)
     # models built in code: random or embedded weights in float32 on the CPU, then placed
     model = model.to(torch_dtype)
     if attn_implementation != _built_attn(attn_implementation) or spec == EMBEDDED or _is_embedded_layout(spec):
         _set_attention(model, attn_implementation)
     model = _dispatch(model, torch_dtype) if device_map is not None else model.to(target)
-    return model.eval(), _wrap(model, processor)
+    return model.eval(), processor_for(model, processor)
 
 
 def _is_embedded_layout(spec: str) -> bool:
@@ -313,8 +313,15 @@ def _dispatch(model, dtype: torch.dtype):
     return dispatch_model(model, layout)
 
 
-def _wrap(model, processor):
-    """The processor as is for a float32 CPU model, else a :class:`DeviceProcessor` for the model."""
+def processor_for(model, processor):
+    """``processor`` as is for a float32 CPU model, else a :class:`DeviceProcessor` feeding ``model``'s device and dtype.
+
+    :class:`crop.CropPipeline` calls it on the processor it is given, so a model loaded with plain
+    ``from_pretrained(..., device_map="cuda", dtype=torch.bfloat16)`` and its stock processor work
+    together; a processor already wrapped is returned as is.
+    """
+    if isinstance(processor, DeviceProcessor):
+        return processor
     device, dtype = input_device(model), model.dtype
     if device.type == "cpu" and dtype == torch.float32:
         return processor

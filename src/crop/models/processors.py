@@ -51,12 +51,12 @@ def qwen_image_only_processor_class(base: type[Any]) -> type[Any]:
     return ImageOnly
 
 
-def load_checkpoint_processor(spec: str, model_type: str):
+def load_checkpoint_processor(spec: str, model_type: str | None = None):
     """The processor of a checkpoint (a local folder or a hub id), image-only where the stock one needs torchvision.
 
     Args:
         spec: the checkpoint path or hub id.
-        model_type: ``config.model_type`` of the checkpoint (read before its weights).
+        model_type: ``config.model_type`` of the checkpoint (default: read from its config).
 
     Returns:
         What ``AutoProcessor`` builds; for Qwen2-VL / Qwen2.5-VL without torchvision, the
@@ -67,8 +67,10 @@ def load_checkpoint_processor(spec: str, model_type: str):
         ImportError: if the processor needs a missing package and no image-only variant exists.
         ValueError: if the processor has no image processor and the model type has no image-only variant.
     """
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
+    if model_type is None:
+        model_type = str(AutoConfig.from_pretrained(spec).model_type)
     try:
         processor = AutoProcessor.from_pretrained(spec)
     except (ImportError, ValueError) as exc:
