@@ -85,13 +85,13 @@ def _vllm(engine, prompt, image, question, crop=None, logprobs=False):
     return result
 
 
-def _hf(hf, prompt, image, question, method=None, keep=None):
+def _hf(hf, prompt, image, question, method=None, keep=None, options=()):
     model, processor = hf
     inputs = processor(text=[prompt.format(q=question)], images=[image], return_tensors="pt")
     run, visual = dict(inputs), get_adapter(model).image_spans(inputs)[0].visual_tokens
     handle = None
     if method is not None:
-        handle = apply_method(model, build_config(method, keep))
+        handle = apply_method(model, build_config(method, keep, options=list(options)))
         run = handle.prepare(inputs, [GridBox.from_list(BOX)])
         visual = handle.stats.visual_tokens_kept["llm_input"][0]
     try:
@@ -125,6 +125,27 @@ def test_crop_answers_equal_the_hugging_face_path(engine, hf, prompt, method, ke
     assert full_length - length == _hf(hf, prompt, image, "How many circles?")[2] - keep
     assert tokens == ref_tokens
     for token, value in logprobs.items():  # the same numbers, not only the same argmax
+        assert abs(value - float(ref_logprobs[token])) < 1e-4
+
+
+@pytest.mark.parametrize("keep", [16, 48])
+def test_the_trained_plc_equals_the_hugging_face_path_on_llava(engine, hf, prompt, family, keep, monkeypatch):
+    """The server's compressor (CROP_VLLM_COMPRESSOR) on LLaVA-1.5; refused in one line where positions need it."""
+    from crop.vllm_plugin.compressing import COMPRESSOR_ENV
+    from tests.conftest import random_compressor
+
+    folder = random_compressor(get_adapter(hf[0]).text_config.hidden_size)
+    monkeypatch.setenv(COMPRESSOR_ENV, folder)
+    image, crop = random_image(6, (400, 300)), {"method": "crop-plc-trained", "keep_tokens": keep, "box": BOX}
+    if family != "llava":
+        with pytest.raises(Exception, match="LLaVA-1.5 only"):
+            _vllm(engine, prompt, image, "How many circles?", crop)
+        return
+    tokens, length, logprobs = _vllm(engine, prompt, image, "How many circles?", crop, logprobs=True)
+    ref_tokens, ref_length, kept, ref_logprobs = _hf(hf, prompt, image, "How many circles?", "crop-plc-trained", keep,
+                                                     [f"compressor={folder}"])
+    assert kept == keep and length == ref_length and tokens == ref_tokens
+    for token, value in logprobs.items():
         assert abs(value - float(ref_logprobs[token])) < 1e-4
 
 

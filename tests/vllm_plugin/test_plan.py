@@ -107,3 +107,47 @@ def test_bad_localizer_options_fail_in_one_line(options, images, message):
     with pytest.raises(CropInputError, match=message) as info:
         localize_options(options, "USER: <image>\nq ASSISTANT:", [random_image(1)] * images, ["<image>"])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [20, 48])
+def test_the_trained_plc_plan_equals_the_hugging_face_method(keep, monkeypatch):
+    """LLaVA-1.5 with the server's compressor (CROP_VLLM_COMPRESSOR): the same tokens as crop-plc-trained on HF."""
+    from crop.vllm_plugin.compressing import COMPRESSOR_ENV, check_compressor, server_compressor
+    from crop.vllm_plugin.plan import planned_count
+    from tests.conftest import random_compressor
+
+    model, proc = tiny("tiny-random-llava")
+    adapter = get_adapter(model)
+    folder = random_compressor(adapter.text_config.hidden_size)
+    monkeypatch.setenv(COMPRESSOR_ENV, folder)
+    check_compressor(adapter.text_config.hidden_size)
+    inputs = chat_inputs(proc, [random_image(8, (400, 300))], ["What is it?"])
+    (span,) = adapter.image_spans(inputs)
+    (features,) = adapter.encode_images(inputs)
+    request = CropRequest.parse({"method": "crop-plc-trained", "keep_tokens": keep, "box": BOX})
+    planned = compress_grid(request, features, span.rows, span.cols, server_compressor(features.device, features.dtype))
+    assert planned.tokens.shape[0] == planned_count(request, span.rows, span.cols) == keep
+    with pytest.raises(ValueError, match="depend on the features"):
+        planned_sources(request, span.rows, span.cols)
+    with apply_method(model, build_config("crop-plc-trained", keep, options=[f"compressor={folder}"])) as h:
+        h.prepare(inputs, [request.box])
+        image, _ = h.method.compress_image(features, span, request.box, 0)
+    assert torch.equal(planned.source, image.source)
+    torch.testing.assert_close(planned.tokens, image.tokens, atol=0, rtol=0)
+
+
+def test_the_trained_plc_needs_the_servers_compressor_for_this_model(monkeypatch):
+    from crop.vllm_plugin.compressing import COMPRESSOR_ENV, check_compressor
+    from tests.conftest import random_compressor
+
+    monkeypatch.delenv(COMPRESSOR_ENV, raising=False)
+    with pytest.raises(CropInputError, match=COMPRESSOR_ENV):
+        check_compressor(64)
+    monkeypatch.setenv(COMPRESSOR_ENV, "/no/such/compressor")
+    with pytest.raises(CropInputError, match="no trained PLC compressor"):
+        check_compressor(64)
+    monkeypatch.setenv(COMPRESSOR_ENV, random_compressor(32))
+    with pytest.raises(CropInputError, match="belongs to the answerer"):
+        check_compressor(64)
+    with pytest.raises(CropInputError, match="needs keep_tokens"):
+        CropRequest.parse({"method": "crop-plc-trained", "box": BOX})

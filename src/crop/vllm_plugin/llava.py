@@ -5,7 +5,7 @@ The same three steps as :mod:`crop.vllm_plugin.qwen2_vl`, on vLLM's own LLaVA cl
 
 - the multimodal processor reads the request's ``crop`` options and keeps them as one small tensor
   per image (:meth:`CropRequest.encode`), and gives each image as many ``<image>`` placeholders as
-  tokens will reach the LLM (:func:`crop.vllm_plugin.plan.planned_sources` on the image's square
+  tokens will reach the LLM (:func:`crop.vllm_plugin.plan.planned_count` on the image's square
   token grid: 24 x 24 for CLIP ViT-L/14-336);
 - the model's ``embed_multimodal`` runs the stock tower and projector and hands the LLM
   :func:`crop.vllm_plugin.plan.compress_grid` of each image's tokens.
@@ -43,7 +43,8 @@ from vllm.model_executor.models.llava import (  # noqa: E402  (after the stand-i
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement  # noqa: E402
 
-from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_sources  # noqa: E402
+from crop.vllm_plugin.compressing import check_compressor, server_compressor  # noqa: E402
+from crop.vllm_plugin.plan import CropRequest, compress_grid, planned_count  # noqa: E402
 from crop.vllm_plugin.processing import CROP_FIELD, CropRequestProcessor  # noqa: E402
 from crop.vllm_plugin.processors import checkpoint_processor  # noqa: E402
 
@@ -87,9 +88,14 @@ class CropLlavaMultiModalProcessor(CropRequestProcessor, LlavaMultiModalProcesso
 
         def pruned(item_idx: int) -> list[int]:
             request = CropRequest.decode(out_mm_kwargs["image"][item_idx][CROP_FIELD].data)
-            return [token] * int(planned_sources(request, side, side).numel())
+            return [token] * planned_count(request, side, side)
 
         return [PromptReplacement(modality="image", target=[token], replacement=pruned)]
+
+    def check_request(self, request: CropRequest) -> None:
+        """The trained PLC runs here when the server's compressor fits this model's LLM."""
+        if request.method == "crop-plc-trained":
+            check_compressor(int(self.info.get_hf_config().get_text_config().hidden_size))
 
 
 class CropLlavaModel(_VllmClass):
@@ -105,7 +111,9 @@ class CropLlavaModel(_VllmClass):
         out = []
         for image, row in zip(embeds, rows_of, strict=True):
             side = _side(image.shape[0])
-            out.append(compress_grid(CropRequest.decode(row), image, side, side).tokens)  # (M, D)
+            request = CropRequest.decode(row)
+            compressor = server_compressor(image.device, image.dtype) if request.method == "crop-plc-trained" else None
+            out.append(compress_grid(request, image, side, side, compressor).tokens)  # (M, D)
         return tuple(out)
 
 

@@ -28,9 +28,10 @@ from crop.ops.grid_pool import pool_grid_to
 from crop.ops.selection import TRIMS, select_tokens
 from crop.regions import DEFAULT_GRID, GridBox
 
-ENGINE_METHODS = ("none", "crop-region", "crop-plc", "pool")
+ENGINE_METHODS = ("none", "crop-region", "crop-plc", "pool", "crop-plc-trained")
 """Methods the plugin runs: the stock model, CROP's region tokens (ILP's selection before the LLM), CROP's
-training-free PLC (region + pooled context), and uniform pooling."""
+training-free PLC (region + pooled context), uniform pooling, and CROP's trained PLC (LLaVA-1.5 only:
+:mod:`crop.vllm_plugin.compressing`)."""
 
 INNER_LLM = ("crop-ilp", "crop-self", "fastv", "pdrop", "sparsevlm", "dart", "random-inner")
 _CODES = {name: i for i, name in enumerate(ENGINE_METHODS)}
@@ -82,8 +83,8 @@ class CropRequest:
         keep = options.get("keep_tokens")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise CropInputError(f"keep_tokens must be a positive integer, got {keep!r}")
-        if method == "pool" and keep is None:
-            raise CropInputError("pool needs keep_tokens")
+        if method in ("pool", "crop-plc-trained") and keep is None:
+            raise CropInputError(f"{method} needs keep_tokens")
         grid = options.get("grid", DEFAULT_GRID)
         box = None
         if options.get("box") is not None:
@@ -133,14 +134,18 @@ def question_from_prompt(prompt: str, special_tokens: list[str]) -> str:
     return " ".join(text.split())
 
 
-def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols: int) -> CompressedImage:
+def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols: int,
+                  compressor=None) -> CompressedImage:
     """One image's ``rows x cols`` token grid (row-major ``features``) after the request's method.
 
     The same rules as crop's Hugging Face methods on a plain grid (``crop-region``:
     :class:`crop.methods.region_prune.CropRegion`; ``crop-plc``: :class:`crop.methods.plc.CropPLC`;
-    ``pool``: :class:`crop.methods.pool.UniformPool`). Which tokens survive depends only on the
-    grid and the request, never on the feature values, so the processor can count them with
-    any features (:func:`planned_sources`) before the vision tower runs.
+    ``pool``: :class:`crop.methods.pool.UniformPool`; ``crop-plc-trained``:
+    :class:`crop.methods.plc_trained.CropPLCTrained` with ``compressor``, the server's). Except for the
+    trained PLC's, which tokens survive depends only on the grid and the request, never on the
+    feature values, so the processor can place them with any features (:func:`planned_sources`)
+    before the vision tower runs; of the trained PLC's only the count is known then
+    (:func:`planned_count`).
 
     Returns:
         The tokens that reach the LLM, each with its source (row-major index).
@@ -151,6 +156,13 @@ def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols:
     budget = request.keep_tokens
     if request.method == "none" or (budget is not None and budget >= n):  # as the HF path: the stock image
         return CompressedImage(features, torch.arange(n, device=features.device))
+    if request.method == "crop-plc-trained":
+        if compressor is None:
+            raise CropInputError("crop-plc-trained needs the server's compressor")
+        from crop.vllm_plugin.compressing import compress_trained
+
+        assert budget is not None  # parse() refuses it without one
+        return compress_trained(features, rows, cols, box, budget, compressor)
     if request.method == "crop-region":
         keep = select_tokens(box, rows, cols, budget, trim=request.trim).to(features.device)  # (k,)
         return compose(span, features, features[keep], keep)
@@ -169,5 +181,19 @@ def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols:
 
 
 def planned_sources(request: CropRequest, rows: int, cols: int) -> torch.Tensor:
-    """``(M,)`` the source (row-major index) of each token :func:`compress_grid` lets through, in order."""
+    """``(M,)`` the source (row-major index) of each token :func:`compress_grid` lets through, in order.
+
+    Raises:
+        ValueError: for the trained PLC where it compresses (its sources depend on the features).
+    """
+    if request.method == "crop-plc-trained" and request.keep_tokens is not None and request.keep_tokens < rows * cols:
+        raise ValueError("the trained PLC's token sources depend on the features: only its count is planned")
     return compress_grid(request, torch.zeros(rows * cols, 1), rows, cols).source
+
+
+def planned_count(request: CropRequest, rows: int, cols: int) -> int:
+    """How many tokens :func:`compress_grid` lets through for one ``rows x cols`` image (no features needed)."""
+    if request.method == "crop-plc-trained":
+        assert request.keep_tokens is not None  # parse() refuses it without one
+        return min(request.keep_tokens, rows * cols)  # anchors + compressed tokens, or the stock image
+    return int(planned_sources(request, rows, cols).numel())

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
+from crop.errors import CropInputError
 from crop.vllm_plugin.localizing import LocalizingProcessor
 from crop.vllm_plugin.plan import CropRequest
 
@@ -29,11 +30,19 @@ class CropRequestProcessor(LocalizingProcessor):
         kwargs = dict(hf_kwargs)
         kwargs.pop("crop", None)
         request = CropRequest.parse(self.info.ctx.get_merged_mm_kwargs(hf_kwargs).get("crop"))
+        self.check_request(request)
         out = super()._apply_hf_processor_main(mm_items, kwargs)
         images = out.get(self.IMAGES_FIELD)
         if images is not None:
             out[CROP_FIELD] = request.encode().repeat(len(images), 1)  # (images, 9)
         return out
+
+    def check_request(self, request: CropRequest) -> None:
+        """Refuse (``CropInputError``, one line) what this model cannot serve; the trained PLC by default."""
+        if request.method == "crop-plc-trained":
+            raise CropInputError("crop-plc-trained is served for LLaVA-1.5 only: its compressed tokens' positions depend "
+                                 "on the image features, and vLLM fixes this model's M-RoPE positions before the "
+                                 "vision tower runs")
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
