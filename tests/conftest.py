@@ -126,6 +126,32 @@ def random_compressor(dim: int) -> str:
     return _COMPRESSORS[dim]
 
 
+_PEAKED: dict[int, str] = {}
+
+
+def peaked_compressor(dim: int) -> str:
+    """Folder of a seeded, untrained PLC compressor whose queries attend sharply (built once per session).
+
+    Comparing two runs of the compressor (crop's Hugging Face method and the vLLM plugin) needs each
+    compressed token's source, the token it draws most from, to be decided by more than float
+    rounding: near-uniform attention (:func:`random_compressor`) lets the argmax flip on a last-bit
+    difference between two BLAS calls on differently aligned memory.
+    """
+    if dim not in _PEAKED:
+        import tempfile
+
+        from crop.compressor import CompressorConfig, RegionCompressor, save_compressor
+
+        torch.manual_seed(dim)
+        compressor = RegionCompressor(CompressorConfig(dim=dim, max_queries=64))
+        with torch.no_grad():
+            compressor.queries.mul_(30.0)
+        folder = tempfile.mkdtemp(prefix=f"crop-compressor-peaked-{dim}-")
+        save_compressor(compressor, folder)
+        _PEAKED[dim] = folder
+    return _PEAKED[dim]
+
+
 _CLIP_TEXT: dict[int, str] = {}
 
 

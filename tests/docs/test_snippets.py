@@ -109,22 +109,29 @@ def test_the_pages_have_snippets():
     assert all(blocks(page, "python") for page in PAGES)
 
 
+def _own_folder(workdir: Path, tmp_path: Path) -> Path:
+    """A fresh folder with links to the shared files: one command's outputs never meet another's."""
+    for item in workdir.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    return tmp_path
+
+
 @pytest.mark.parametrize(("page", "command"), _cases(), ids=lambda v: v if len(v) < 60 else v[:57] + "...")
-def test_command_runs(page, command, workdir):
+def test_command_runs(page, command, workdir, tmp_path):
     reason = skip_reason(command)
     if reason is not None:
         pytest.skip(reason)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = swapped(without_setup(command), str(workdir / "tiny-qwen2.5-vl"))
-    done = subprocess.run(["bash", "-c", run], cwd=workdir, env=env,
+    done = subprocess.run(["bash", "-c", run], cwd=_own_folder(workdir, tmp_path), env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{page}: {command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_python_blocks_run_in_order(page, workdir, monkeypatch, capsys):
+def test_python_blocks_run_in_order(page, workdir, tmp_path, monkeypatch, capsys):
     """A page's Python blocks run one after another in one namespace, as a reader pastes them."""
-    monkeypatch.chdir(workdir)
+    monkeypatch.chdir(_own_folder(workdir, tmp_path))
     namespace: dict = {"__name__": "__docs__"}
     for number, block in enumerate(blocks(page, "python"), 1):
         code = compile(swapped(block, str(workdir / "tiny-qwen2.5-vl")), f"{page.name}, python block {number}", "exec")
@@ -132,14 +139,15 @@ def test_python_blocks_run_in_order(page, workdir, monkeypatch, capsys):
     assert capsys.readouterr().out.strip(), "the blocks print their results"
 
 
-def test_the_main_command_says_what_the_readme_says(workdir):
+def test_the_main_command_says_what_the_readme_says(workdir, tmp_path):
     """The README's first command answers 'purple' with the star's region, as its text claims."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     main = next(c for c in commands(blocks(ROOT / "README.md", "bash")[0]) if "crop answer" in c)
     assert "(`purple`)" in readme and "`[3, 6, 4, 7]`" in readme
-    done = subprocess.run(["bash", "-c", without_setup(main) + " --json"], cwd=workdir, capture_output=True,
+    folder = _own_folder(workdir, tmp_path)
+    done = subprocess.run(["bash", "-c", without_setup(main) + " --json"], cwd=folder, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["answer"].strip() == "purple" and result["box"] == [3, 6, 4, 7]
-    assert (workdir / "crop_answer.png").exists()
+    assert (folder / "crop_answer.png").exists()

@@ -234,7 +234,7 @@ def test_visionzip_refuses_an_adapter_without_saliency():
     class NoSaliency(type(get_adapter(model))):
         encode_images_with_saliency = VLMAdapter.encode_images_with_saliency
 
-    with pytest.raises(ValueError, match=r"\[CLS\] attention.*supports llava"):
+    with pytest.raises(ValueError, match=r"\[CLS\] attention.*every adapter crop ships"):
         VisionZip(NoSaliency(model), VisionZipConfig())
 
 
