@@ -3,7 +3,9 @@
 The docs speak of real checkpoints on a GPU; the test runs the same text with the stand-ins of
 :data:`SWAPS` (a tiny random Qwen2.5-VL saved in the hub layout for every hub id, the CPU for
 ``cuda``, fewer repeats), in a scratch folder holding ``photo.jpg`` (the shipped sample image)
-and ``my_vqa.jsonl`` (three questions about it). A command is left out only for a reason in
+and ``my_vqa.jsonl`` (three questions about it). With ``CROP_DOCS_DEVICE=cuda`` (a GPU machine,
+``scripts/gpu_check.sh``) ``cuda`` stays ``cuda``: the documented GPU path runs as written, on the
+tiny checkpoint. A command is left out only for a reason in
 :func:`skip_reason` (installing packages, the set-up scripts CI runs, the test suite itself, the
 vLLM server, which ``tests/vllm_plugin/test_docs_serving.py`` runs in ``.venv-vllm``, and the demo
 server, which ``tests/demo`` drives in a browser).
@@ -23,13 +25,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = (ROOT / "README.md", ROOT / "docs" / "getting-started.md")
-SWAPS = (
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "{qwen}"),
-    ("Qwen/Qwen2.5-VL-3B-Instruct", "{qwen}"),
+CPU_SWAPS = (
     ('device_map="cuda"', 'device_map="cpu"'),
     ('device="cuda"', 'device="cpu"'),
     ("--device cuda", "--device cpu"),
     ("--localizer-device cuda", "--localizer-device cpu"),
+)
+SWAPS = (
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "{qwen}"),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", "{qwen}"),
+    *(() if os.environ.get("CROP_DOCS_DEVICE") == "cuda" else CPU_SWAPS),
     ("--repeats 3", "--repeats 1"),
     ("--batch 1,8", "--batch 1,2"),
 )
@@ -90,7 +95,11 @@ def workdir(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "examples" / "sample.png", folder / "photo.jpg")  # PIL reads it whatever the name
     (folder / "examples").symlink_to(ROOT / "examples")
     (folder / "scripts").symlink_to(ROOT / "scripts")
-    (folder / ".venv").symlink_to(Path(sys.prefix))
+    bin_dir = folder / ".venv" / "bin"  # the docs' `.venv/bin/crop` and bare `crop`: this interpreter's crop
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "crop").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m crop "$@"\n')
+    (bin_dir / "crop").chmod(0o755)
     width, height = Image.open(folder / "photo.jpg").size
     rows = [{"image": "photo.jpg", "question": q, "answers": [a], "box_px": [0, 0, width // 2, height // 2]}
             for q, a in (("What color is the star?", "purple"), ("What shape is red?", "circle"),
@@ -109,6 +118,12 @@ def test_the_pages_have_snippets():
     assert all(blocks(page, "python") for page in PAGES)
 
 
+def _environment(workdir: Path) -> dict[str, str]:
+    """The commands' environment: the scratch ``.venv/bin`` first on PATH, this interpreter's import path."""
+    return {**os.environ, "PATH": f"{workdir / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir())}
+
+
 def _own_folder(workdir: Path, tmp_path: Path) -> Path:
     """A fresh folder with links to the shared files: one command's outputs never meet another's."""
     for item in workdir.iterdir():
@@ -121,7 +136,7 @@ def test_command_runs(page, command, workdir, tmp_path):
     reason = skip_reason(command)
     if reason is not None:
         pytest.skip(reason)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = _environment(workdir)
     run = swapped(without_setup(command), str(workdir / "tiny-qwen2.5-vl"))
     done = subprocess.run(["bash", "-c", run], cwd=_own_folder(workdir, tmp_path), env=env,
                           capture_output=True, text=True, timeout=600)
@@ -145,8 +160,8 @@ def test_the_main_command_says_what_the_readme_says(workdir, tmp_path):
     main = next(c for c in commands(blocks(ROOT / "README.md", "bash")[0]) if "crop answer" in c)
     assert "(`purple`)" in readme and "`[3, 6, 4, 7]`" in readme
     folder = _own_folder(workdir, tmp_path)
-    done = subprocess.run(["bash", "-c", without_setup(main) + " --json"], cwd=folder, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(["bash", "-c", without_setup(main) + " --json"], cwd=folder, env=_environment(workdir),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["answer"].strip() == "purple" and result["box"] == [3, 6, 4, 7]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from functools import cache
-from pathlib import Path
 
 import torch
 
@@ -87,7 +86,7 @@ def compress_trained(features: torch.Tensor, rows: int, cols: int, box: GridBox,
     from crop.config import CropPLCTrainedConfig
     from crop.methods.plc_trained import compress_with
 
-    config = CropPLCTrainedConfig(keep_tokens=keep_tokens, compressor=str(Path(compressor_folder())), grid=box.grid)
+    config = CropPLCTrainedConfig(keep_tokens=keep_tokens, compressor=compressor_folder(), grid=box.grid)
     image, _ = compress_with(compressor, _GridSelection(), config, features, ImageSpan(0, 0, rows * cols, rows, cols),
                              box)
     return image
