@@ -58,6 +58,17 @@ def _no_grad():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _shared_models_stay_as_built():
+    """A test that moves or casts a cached tiny model (``nn.Module.to`` works in place) fails here, not in
+    whichever later test of the same process happens to read it."""
+    yield
+    for (name, attn), (model, _) in _CACHE.items():
+        weight = next(model.parameters())
+        assert weight.dtype == torch.float32 and weight.device.type == "cpu", \
+            f"this test changed the shared {name} ({attn}) to {weight.dtype} on {weight.device}: build its own copy"
+
+
 # every supported architecture, as a tiny random model name (the one list every test matrix uses)
 ARCHS = ("tiny-random-llava", "tiny-random-llava-next", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl",
          "tiny-random-qwen3-vl", "tiny-random-llava-onevision", "tiny-random-internvl",
@@ -124,32 +135,6 @@ def random_compressor(dim: int) -> str:
         save_compressor(RegionCompressor(CompressorConfig(dim=dim, max_queries=64)), folder)
         _COMPRESSORS[dim] = folder
     return _COMPRESSORS[dim]
-
-
-_PEAKED: dict[int, str] = {}
-
-
-def peaked_compressor(dim: int) -> str:
-    """Folder of a seeded, untrained PLC compressor whose queries attend sharply (built once per session).
-
-    Comparing two runs of the compressor (crop's Hugging Face method and the vLLM plugin) needs each
-    compressed token's source, the token it draws most from, to be decided by more than float
-    rounding: near-uniform attention (:func:`random_compressor`) lets the argmax flip on a last-bit
-    difference between two BLAS calls on differently aligned memory.
-    """
-    if dim not in _PEAKED:
-        import tempfile
-
-        from crop.compressor import CompressorConfig, RegionCompressor, save_compressor
-
-        torch.manual_seed(dim)
-        compressor = RegionCompressor(CompressorConfig(dim=dim, max_queries=64))
-        with torch.no_grad():
-            compressor.queries.mul_(30.0)
-        folder = tempfile.mkdtemp(prefix=f"crop-compressor-peaked-{dim}-")
-        save_compressor(compressor, folder)
-        _PEAKED[dim] = folder
-    return _PEAKED[dim]
 
 
 _CLIP_TEXT: dict[int, str] = {}

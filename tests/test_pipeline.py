@@ -73,9 +73,9 @@ def test_pipeline_feeds_a_half_precision_model_from_its_stock_processor():
     import torch
 
     from crop.models.loading import DeviceProcessor
-    from tests.conftest import tiny
+    from crop.models.tiny import build_tiny_model
 
-    model, proc = tiny("tiny-random-llava")
+    model, proc = build_tiny_model("tiny-random-llava", seed=0)  # its own copy: .to() would change the shared one
     model = model.to(torch.bfloat16)
     assert not isinstance(proc, DeviceProcessor)
     pipe = CropPipeline(model, proc, FixedBoxLocalizer(GridBox(2, 2, 5, 5)), CropPLCConfig(keep_tokens=64))

@@ -132,9 +132,9 @@ def test_crop_answers_equal_the_hugging_face_path(engine, hf, prompt, method, ke
 def test_the_trained_plc_equals_the_hugging_face_path_on_llava(engine, hf, prompt, family, keep, monkeypatch):
     """The server's compressor (CROP_VLLM_COMPRESSOR) on LLaVA-1.5; refused in one line where positions need it."""
     from crop.vllm_plugin.compressing import COMPRESSOR_ENV
-    from tests.conftest import peaked_compressor
+    from tests.conftest import random_compressor
 
-    folder = peaked_compressor(get_adapter(hf[0]).text_config.hidden_size)
+    folder = random_compressor(get_adapter(hf[0]).text_config.hidden_size)
     monkeypatch.setenv(COMPRESSOR_ENV, folder)
     image, crop = random_image(6, (400, 300)), {"method": "crop-plc-trained", "keep_tokens": keep, "box": BOX}
     if family != "llava":
