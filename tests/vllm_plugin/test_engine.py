@@ -113,7 +113,7 @@ def test_without_crop_options_it_is_the_stock_model(engine, hf, prompt):
 
 
 @pytest.mark.parametrize("method,keep", [("crop-region", 16), ("crop-region", 48), ("crop-plc", 40), ("crop-plc", 80),
-                                         ("pool", 16), ("pool", 36)])
+                                         ("pool", 16), ("pool", 36), ("random", 16), ("random", 48)])
 def test_crop_answers_equal_the_hugging_face_path(engine, hf, prompt, method, keep):
     image = random_image(2, (400, 300))
     full_length = _vllm(engine, prompt, image, "How many circles?")[1]
@@ -147,6 +147,15 @@ def test_the_trained_plc_equals_the_hugging_face_path_on_llava(engine, hf, promp
     assert kept == keep and length == ref_length and tokens == ref_tokens
     for token, value in logprobs.items():
         assert abs(value - float(ref_logprobs[token])) < 1e-4
+
+
+def test_random_draws_per_prompt_as_the_hugging_face_path(engine, hf, prompt):
+    """The same image under two questions: two draws (the seed is in vLLM's cache key), each crop's own."""
+    image = random_image(7, (400, 300))
+    for question in ("What is it?", "Which shape is on the left?"):
+        tokens, length = _vllm(engine, prompt, image, question, {"method": "random", "keep_tokens": 24})
+        ref_tokens, ref_length, kept, _ = _hf(hf, prompt, image, question, "random", 24)
+        assert (tokens, length, kept) == (ref_tokens, ref_length, 24)
 
 
 def test_requests_with_different_options_share_a_batch(engine, prompt):

@@ -15,16 +15,29 @@ from tests.conftest import chat_inputs, random_image, tiny
 BOX = [1, 2, 4, 6]
 
 
+def _prompt_seeds(proc, inputs, adapter) -> list[int]:
+    """:func:`random_seeds` of the prompt as vLLM tokenizes it (one placeholder per image)."""
+    from crop.vllm_plugin.plan import random_seeds
+
+    placeholder = adapter.image_token_id
+    ids = [t for i, t in enumerate(inputs["input_ids"][0].tolist())
+           if t != placeholder or i == 0 or inputs["input_ids"][0, i - 1] != placeholder]  # one per run
+    return random_seeds(ids, placeholder, [s.visual_tokens for s in adapter.image_spans(inputs)], 0)
+
+
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-qwen2-vl"])
 @pytest.mark.parametrize("method,keep", [("crop-region", 20), ("crop-region", None), ("crop-plc", 40),
-                                         ("crop-plc", None), ("pool", 30), ("crop-region", 10**6)])
+                                         ("crop-plc", None), ("pool", 30), ("crop-region", 10**6), ("random", 24)])
 def test_plans_equal_the_hugging_face_methods(name, method, keep):
     model, proc = tiny(name)
     inputs = chat_inputs(proc, [random_image(7, (400, 300))], ["What is it?"])
     adapter = get_adapter(model)
     (span,) = adapter.image_spans(inputs)
     (features,) = adapter.encode_images(inputs)
-    request = CropRequest.parse({"method": method, "keep_tokens": keep, "box": BOX})
+    options = {"method": method, "keep_tokens": keep, "box": BOX}
+    if method == "random":
+        options["seeds"] = _prompt_seeds(proc, inputs, adapter)
+    request = CropRequest.decode(CropRequest.parse(options).encode(0))
     planned = compress_grid(request, features, span.rows, span.cols)
     assert torch.equal(planned_sources(request, span.rows, span.cols), planned.source)
     config = build_config(method, keep)
@@ -36,6 +49,18 @@ def test_plans_equal_the_hugging_face_methods(name, method, keep):
         image, _ = h.method.compress_image(features, span, request.box, 0)
     assert torch.equal(planned.source, image.source)
     torch.testing.assert_close(planned.tokens, image.tokens, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-qwen2-vl"])
+def test_random_seeds_are_the_hugging_face_paths(name):
+    """The seed worked out from vLLM's prompt (one placeholder) is the one crop's HF random draws with."""
+    from crop.methods.random_prune import _image_seeds
+
+    model, proc = tiny(name)
+    adapter = get_adapter(model)
+    for question in ("What is it?", "How many circles?"):
+        inputs = chat_inputs(proc, [random_image(7, (400, 300))], [question])
+        assert _prompt_seeds(proc, inputs, adapter) == _image_seeds(inputs, adapter.image_spans(inputs), 0)
 
 
 def test_requests_round_trip_through_their_tensor():
@@ -54,6 +79,8 @@ def test_requests_round_trip_through_their_tensor():
     ({"method": "crop-region", "box": "left"}, "box must be"),
     ({"methd": "crop-region"}, "unknown crop option"),
     ({"method": "pool"}, "pool needs keep_tokens"),
+    ({"method": "random"}, "random needs keep_tokens"),
+    ({"method": "random", "keep_tokens": 8, "seed": -1}, "seed must be"),
     ("crop-region", "JSON object"),
 ])
 def test_bad_requests_fail_in_one_line(options, message):

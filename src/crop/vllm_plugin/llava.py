@@ -92,6 +92,12 @@ class CropLlavaMultiModalProcessor(CropRequestProcessor, LlavaMultiModalProcesso
 
         return [PromptReplacement(modality="image", target=[token], replacement=pruned)]
 
+    def placeholder_token_id(self) -> int:
+        return int(self.info.get_hf_config().image_token_index)
+
+    def full_image_tokens(self, image: Any) -> int:
+        return self.info.grid_side() ** 2  # one square grid, whatever the image's size
+
     def check_request(self, request: CropRequest) -> None:
         """The trained PLC runs here when the server's compressor fits this model's LLM."""
         if request.method == "crop-plc-trained":

@@ -14,28 +14,32 @@ request share one KV-cache length there): :data:`ENGINE_METHODS`.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from crop.errors import CropInputError
 from crop.methods._compose import compose
 from crop.methods.plc import pool_image, region_share
+from crop.methods.random_prune import random_keep
 from crop.models.base import CompressedImage, ImageSpan
 from crop.ops.grid_pool import pool_grid_to
 from crop.ops.selection import TRIMS, select_tokens
 from crop.regions import DEFAULT_GRID, GridBox
 
-ENGINE_METHODS = ("none", "crop-region", "crop-plc", "pool", "crop-plc-trained")
+ENGINE_METHODS = ("none", "crop-region", "crop-plc", "pool", "crop-plc-trained", "random")
 """Methods the plugin runs: the stock model, CROP's region tokens (ILP's selection before the LLM), CROP's
-training-free PLC (region + pooled context), uniform pooling, and CROP's trained PLC (LLaVA-1.5 only:
-:mod:`crop.vllm_plugin.compressing`)."""
+training-free PLC (region + pooled context), uniform pooling, CROP's trained PLC (LLaVA-1.5 only:
+:mod:`crop.vllm_plugin.compressing`), and the random baseline (each image's draw seeded as crop's Hugging Face
+path seeds it: :func:`random_seeds`)."""
 
 INNER_LLM = ("crop-ilp", "crop-self", "fastv", "pdrop", "sparsevlm", "dart", "random-inner")
 _CODES = {name: i for i, name in enumerate(ENGINE_METHODS)}
-_KEYS = {"method", "keep_tokens", "box", "grid", "pool", "trim", "localizer"}
+_KEYS = {"method", "keep_tokens", "box", "grid", "pool", "trim", "localizer", "seed", "seeds"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class CropRequest:
         box: the region (``None``: the whole image).
         pool: PLC's pooling block side.
         trim: how a region larger than the budget is cut (``"center"`` or ``"stride"``).
+        seed: ``random``'s base seed (as :class:`crop.methods.random_prune.RandomConfig`'s).
+        image_seeds: ``random``'s seed for each image of the request, which the plugin's processor
+            works out from the prompt (:func:`random_seeds`; the ``"seeds"`` option); after
+            :meth:`decode`, the one image's.
     """
 
     method: str = "none"
@@ -56,6 +64,8 @@ class CropRequest:
     box: GridBox | None = None
     pool: int = 4
     trim: str = "center"
+    seed: int = 0
+    image_seeds: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, options: Any) -> CropRequest:
@@ -83,7 +93,7 @@ class CropRequest:
         keep = options.get("keep_tokens")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise CropInputError(f"keep_tokens must be a positive integer, got {keep!r}")
-        if method in ("pool", "crop-plc-trained") and keep is None:
+        if method in ("pool", "crop-plc-trained", "random") and keep is None:
             raise CropInputError(f"{method} needs keep_tokens")
         grid = options.get("grid", DEFAULT_GRID)
         box = None
@@ -102,19 +112,44 @@ class CropRequest:
         trim = options.get("trim", "center")
         if trim not in TRIMS:
             raise CropInputError(f"unknown trim {trim!r}; choose one of {', '.join(TRIMS)}")
-        return cls(method, keep, box, pool, trim)
+        seed = options.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise CropInputError(f"seed must be an integer >= 0, got {seed!r}")
+        seeds = options.get("seeds") or ()
+        if not isinstance(seeds, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                            for s in seeds):
+            raise CropInputError(f"seeds must be a list of integers >= 0 (one per image), got {seeds!r}")
+        return cls(method, keep, box, pool, trim, seed, tuple(seeds))
 
-    def encode(self) -> torch.Tensor:
-        """``(9,)`` long: the request as one tensor per image (vLLM carries per-item tensors to the model)."""
+    def encode(self, image_index: int = 0) -> torch.Tensor:
+        """``(10,)`` long: the request for one image (vLLM carries per-item tensors to the model)."""
         box = self.box or GridBox.full()
+        image_seed = self.image_seeds[image_index] if image_index < len(self.image_seeds) else -1
         return torch.tensor([_CODES[self.method], -1 if self.keep_tokens is None else self.keep_tokens,
-                             box.x0, box.y0, box.x1, box.y1, box.grid, self.pool, TRIMS.index(self.trim)])
+                             box.x0, box.y0, box.x1, box.y1, box.grid, self.pool, TRIMS.index(self.trim), image_seed])
 
     @classmethod
     def decode(cls, row: torch.Tensor) -> CropRequest:
-        """The request :meth:`encode` wrote."""
-        code, keep, x0, y0, x1, y1, grid, pool, trim = (int(v) for v in row.tolist())
-        return cls(ENGINE_METHODS[code], None if keep < 0 else keep, GridBox(x0, y0, x1, y1, grid), pool, TRIMS[trim])
+        """The request :meth:`encode` wrote, for its one image."""
+        code, keep, x0, y0, x1, y1, grid, pool, trim, image_seed = (int(v) for v in row.tolist())
+        return cls(ENGINE_METHODS[code], None if keep < 0 else keep, GridBox(x0, y0, x1, y1, grid), pool, TRIMS[trim],
+                   image_seeds=() if image_seed < 0 else (image_seed,))
+
+
+def random_seeds(prompt_ids: list[int], placeholder: int, image_tokens: list[int], base: int) -> list[int]:
+    """The seed of each image's ``random`` draw, as crop's Hugging Face path derives it from the same prompt.
+
+    That path seeds image ``i`` of a prompt with ``base`` + :func:`crop.methods.random_prune.sample_seed`:
+    a CRC of the prompt's token ids as the Hugging Face processor writes them (each image's placeholder
+    repeated for all of its ``image_tokens``) plus ``7919 * i``. vLLM's prompt holds one placeholder per
+    image, so the ids are expanded here first.
+    """
+    ids: list[int] = []
+    counts = iter(image_tokens)
+    for token in prompt_ids:
+        ids.extend([token] * next(counts) if token == placeholder else [token])
+    offset = zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes())
+    return [base + (offset + 7919 * i) % (2**31) for i in range(len(image_tokens))]
 
 
 def question_from_prompt(prompt: str, special_tokens: list[str]) -> str:
@@ -163,6 +198,12 @@ def compress_grid(request: CropRequest, features: torch.Tensor, rows: int, cols:
 
         assert budget is not None  # parse() refuses it without one
         return compress_trained(features, rows, cols, box, budget, compressor)
+    if request.method == "random":
+        if not request.image_seeds:
+            raise CropInputError("random needs the seed the plugin's processor derives from the prompt")
+        assert budget is not None  # parse() refuses it without one
+        keep = random_keep(span, budget, request.image_seeds[0]).to(features.device)  # (k,)
+        return compose(span, features, features[keep], keep)
     if request.method == "crop-region":
         keep = select_tokens(box, rows, cols, budget, trim=request.trim).to(features.device)  # (k,)
         return compose(span, features, features[keep], keep)

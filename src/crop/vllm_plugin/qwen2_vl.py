@@ -94,6 +94,14 @@ class CropMultiModalProcessor(CropRequestProcessor):
 
         return [PromptReplacement(modality="image", target=[token], replacement=pruned)]
 
+    def placeholder_token_id(self) -> int:
+        return int(self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor().image_token])
+
+    def full_image_tokens(self, image: Any) -> int:
+        merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)
+        grid = self.info.get_hf_processor().image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+        return int(grid[0].prod()) // (merge * merge)
+
 
 class CropModel(_VllmClass):
     """Mixin for a Qwen model: its images reach the LLM pruned as each request asks (see the module docstring)."""
