@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from crop.ops.selection import select_tokens, select_tokens_multi
+from crop.ops.sequences import resize_runs
 from crop.regions import GridBox
 from crop.registry import Registry
 
@@ -491,6 +492,27 @@ class VLMAdapter(ABC):
     def compressed_inputs(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
                           images: list[CompressedImage]) -> dict[str, Any]:
         """Model inputs (for ``forward`` or ``generate``) that feed ``images`` instead of the originals."""
+
+    def resized_prompt(self, inputs: Mapping[str, Any], spans: list[ImageSpan],
+                       images: list[CompressedImage]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """The prompt with each image's placeholder run resized to its compressed image's token count.
+
+        The step every adapter's :meth:`compressed_inputs` starts with (:func:`crop.ops.sequences.resize_runs`
+        on the spans' runs, placeholders :attr:`image_token_id`, left padding :meth:`pad_token_id`).
+
+        Returns:
+            ``(input_ids (B, L'), attention_mask (B, L'), source (B, L'), starts)``: ``source`` is each
+            new position's old one (-1 for new padding and rebuilt placeholders), ``starts[b]`` the new
+            start of each of sample ``b``'s runs, in order.
+        """
+        batch = inputs["input_ids"].shape[0]
+        runs: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+        lengths: list[list[int]] = [[] for _ in range(batch)]
+        for span, image in zip(spans, images, strict=True):
+            runs[span.sample].append((span.start, span.length))
+            lengths[span.sample].append(int(image.tokens.shape[0]))
+        return resize_runs(inputs["input_ids"], inputs.get("attention_mask"), runs, lengths, self.image_token_id,
+                           self.pad_token_id())
 
     def pad_token_id(self) -> int:
         """The id used to left-pad rebuilt prompts (masked out, so any valid id works)."""

@@ -52,7 +52,7 @@ from crop.models.base import (
     module_list,
 )
 from crop.models.qwen_vision_attention import received_attention
-from crop.ops.sequences import find_runs, resize_runs
+from crop.ops.sequences import find_runs
 
 
 def _packed_encoder_outputs(features: list[torch.Tensor]) -> dict[str, Any]:
@@ -187,14 +187,7 @@ class Gemma3Adapter(VLMAdapter):
         compressed run is one bidirectional block as its full run was; positions are compact (1-D
         RoPE, as LLaVA).
         """
-        batch = inputs["input_ids"].shape[0]
-        runs: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
-        lengths: list[list[int]] = [[] for _ in range(batch)]
-        for span, image in zip(spans, images, strict=True):
-            runs[span.sample].append((span.start, span.length))
-            lengths[span.sample].append(int(image.tokens.shape[0]))
-        ids, mask, _, _ = resize_runs(inputs["input_ids"], inputs.get("attention_mask"), runs, lengths,
-                                      self.image_token_id, self.pad_token_id())
+        ids, mask, _, _ = self.resized_prompt(inputs, spans, images)
         given = inputs.get("token_type_ids")
         types = (ids == self.image_token_id).to(given.dtype if given is not None else torch.long)  # (B, L') 1 on images
         return {

@@ -70,7 +70,7 @@ from crop.models.base import (
     module_list,
 )
 from crop.ops.selection import select_tokens_multi
-from crop.ops.sequences import find_runs, resize_runs
+from crop.ops.sequences import find_runs
 from crop.regions import GridBox
 
 THUMBNAIL_COMPARE_SIDE = 56
@@ -404,14 +404,7 @@ class InternVLAdapter(VLMAdapter):
         """
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        batch = inputs["input_ids"].shape[0]
-        runs: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
-        lengths: list[list[int]] = [[] for _ in range(batch)]
-        for span, image in zip(spans, images, strict=True):
-            runs[span.sample].append((span.start, span.length))
-            lengths[span.sample].append(int(image.tokens.shape[0]))
-        ids, mask, _, _ = resize_runs(inputs["input_ids"], inputs.get("attention_mask"), runs, lengths,
-                                      self.image_token_id, self.pad_token_id())
+        ids, mask, _, _ = self.resized_prompt(inputs, spans, images)
         flat = torch.cat([im.tokens for im in images])[None]  # (1, M_total, D)
         return {"input_ids": ids, "attention_mask": mask,
                 "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=flat)}}

@@ -54,7 +54,7 @@ from crop.models.base import (
     module_list,
 )
 from crop.models.clip_attention import capture_cls_attention, clip_feature_layer
-from crop.ops.sequences import find_runs, resize_runs
+from crop.ops.sequences import find_runs
 
 
 @ADAPTERS.register("llava_next")
@@ -213,14 +213,7 @@ class LlavaNextAdapter(VLMAdapter):
         Returns:
             ``input_ids``, ``attention_mask`` and ``mm_encoder_outputs`` (no pixels).
         """
-        batch = inputs["input_ids"].shape[0]
-        runs: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
-        lengths: list[list[int]] = [[] for _ in range(batch)]
-        for span, image in zip(spans, images, strict=True):
-            runs[span.sample].append((span.start, span.length))
-            lengths[span.sample].append(int(image.tokens.shape[0]))
-        ids, mask, _, _ = resize_runs(inputs["input_ids"], inputs.get("attention_mask"), runs, lengths,
-                                      self.image_token_id, self.pad_token_id())
+        ids, mask, _, _ = self.resized_prompt(inputs, spans, images)
         return {
             "input_ids": ids,
             "attention_mask": mask,

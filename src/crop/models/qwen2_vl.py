@@ -41,7 +41,7 @@ from crop.models.base import (
     module_list,
 )
 from crop.models.qwen_vision_attention import capture_received_attention
-from crop.ops.sequences import find_runs, resize_runs
+from crop.ops.sequences import find_runs
 
 
 class QwenMultimodalModel(MultimodalModel, Protocol):
@@ -150,17 +150,11 @@ class Qwen2VLAdapter(VLMAdapter):
         """
         if inputs.get("pixel_values_videos") is not None:
             raise ValueError("video inputs are not supported by CROP's Qwen2-VL adapter")
-        ids_in = inputs["input_ids"]  # (B, L)
-        batch = ids_in.shape[0]
-        runs: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
-        lengths: list[list[int]] = [[] for _ in range(batch)]
+        batch = inputs["input_ids"].shape[0]
         per_sample: list[list[tuple[ImageSpan, CompressedImage]]] = [[] for _ in range(batch)]
         for span, image in zip(spans, images, strict=True):
-            runs[span.sample].append((span.start, span.length))
-            lengths[span.sample].append(int(image.tokens.shape[0]))
             per_sample[span.sample].append((span, image))
-        ids, mask, source, starts = resize_runs(ids_in, inputs.get("attention_mask"), runs, lengths,
-                                                self.image_token_id, self.pad_token_id())
+        ids, mask, source, starts = self.resized_prompt(inputs, spans, images)
         old = self.original_positions(inputs)  # (3, B, L)
         src = source.to(old.device)  # (B, L')
         gathered = old.gather(2, src.clamp(min=0)[None].expand(3, -1, -1))  # (3, B, L') copies of old positions
